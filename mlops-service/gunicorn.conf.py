@@ -1,0 +1,80 @@
+"""gunicorn settings for mlops-service (``gunicorn -c gunicorn.conf.py app:app``).
+
+Read by gunicorn from the working directory. Environment: ``SERVICE_PORT``
+(default 5001), ``WEB_CONCURRENCY`` (workers, default 2), ``GUNICORN_THREADS``
+(threads per worker, default 4), ``PROMETHEUS_MULTIPROC_DIR`` (default: a
+fresh temporary directory).
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+
+# prometheus_client picks its multiprocess storage when first imported, so the
+# directory must be in the environment before any worker imports the app.
+_own_prometheus_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+if _own_prometheus_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mlops-prometheus-")
+
+bind = f"0.0.0.0:{os.environ.get('SERVICE_PORT', '5001')}"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+# No worker recycling: every recycled worker would leave metric files behind.
+max_requests = 0
+timeout = 30
+# Well inside `docker stop`'s 10 s: finish in-flight requests, drain the spool.
+graceful_timeout = 8
+keepalive = 5
+# The heartbeat file on tmpfs: /tmp is a disk in containers, and a slow disk
+# stalls workers into timeouts.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+# One JSON line per request comes from the app itself (mlops/logs.py).
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# gunicorn's control socket (a file under $HOME) is not used by this service.
+control_socket_disable = True
+
+
+def on_starting(server):
+    """Master, before forking: fresh metric files; fail fast on a bad config or database."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+    from mlops import announce, logs
+    from mlops.config import ConfigError, Settings
+    from mlops.db import DatabaseMisconfigured, check_at_start
+
+    try:
+        settings = Settings.from_env()
+        database = check_at_start(settings)
+    except (ConfigError, DatabaseMisconfigured) as exc:
+        print(f"mlops-service: cannot start: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)
+    logs.configure(settings.log_dir, settings.log_level)
+    announce(settings, database)
+
+
+def worker_exit(server, worker):
+    """Worker, after its last request: let the spool flusher drain for a moment."""
+    services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("mlops")
+    if services is not None:
+        services.shutdown(drain_seconds=3.0)
+
+
+def child_exit(server, worker):
+    """Master: a worker died; drop its live-gauge files (prometheus_client protocol)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Master, last: remove the metrics directory if this file created it."""
+    if _own_prometheus_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -1,0 +1,94 @@
+"""mlops-service: records how a chat app's AI model behaves.
+
+Data flows one way: request -> schema (validate) -> store (Postgres, or the
+spool while it is away) -> telemetry (Prometheus) -> response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from flask import Flask
+
+__version__ = "1.0.0"
+
+log = logging.getLogger("mlops")
+
+
+@dataclass
+class Services:
+    """What the request handlers share in one process (``app.extensions["mlops"]``)."""
+
+    settings: object
+    db: object
+    spool: object
+    telemetry: object
+    ingestor: object
+    started_at: float = field(default_factory=time.monotonic)
+
+    def shutdown(self, drain_seconds: float = 3.0) -> int:
+        """Drain the spool for up to ``drain_seconds``, close the pool; return events left."""
+        left = self.ingestor.flusher.stop(drain_seconds)
+        self.db.close()
+        self.spool.close()
+        return left
+
+
+def create_app(settings=None) -> Flask:
+    """Build the Flask app. ``settings`` defaults to ``Settings.from_env()``.
+
+    Touches no database: the pool fills lazily, so this is safe in every
+    gunicorn worker and when Postgres is down (events spool until it is back).
+    Raises ``ConfigError`` for a missing or malformed setting.
+    """
+    from flask_cors import CORS
+
+    from . import errors, logs, telemetry
+    from .config import Settings
+    from .db import Database
+    from .ingest import Ingestor
+    from .routes import analytics, health, metrics, openapi, track
+    from .spool import Spool
+
+    settings = settings or Settings.from_env()
+    logs.configure(settings.log_dir, settings.log_level)
+
+    app = Flask(__name__)
+    app.json.sort_keys = False
+    if settings.allowed_origins:
+        CORS(app, origins=list(settings.allowed_origins))
+
+    db = Database(settings)
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes)
+    telem = telemetry.Telemetry(
+        db, spool, max_businesses=settings.metrics_max_businesses,
+        max_label_values=settings.metrics_max_label_values,
+        cache_seconds=settings.metrics_cache_seconds, version=__version__)
+    ingestor = Ingestor(db, spool, telem, insert_timeout_ms=settings.db_insert_timeout_ms)
+    app.extensions["mlops"] = Services(settings, db, spool, telem, ingestor)
+
+    for module in (track, health, metrics, analytics, openapi):
+        app.register_blueprint(module.bp)
+    errors.init_app(app)
+    logs.init_app(app)
+    telemetry.init_app(app)
+    ingestor.flusher.start()
+
+    log.debug("worker ready", extra={"version": __version__})
+    return app
+
+
+def announce(settings, database: str) -> None:
+    """The one start-up log line of a server (gunicorn master or ``python app.py``)."""
+    log.info("mlops-service starting", extra={
+        "version": __version__,
+        "port": settings.service_port,
+        "database": database,
+        "auth": "api_key" if settings.api_key else "open",
+        "cors_origins": list(settings.allowed_origins),
+    })
+    if not settings.api_key:
+        log.warning("MLOPS_API_KEY is not set: /track, /track/batch, /refresh-metrics and "
+                    "/analytics are open to anyone who can reach this port")

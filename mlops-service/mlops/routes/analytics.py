@@ -1,0 +1,55 @@
+"""``GET /analytics/<business_id>``: per-business aggregates computed in Postgres."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from flask import Blueprint, current_app, jsonify, request
+from pydantic import BaseModel, Field, ValidationError
+
+from .. import store
+from ..auth import require_api_key
+from ..db import DatabaseMisconfigured, DatabaseUnavailable
+from ..errors import error_response
+from ..schemas import Id, InvalidRequest, field_errors
+
+bp = Blueprint("analytics", __name__)
+
+
+class AnalyticsQuery(BaseModel):
+    """Path and query of ``/analytics``: the business and a window of 1..3650 days."""
+
+    business_id: Id
+    days: Annotated[int, Field(ge=1, le=3650)] = 30
+
+
+@bp.get("/analytics/<path:business_id>")
+@require_api_key
+def analytics(business_id: str):
+    """Aggregates for ``business_id`` over the last ``days`` (query, default 30).
+
+    Body: ``{"business_id", "period": "<N>_days", "days", "metrics": {the
+    course's keys + total_messages, total_tokens, p50/p95_response_time_ms,
+    success_rate}, "by_model": [...], "daily": [...], "timestamp"}``. An
+    unknown business gets zeros. Errors: 422 (bad ``days``), 503 (database).
+    """
+    try:
+        query = AnalyticsQuery.model_validate(
+            {"business_id": business_id, "days": request.args.get("days", "30")})
+    except ValidationError as exc:
+        raise InvalidRequest(field_errors(exc)) from None
+    services = current_app.extensions["mlops"]
+    try:
+        result = store.analytics(services.db, query.business_id, query.days)
+    except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
+        return error_response(503, "database_unavailable", f"database unavailable: {exc}")
+    return jsonify({
+        "business_id": query.business_id,
+        "period": f"{query.days}_days",
+        "days": query.days,
+        **result,
+        "monitoring": "prometheus",
+        "prometheus_metrics_url": "/metrics",
+        "timestamp": datetime.now(UTC).isoformat(),
+    })

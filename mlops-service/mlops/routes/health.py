@@ -1,0 +1,86 @@
+"""``GET /health`` (liveness), ``/health/ready`` (readiness) and ``/health/detailed``."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime
+
+from flask import Blueprint, current_app, jsonify
+
+from .. import __version__
+from ..db import DatabaseMisconfigured, DatabaseUnavailable
+
+bp = Blueprint("health", __name__)
+
+
+def _database_status(services) -> dict:
+    """One real round trip: ``{"status": "up"|"down", "latency_ms", "error"?}``."""
+    started = time.perf_counter()
+    try:
+        services.db.ping()
+    except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
+        return {"status": "down", "error": str(exc),
+                "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
+    return {"status": "up", "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+
+def _spool_status(services) -> dict:
+    spool = services.spool
+    return {"depth": spool.depth(), "oldest_age_seconds": round(spool.oldest_age_seconds(), 3),
+            "size_bytes": spool.size_bytes(), "max_bytes": spool.max_bytes}
+
+
+@bp.get("/health")
+def health():
+    """Liveness: 200 while the process serves requests; touches no dependency.
+
+    Body: ``{"status": "healthy", "service": "mlops-service", "timestamp"
+    (UTC ISO 8601), "monitoring": "prometheus"}`` (the course's shape).
+    """
+    return jsonify({
+        "status": "healthy",
+        "service": "mlops-service",
+        "timestamp": datetime.now(UTC).isoformat(),
+        "monitoring": "prometheus",
+    })
+
+
+@bp.get("/health/ready")
+def ready():
+    """Readiness: 200 if a ``SELECT 1`` round trip to Postgres succeeds, else 503.
+
+    Body: ``{"status": "ready"|"unavailable", "database": {...}, "spool": {depth,
+    oldest_age_seconds, ...}}``; on 503, ``reason`` says why.
+    """
+    services = current_app.extensions["mlops"]
+    database = _database_status(services)
+    body = {"status": "ready" if database["status"] == "up" else "unavailable",
+            "database": database, "spool": _spool_status(services)}
+    if database["status"] != "up":
+        body["reason"] = f"database unavailable: {database['error']}"
+        return jsonify(body), 503
+    return jsonify(body)
+
+
+@bp.get("/health/detailed")
+def detailed():
+    """Everything an operator asks first: uptime (s), version, database, pool, spool.
+
+    Always 200 (it reports, it does not judge); ``status`` is ``"healthy"`` or
+    ``"degraded"`` (database down).
+    """
+    services = current_app.extensions["mlops"]
+    database = _database_status(services)
+    return jsonify({
+        "status": "healthy" if database["status"] == "up" else "degraded",
+        "service": "mlops-service",
+        "version": __version__,
+        "pid": os.getpid(),
+        "uptime_seconds": round(time.monotonic() - services.started_at, 3),
+        "database": database,
+        "pool": {"max_connections": services.db.pool_size, "in_use": services.db.pool_in_use()},
+        "spool": _spool_status(services),
+        "auth": "api_key" if services.settings.api_key else "open",
+        "timestamp": datetime.now(UTC).isoformat(),
+    })

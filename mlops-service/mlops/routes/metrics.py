@@ -1,0 +1,18 @@
+"""``GET /metrics``: Prometheus text exposition, merged across gunicorn workers."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app
+
+bp = Blueprint("metrics", __name__)
+
+
+@bp.get("/metrics")
+def metrics():
+    """All metrics in Prometheus text format 0.0.4 (see ``mlops/telemetry.py``).
+
+    Counters are summed over every worker (multiprocess mode); gauges derived
+    from Postgres and the spool are read at scrape time.
+    """
+    body, content_type = current_app.extensions["mlops"].telemetry.render()
+    return Response(body, content_type=content_type)

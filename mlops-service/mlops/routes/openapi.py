@@ -1,0 +1,124 @@
+"""``GET /openapi.json``: OpenAPI 3.1, generated from the pydantic models that validate requests."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from flask import Blueprint, jsonify
+from pydantic.json_schema import models_json_schema
+
+from .. import __version__
+from ..schemas import MetricsEvent, RefreshRequest
+
+bp = Blueprint("openapi", __name__)
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict:
+    text = {401: "Missing X-API-Key", 403: "Wrong X-API-Key", 413: "Body too large",
+            415: "Content-Type is not application/json", 422: "Invalid fields, each named",
+            503: "Database unavailable (and, for writes, spool full)"}
+    return {str(c): _json(_ERROR, text[c]) for c in codes}
+
+
+@cache
+def document() -> dict:
+    """The OpenAPI document (built once per process)."""
+    _, defs = models_json_schema(
+        [(MetricsEvent, "validation"), (RefreshRequest, "validation")],
+        ref_template="#/components/schemas/{model}",
+    )
+    schemas = defs["$defs"]
+    schemas["Error"] = {
+        "type": "object", "required": ["status", "error", "message"],
+        "properties": {
+            "status": {"const": "error"}, "error": {"type": "string"},
+            "message": {"type": "string"},
+            "errors": {"type": "array", "items": {
+                "type": "object", "required": ["field", "problem"],
+                "properties": {"field": {"type": "string"}, "problem": {"type": "string"}}}},
+        },
+    }
+    schemas["TrackResult"] = {
+        "type": "object", "required": ["status", "storage", "event_id", "timestamp"],
+        "properties": {"status": {"const": "success"}, "message": {"type": "string"},
+                       "storage": {"enum": ["stored", "queued"]},
+                       "event_id": {"type": "string"}, "timestamp": {"type": "string"}},
+    }
+    schemas["BatchResult"] = {
+        "type": "object", "required": ["status", "accepted", "rejected", "results"],
+        "properties": {
+            "status": {"enum": ["success", "partial"]},
+            "storage": {"enum": ["stored", "queued", None]},
+            "accepted": {"type": "integer"}, "rejected": {"type": "integer"},
+            "results": {"type": "array", "items": {"type": "object",
+                                                   "required": ["index", "status"]}},
+        },
+    }
+    event = {"$ref": "#/components/schemas/MetricsEvent"}
+    security = [{"ApiKey": []}]
+    json_object = {"type": "object"}
+    business = {"name": "business_id", "in": "path", "required": True,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "mlops-service", "version": __version__,
+                 "description": "Records how a chat app's AI model behaves: events in "
+                                "Postgres, metrics for Prometheus, analytics per business."},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header",
+                                           "name": "X-API-Key"}},
+        },
+        "paths": {
+            "/track": {"post": {
+                "summary": "Store one chat message's metrics", "security": security,
+                "requestBody": {"required": True, **_json(event, "MetricsData")},
+                "responses": {
+                    "201": _json({"$ref": "#/components/schemas/TrackResult"}, "Stored"),
+                    "202": _json({"$ref": "#/components/schemas/TrackResult"}, "Queued"),
+                    **_errors(401, 403, 413, 415, 422, 503)}}},
+            "/track/batch": {"post": {
+                "summary": "Store many events in one transaction", "security": security,
+                "requestBody": {"required": True, **_json(
+                    {"type": "array", "items": event, "minItems": 1}, "Events")},
+                "responses": {
+                    "207": _json({"$ref": "#/components/schemas/BatchResult"}, "Per item"),
+                    **_errors(401, 403, 413, 415, 422, 503)}}},
+            "/refresh-metrics": {"post": {
+                "summary": "Recompute Postgres-derived gauges", "security": security,
+                "requestBody": {"required": False, **_json(
+                    {"$ref": "#/components/schemas/RefreshRequest"}, "Trigger")},
+                "responses": {"200": _json(json_object, "Refreshed"),
+                              **_errors(401, 403, 415, 422, 503)}}},
+            "/analytics/{business_id}": {"get": {
+                "summary": "Aggregates for one business", "security": security,
+                "parameters": [business, {
+                    "name": "days", "in": "query", "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 3650,
+                               "default": 30}}],
+                "responses": {"200": _json(json_object, "Analytics"),
+                              **_errors(401, 403, 422, 503)}}},
+            "/health": {"get": {"summary": "Liveness",
+                                "responses": {"200": _json(json_object, "Alive")}}},
+            "/health/ready": {"get": {"summary": "Readiness (database round trip)",
+                                      "responses": {"200": _json(json_object, "Ready"),
+                                                    "503": _json(json_object, "Not ready")}}},
+            "/health/detailed": {"get": {"summary": "Uptime, version, database, pool, spool",
+                                         "responses": {"200": _json(json_object, "Report")}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+                "description": "Prometheus text format",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        },
+    }
+
+
+@bp.get("/openapi.json")
+def openapi():
+    """The OpenAPI 3.1 document describing every endpoint and the request schemas."""
+    return jsonify(document())

@@ -1,0 +1,135 @@
+"""``POST /track``, ``POST /track/batch`` and ``POST /refresh-metrics``: the chat app's writes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pydantic_core
+from flask import Blueprint, current_app, jsonify, request
+from werkzeug.exceptions import UnsupportedMediaType
+
+from ..auth import require_api_key
+from ..errors import error_response
+from ..schemas import InvalidRequest, RefreshRequest, field_errors, parse_event
+from ..telemetry import EVENTS_REJECTED
+
+bp = Blueprint("track", __name__)
+
+STATUS_FOR = {"stored": 201, "queued": 202}
+
+
+def _json_body(limit: int) -> bytes:
+    """The raw body, after checking its media type and size.
+
+    415 unless ``Content-Type`` is JSON; 413 past ``limit`` bytes.
+    """
+    if not request.is_json:
+        raise UnsupportedMediaType("Content-Type must be application/json")
+    request.max_content_length = limit
+    return request.get_data(cache=False)
+
+
+@bp.post("/track")
+@require_api_key
+def track():
+    """Store one MetricsData event.
+
+    Body: the contract's MetricsData (see ``/openapi.json``); ``event_id``
+    optional. Answers 201 ``{"status": "success", "storage": "stored",
+    "event_id", "timestamp"}`` once the row is committed in Postgres, or 202
+    with ``"storage": "queued"`` once it is fsynced to the local spool while
+    Postgres is away. Errors: 401/403 (API key), 413 (body over
+    ``MAX_BODY_BYTES``), 415 (not JSON), 422 (each bad field named), 503 with
+    ``Retry-After`` when the database is away and the spool is full.
+    """
+    services = current_app.extensions["mlops"]
+    try:
+        event = parse_event(_json_body(services.settings.max_body_bytes))
+    except InvalidRequest:
+        EVENTS_REJECTED.labels("invalid").inc()
+        raise
+    storage, (record,) = services.ingestor.submit([event])
+    return jsonify({
+        "status": "success",
+        "message": "Metrics tracked successfully",
+        "storage": storage,
+        "event_id": record.event_id,
+        "timestamp": record.received_at.isoformat(),
+    }), STATUS_FOR[storage]
+
+
+@bp.post("/track/batch")
+@require_api_key
+def track_batch():
+    """Store up to ``MAX_BATCH_EVENTS`` events given as a JSON array.
+
+    Valid items are inserted together in one statement and one transaction
+    (or spooled together); invalid ones are reported and skipped. Answers 207
+    with ``results``: one ``{"index", "status", "event_id"|"error"}`` per item,
+    in input order, where ``status`` is what ``/track`` would have answered
+    (201, 202 or 422). Errors for the whole body: 413, 415, 422 (not an
+    array, too many items, not JSON), 401/403, 503 (spool full).
+    """
+    services = current_app.extensions["mlops"]
+    limit = services.settings.max_batch_events
+    body = _json_body(services.settings.max_body_bytes * limit)
+    try:
+        items = pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise InvalidRequest([{"field": "body", "problem": f"Invalid JSON: {exc}"}]) from None
+    if not isinstance(items, list):
+        raise InvalidRequest([{"field": "body", "problem": "must be a JSON array of events"}])
+    if not 1 <= len(items) <= limit:
+        raise InvalidRequest([{"field": "body",
+                               "problem": f"must hold 1 to {limit} events, got {len(items)}"}])
+
+    results: list[dict] = [{} for _ in items]
+    valid, positions = [], []
+    for index, item in enumerate(items):
+        try:
+            valid.append(parse_event(item, prefix=(index,)))
+            positions.append(index)
+        except InvalidRequest as exc:
+            results[index] = {"index": index, "status": 422, "error": exc.problems}
+    EVENTS_REJECTED.labels("invalid").inc(len(items) - len(valid))
+
+    storage = None
+    if valid:
+        storage, records = services.ingestor.submit(valid)
+        for index, record in zip(positions, records, strict=True):
+            results[index] = {"index": index, "status": STATUS_FOR[storage],
+                              "event_id": record.event_id}
+    return jsonify({
+        "status": "success" if len(valid) == len(items) else "partial",
+        "storage": storage,
+        "accepted": len(valid),
+        "rejected": len(items) - len(valid),
+        "results": results,
+    }), 207
+
+
+@bp.post("/refresh-metrics")
+@require_api_key
+def refresh_metrics():
+    """Recompute the Postgres-derived gauges of ``/metrics`` (per-business 30-day totals).
+
+    Body (optional): ``{"trigger": "new_metrics"}``. Cheap to call after every
+    message: the gauges are marked stale for every worker and re-read here at
+    most once a second (else by the next scrape). Answers 200
+    ``{"status": "success", "refreshed", "businesses", "database_up"}``, 503
+    when Postgres could not be read, 422 for a malformed body.
+    """
+    body = request.get_data(cache=False)
+    if body.strip():
+        if not request.is_json:
+            raise UnsupportedMediaType("Content-Type must be application/json")
+        try:
+            RefreshRequest.model_validate_json(body)
+        except Exception as exc:  # pydantic.ValidationError
+            raise InvalidRequest(field_errors(exc)) from None
+    outcome = current_app.extensions["mlops"].telemetry.state.request_refresh()
+    if not outcome["database_up"]:
+        return error_response(503, "database_unavailable",
+                              "metrics not refreshed: database unavailable")
+    return jsonify({"status": "success", **outcome,
+                    "timestamp": datetime.now(UTC).isoformat()})

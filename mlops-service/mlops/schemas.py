@@ -1,0 +1,161 @@
+"""Request schemas: the Next.js app's MetricsData, validated with pydantic.
+
+The contract is ``shared/contract/nextjs-client.md``. Validation is strict
+(a JSON string is not a number, ``1.0`` is not an integer) and bounded so
+that every accepted value also fits its Postgres column: the store never
+sees input it would reject. Fields the contract does not name are kept, in
+``model_extra``, and stored as JSONB. The same models generate the OpenAPI
+document served at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+
+INT32_MAX = 2**31 - 1  # Postgres integer
+INT64_MAX = 2**63 - 1  # Postgres bigint
+MAX_EXTRA_FIELDS = 64
+
+
+def _no_nul(value: str) -> str:
+    # Postgres text and jsonb cannot hold U+0000.
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (U+0000)")
+    return value
+
+
+def _text(max_length: int, min_length: int = 1) -> Any:
+    return Annotated[
+        str, Field(min_length=min_length, max_length=max_length), AfterValidator(_no_nul)
+    ]
+
+
+Id = _text(255)
+Label = _text(128)
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Length = Annotated[int, Field(ge=0, le=INT32_MAX)]
+
+
+class MetricsEvent(BaseModel):
+    """One chat message's metrics (the contract's ``MetricsData``).
+
+    Units: ``response_time_ms`` milliseconds, ``api_cost_usd`` US dollars,
+    lengths in characters, tokens as counted by the model's provider.
+    ``event_id`` is optional: the idempotency key; the service assigns a
+    UUID when it is absent.
+    """
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="allow",
+        json_schema_extra={"additionalProperties": True},
+    )
+
+    event_id: _text(128) | None = None
+    business_id: Id
+    conversation_id: Id | None = None
+    session_id: Id
+    response_time_ms: Annotated[float, Field(ge=0, le=1e10, allow_inf_nan=False)]
+    success_rate: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+    user_satisfaction: Annotated[float, Field(ge=-1e9, le=1e9, allow_inf_nan=False)] | None = None
+    tokens_used: Count
+    prompt_tokens: Count | None = None
+    completion_tokens: Count | None = None
+    api_cost_usd: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
+    model_name: Label
+    intent_detected: Label
+    appointment_requested: bool
+    human_handoff_requested: bool
+    appointment_booked: bool | None = None
+    user_message_length: Length
+    ai_response_length: Length
+    response_type: Label
+
+
+def _jsonb_problem(value: Any) -> str | None:
+    """Why ``value`` (parsed JSON) cannot be stored in a jsonb column, or None."""
+    if isinstance(value, str):
+        return "contains the NUL character (U+0000)" if "\x00" in value else None
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return None if -INT64_MAX - 1 <= value <= INT64_MAX else "integer out of 64-bit range"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "number is not finite"
+    if isinstance(value, list):
+        return next(filter(None, map(_jsonb_problem, value)), None)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            problem = _jsonb_problem(k) or _jsonb_problem(v)
+            if problem:
+                return problem
+        return None
+    return f"unsupported type {type(value).__name__}"
+
+
+class InvalidRequest(Exception):
+    """The body failed validation; ``problems`` is ``[{"field", "problem"}]``."""
+
+    def __init__(self, problems: list[dict]) -> None:
+        super().__init__(f"{len(problems)} invalid field(s)")
+        self.problems = problems
+
+
+def parse_event(data: bytes | dict, prefix: tuple[str | int, ...] = ()) -> MetricsEvent:
+    """Validate one event from raw JSON bytes or an already-parsed object.
+
+    Raises :class:`InvalidRequest` naming each bad field, prefixed by
+    ``prefix`` (a batch passes the item's index).
+    """
+    try:
+        if isinstance(data, bytes | bytearray):
+            event = MetricsEvent.model_validate_json(data)
+        else:
+            event = MetricsEvent.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(field_errors(exc, prefix)) from None
+    extra = event.model_extra or {}
+    problems = []
+    if len(extra) > MAX_EXTRA_FIELDS:
+        problems.append({"field": ".".join(map(str, prefix)) or "body",
+                         "problem": f"at most {MAX_EXTRA_FIELDS} fields beyond the contract's"})
+    for key, value in extra.items():
+        problem = _jsonb_problem(key) or _jsonb_problem(value)
+        if problem:
+            problems.append({"field": ".".join(map(str, (*prefix, key[:64]))), "problem": problem})
+    if problems:
+        raise InvalidRequest(problems)
+    return event
+
+
+class RefreshRequest(BaseModel):
+    """Body of ``POST /refresh-metrics``; the app sends ``{"trigger": "new_metrics"}``."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    trigger: _text(64) | None = None
+
+
+def field_errors(error: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[dict]:
+    """Turn a pydantic error into ``[{"field": "a.b", "problem": "..."}]``.
+
+    The offending input is never echoed back (it may be a megabyte long or
+    hostile); only the field's dotted path and pydantic's message are kept.
+    """
+    problems = []
+    for item in error.errors(include_url=False, include_input=False, include_context=False):
+        loc = prefix + tuple(item["loc"])
+        field = ".".join(str(p) for p in loc) or "body"
+        message = item["msg"]
+        if item["type"] == "missing":
+            message = "is required"
+        problems.append({"field": field, "problem": message})
+    return problems

@@ -1,0 +1,117 @@
+"""A durable local queue for events Postgres could not take right now.
+
+SQLite in WAL mode with ``synchronous=FULL``: a ``put`` returns only after
+the event is fsynced, so an event acknowledged as ``queued`` survives a
+crash of the process or the machine. One file is shared by every gunicorn
+worker (SQLite serialises writers across processes); events leave it in
+arrival order, oldest first.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spooled_events (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id    TEXT NOT NULL,
+    received_at REAL NOT NULL,  -- Unix time, seconds
+    payload     TEXT NOT NULL   -- the validated event as JSON
+)"""
+
+
+class SpoolFull(Exception):
+    """The spool reached its size cap; the caller answers 503 with Retry-After."""
+
+
+@dataclass(frozen=True)
+class SpooledEvent:
+    """One queued event: its position, idempotency key, receive time and JSON."""
+
+    seq: int
+    event_id: str
+    received_at: float
+    payload: str
+
+
+class Spool:
+    """The spool file at ``<directory>/spool.sqlite3``, capped at ``max_bytes``."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "spool.sqlite3"
+        self.max_bytes = max_bytes
+        self._local = threading.local()
+        self._connect().execute(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    def put(self, events: Iterable[tuple[str, float, str]]) -> None:
+        """Append ``(event_id, received_at, payload_json)`` rows durably, in order.
+
+        Raises :class:`SpoolFull` (nothing written) past ``max_bytes``, and
+        ``sqlite3.Error`` if the disk itself fails.
+        """
+        conn = self._connect()
+        if self.size_bytes() >= self.max_bytes:
+            raise SpoolFull(f"spool holds {self.size_bytes()} bytes, cap {self.max_bytes}")
+        with conn:  # BEGIN ... COMMIT, fsynced (synchronous=FULL)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT INTO spooled_events (event_id, received_at, payload) VALUES (?, ?, ?)",
+                list(events),
+            )
+
+    def peek(self, limit: int) -> list[SpooledEvent]:
+        """The oldest ``limit`` events, oldest first, without removing them."""
+        rows = self._connect().execute(
+            "SELECT seq, event_id, received_at, payload FROM spooled_events "
+            "ORDER BY seq LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [SpooledEvent(*row) for row in rows]
+
+    def remove(self, seqs: Iterable[int]) -> None:
+        """Delete the given events (after Postgres committed them)."""
+        conn = self._connect()
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("DELETE FROM spooled_events WHERE seq = ?", [(s,) for s in seqs])
+
+    def depth(self) -> int:
+        """Number of events waiting."""
+        return self._connect().execute("SELECT count(*) FROM spooled_events").fetchone()[0]
+
+    def oldest_age_seconds(self, now: float | None = None) -> float:
+        """Seconds since the oldest waiting event was received; 0 when empty."""
+        row = self._connect().execute(
+            "SELECT received_at FROM spooled_events ORDER BY seq LIMIT 1"
+        ).fetchone()
+        return max(0.0, (now or time.time()) - row[0]) if row else 0.0
+
+    def size_bytes(self) -> int:
+        """Bytes in use by live pages of the database file (free pages excluded)."""
+        conn = self._connect()
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        return (pages - free) * page_size
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

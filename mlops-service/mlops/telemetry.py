@@ -1,0 +1,279 @@
+"""Prometheus telemetry: every metric is declared here, once, with its help text.
+
+Under gunicorn, prometheus_client runs in multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR``, set by gunicorn.conf.py before any import):
+each worker writes its counters to mmap files, and ``/metrics`` merges them,
+so totals are right whichever worker answers. Values that come from
+Postgres or the spool (shared state, not per-process counts) are produced by
+:class:`StateCollector` at scrape time, since multiprocess mode does not
+aggregate custom collectors.
+
+Metric names keep the course service's (``ai_requests_total`` ...) so
+existing dashboards and queries keep working.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from . import store
+from .db import Database, DatabaseMisconfigured, DatabaseUnavailable
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+# Seconds. The course's buckets, extended to the client's 30 s timeout and beyond.
+RESPONSE_TIME_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# Seconds. Latency of this service's own HTTP handlers.
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+OVERFLOW_LABEL = "other"
+WINDOW_DAYS = 30
+
+# --- the chat app's traffic (counted when a row is committed to Postgres) ---
+AI_REQUESTS = Counter(
+    "ai_requests", "Chat messages tracked, by business, response type and detected intent.",
+    ["business_id", "response_type", "intent"])
+AI_RESPONSE_TIME = Histogram(
+    "ai_response_time_seconds", "End-to-end AI reply time reported by the chat app.",
+    buckets=RESPONSE_TIME_BUCKETS)
+AI_TOKENS = Counter(
+    "ai_tokens_used", "Tokens consumed (prompt + completion).", ["business_id", "model_name"])
+AI_COST = Counter(
+    "ai_api_cost_usd", "Estimated model API cost in US dollars.", ["business_id", "model_name"])
+APPOINTMENTS_REQUESTED = Counter(
+    "appointments_requested", "Messages in which the user asked for an appointment.",
+    ["business_id"])
+APPOINTMENTS_BOOKED = Counter(
+    "appointments_booked", "Messages that ended with an appointment booked.", ["business_id"])
+HUMAN_HANDOFFS = Counter(
+    "human_handoffs", "Messages that asked for a human; reason is 'error' when the reply "
+    "was an error, else 'complex_query' (the course service's rule).",
+    ["business_id", "reason"])
+
+# --- the service itself ---
+HTTP_REQUESTS = Counter(
+    "http_requests", "HTTP requests handled, by route rule, method and status code.",
+    ["endpoint", "method", "status"])
+HTTP_DURATION = Histogram(
+    "http_request_duration_seconds", "HTTP request handling time, by route rule and method.",
+    ["endpoint", "method"], buckets=HTTP_BUCKETS)
+EVENTS_STORED = Counter(
+    "mlops_events_stored", "Events committed to Postgres while the request waited.")
+EVENTS_QUEUED = Counter(
+    "mlops_events_queued", "Events written to the local spool because Postgres was unavailable.")
+EVENTS_REPLAYED = Counter(
+    "mlops_events_replayed", "Spooled events moved into Postgres by the flusher.")
+EVENTS_REJECTED = Counter(
+    "mlops_events_rejected", "Events refused, by reason (invalid, spool_full).",
+    ["reason"])
+
+
+def init_app(app) -> None:
+    """Count and time every request by route rule (never the raw path), method, status."""
+    from flask import g, request
+
+    @app.before_request
+    def _start() -> None:
+        g.telemetry_started = time.perf_counter()
+
+    @app.after_request
+    def _observe(response):
+        started = g.get("telemetry_started")
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        HTTP_REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+        if started is not None:
+            HTTP_DURATION.labels(endpoint, request.method).observe(time.perf_counter() - started)
+        return response
+
+
+class LabelGuard:
+    """Caps the distinct values one label may take in this process.
+
+    The first ``limit`` values seen pass through; later new ones are reported
+    as ``"other"``, so a misbehaving client cannot blow up the series count.
+    The cap is per worker process.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self._limit:
+                self._seen.add(value)
+                return value
+        return OVERFLOW_LABEL
+
+
+class Telemetry:
+    """Per-app telemetry state: label guards and the scrape-time collector."""
+
+    def __init__(self, db: Database, spool: Spool, *, max_businesses: int,
+                 max_label_values: int, cache_seconds: float, version: str) -> None:
+        self.business = LabelGuard(max_businesses)
+        self.label = LabelGuard(max_label_values)
+        self.state = StateCollector(db, spool, max_businesses=max_businesses,
+                                    cache_seconds=cache_seconds, version=version)
+        self._state_registry = CollectorRegistry(auto_describe=False)
+        self._state_registry.register(self.state)
+
+    def record_stored(self, records: Iterable[store.Record]) -> None:
+        """Count messages whose rows were just committed (call after the commit)."""
+        for record in records:
+            e = record.event
+            business = self.business(e.business_id)
+            model = self.label(e.model_name)
+            AI_REQUESTS.labels(business, self.label(e.response_type),
+                               self.label(e.intent_detected)).inc()
+            AI_RESPONSE_TIME.observe(e.response_time_ms / 1000.0)
+            AI_TOKENS.labels(business, model).inc(e.tokens_used)
+            AI_COST.labels(business, model).inc(e.api_cost_usd)
+            if e.appointment_requested:
+                APPOINTMENTS_REQUESTED.labels(business).inc()
+            if e.appointment_booked:
+                APPOINTMENTS_BOOKED.labels(business).inc()
+            if e.human_handoff_requested:
+                reason = "error" if e.response_type == "error" else "complex_query"
+                HUMAN_HANDOFFS.labels(business, reason).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The ``/metrics`` body and content type (Prometheus text format 0.0.4)."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+        else:
+            registry = REGISTRY
+        return generate_latest(registry) + generate_latest(self._state_registry), \
+            CONTENT_TYPE_LATEST
+
+
+class StateCollector:
+    """Gauges read at scrape time from Postgres and the spool.
+
+    Per-business 30-day totals come from one ``GROUP BY`` query, cached for
+    ``cache_seconds`` so frequent scrapes stay cheap. ``request_refresh()``
+    (``POST /refresh-metrics``) marks them stale for every worker, through the
+    modification time of a marker file beside the spool, and re-reads them
+    here unless this worker did so in the last second; whichever worker
+    answers the next scrape re-reads them if they are older than the mark.
+    Being read from Postgres, they are right after a restart too.
+    """
+
+    MIN_INTERVAL_SECONDS = 1.0
+
+    def __init__(self, db: Database, spool: Spool, *, max_businesses: int,
+                 cache_seconds: float, version: str) -> None:
+        self._db = db
+        self._spool = spool
+        self._marker = spool.path.with_name("metrics-refresh-requested")
+        self._max_businesses = max_businesses
+        self._cache_seconds = cache_seconds
+        self._version = version
+        self._lock = threading.Lock()
+        self._totals: list[tuple[str, int, int, float, float]] = []
+        self._read_at = float("-inf")  # time.time() when the last read began
+        self._db_up = False
+
+    def request_refresh(self) -> dict:
+        """Mark the Postgres-derived gauges stale and re-read them if this worker may.
+
+        Returns ``{"refreshed": bool, "businesses": int, "database_up": bool}``.
+        """
+        self._marker.touch()
+        if time.time() - self._read_at >= self.MIN_INTERVAL_SECONDS:
+            self._read()
+            refreshed = True
+        else:
+            refreshed = False
+        return {"refreshed": refreshed, "businesses": len(self._totals),
+                "database_up": self._db_up}
+
+    def _stale(self) -> bool:
+        if time.time() - self._read_at >= self._cache_seconds:
+            return True
+        try:
+            return self._marker.stat().st_mtime >= self._read_at
+        except FileNotFoundError:
+            return False
+
+    def _read(self) -> None:
+        """Re-read the per-business totals. Database trouble is reported as database_up 0."""
+        with self._lock:
+            started = time.time()
+            try:
+                self._totals = store.business_totals(self._db, WINDOW_DAYS)
+                self._db_up = True
+            except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
+                log.warning("metrics refresh failed", extra={"error": str(exc)})
+                self._db_up = False
+            self._read_at = started
+
+    def collect(self):
+        """Yield the gauge families (called by prometheus_client on each scrape)."""
+        if self._stale():
+            self._read()
+
+        up = GaugeMetricFamily("mlops_database_up",
+                               "1 if the last Postgres query from this worker succeeded, else 0.")
+        up.add_metric([], 1.0 if self._db_up else 0.0)
+        yield up
+
+        info = GaugeMetricFamily("mlops_build_info", "Service version; the value is always 1.",
+                                 labels=["version"])
+        info.add_metric([self._version], 1.0)
+        yield info
+
+        depth = GaugeMetricFamily("mlops_spool_events", "Events waiting in the local spool.")
+        age = GaugeMetricFamily("mlops_spool_oldest_age_seconds",
+                                "Age of the oldest event waiting in the spool; 0 when empty.")
+        depth.add_metric([], float(self._spool.depth()))
+        age.add_metric([], self._spool.oldest_age_seconds())
+        yield depth
+        yield age
+
+        labels = ["business_id"]
+        messages = GaugeMetricFamily(
+            "mlops_business_messages_30d", "Messages stored in the last 30 days.", labels=labels)
+        tokens = GaugeMetricFamily(
+            "mlops_business_tokens_30d", "Tokens used in the last 30 days.", labels=labels)
+        cost = GaugeMetricFamily(
+            "mlops_business_api_cost_usd_30d", "API cost in US dollars over the last 30 days.",
+            labels=labels)
+        success = GaugeMetricFamily(
+            "ai_success_rate", "Mean success_rate of messages in the last 30 days (0..1).",
+            labels=labels)
+        for business, n, t, c, s in self._capped_totals():
+            messages.add_metric([business], n)
+            tokens.add_metric([business], t)
+            cost.add_metric([business], c)
+            success.add_metric([business], s)
+        yield from (messages, tokens, cost, success)
+
+    def _capped_totals(self):
+        """The busiest ``max_businesses`` businesses, the rest summed under ``other``."""
+        head = self._totals[: self._max_businesses]
+        tail = self._totals[self._max_businesses:]
+        if not tail:
+            return head
+        n = sum(r[1] for r in tail)
+        rate = sum(r[1] * r[4] for r in tail) / n if n else 0.0
+        return [*head, (OVERFLOW_LABEL, n, sum(r[2] for r in tail), sum(r[3] for r in tail), rate)]

@@ -1,0 +1,123 @@
+"""Private PostgreSQL clusters for tests: ``initdb`` + ``pg_ctl`` on a free port.
+
+Used where a test must stop, restart or reconfigure the server (outages,
+TLS-only with scram-sha-256 like Neon) without touching the machine's own
+server. As root, the server binaries run as the ``postgres`` user, since
+``initdb`` refuses to run as root.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin_dir() -> Path:
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+        candidate = Path(out.stdout.strip())
+        if (candidate / "initdb").exists():
+            return candidate
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        raise RuntimeError("initdb not found: install PostgreSQL server binaries")
+    return Path(found[-1]).parent
+
+
+class PgCluster:
+    """One throw-away cluster. ``tls`` + ``password`` make it accept only
+    ``hostssl`` connections authenticated with scram-sha-256."""
+
+    def __init__(self, *, tls: bool = False, password: str | None = None) -> None:
+        self.bin = _bin_dir()
+        self.port = free_port()
+        self.tls = tls
+        self.password = password
+        self.root = Path(tempfile.mkdtemp(prefix="mlops-pg-"))
+        self.data = self.root / "data"
+        self.logfile = self.root / "server.log"
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            ids = pwd.getpwnam("postgres")
+            os.chown(self.root, ids.pw_uid, ids.pw_gid)
+        os.chmod(self.root, 0o755)
+        self._init()
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [str(a) for a in args]
+        if self._as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=60)
+
+    def _init(self) -> None:
+        args = [self.bin / "initdb", "-D", self.data, "-U", "postgres", "--no-sync",
+                "-E", "UTF8", "--locale=C.UTF-8"]
+        if self.password:
+            pwfile = self.root / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            if self._as_postgres:
+                shutil.chown(pwfile, "postgres")
+            args += ["--pwfile", pwfile, "--auth=scram-sha-256"]
+        else:
+            args += ["--auth=trust"]
+        self._run(*args)
+        conf = [
+            f"port = {self.port}",
+            "listen_addresses = '127.0.0.1'",
+            f"unix_socket_directories = '{self.root}'",
+            "password_encryption = 'scram-sha-256'",
+            "fsync = off",
+            "max_connections = 100",
+        ]
+        hba = ["local all all trust"]
+        if self.tls:
+            self._run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                      "-subj", "/CN=localhost", "-keyout", self.data / "server.key",
+                      "-out", self.data / "server.crt")
+            os.chmod(self.data / "server.key", 0o600)
+            conf += ["ssl = on", "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"]
+            hba += ["hostssl all all 127.0.0.1/32 scram-sha-256"]
+        else:
+            hba += ["host all all 127.0.0.1/32 " + ("scram-sha-256" if self.password else "trust")]
+        with open(self.data / "postgresql.conf", "a") as f:
+            f.write("\n" + "\n".join(conf) + "\n")
+        (self.data / "pg_hba.conf").write_text("\n".join(hba) + "\n")
+
+    def url(self, dbname: str = "postgres", query: str = "") -> str:
+        """A libpq URL for this cluster as user ``postgres``."""
+        auth = f"postgres:{self.password}@" if self.password else "postgres@"
+        return f"postgresql://{auth}127.0.0.1:{self.port}/{dbname}" + (f"?{query}" if query else "")
+
+    def start(self) -> None:
+        """Start and wait until it accepts connections."""
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-l", self.logfile, "-w", "-t", "30",
+                  "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop (``fast`` disconnects clients, like a managed database restarting)."""
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "stop", check=False)
+
+    def psql(self, sql: str, dbname: str = "postgres") -> str:
+        """Run SQL over the private socket; return psql's unaligned output."""
+        out = self._run(self.bin / "psql", "-h", self.root, "-p", self.port, "-U", "postgres",
+                        "-d", dbname, "-Atc", sql)
+        return out.stdout.strip()
+
+    def destroy(self) -> None:
+        """Stop and delete everything."""
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
