@@ -92,10 +92,13 @@ def _database_url(url: str | None) -> str:
     if not url.startswith(("postgresql://", "postgres://")):
         raise ConfigError("DATABASE_URL must start with postgresql:// (got another scheme)")
     try:
-        parse_dsn(url)
+        options = parse_dsn(url)
     except psycopg2.ProgrammingError as exc:
         reason = str(exc).strip().splitlines()[0]
         raise ConfigError(f"DATABASE_URL is malformed: {reason}") from None
+    ports = options.get("port", "5432").split(",")
+    if not all(p.isdigit() and 0 < int(p) < 65536 for p in ports):
+        raise ConfigError(f"DATABASE_URL is malformed: port {options['port']!r} is not a number")
     return url
 
 

@@ -78,6 +78,7 @@ class Database:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        # minconn=0: open nothing now (Postgres may be down at start-up) ...
         self._pool = psycopg2.pool.ThreadedConnectionPool(
             0,
             settings.db_pool_size,
@@ -87,6 +88,9 @@ class Database:
             keepalives=1,
             keepalives_idle=30,
         )
+        # ... then keep every returned connection: psycopg2 closes those beyond
+        # minconn on putconn, which would mean a new connection per request.
+        self._pool.minconn = settings.db_pool_size
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self.statement_timeout_ms = settings.db_statement_timeout_ms
