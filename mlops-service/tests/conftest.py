@@ -22,9 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from servers import Gunicorn  # noqa: E402
+
 from mlops import create_app  # noqa: E402
 from mlops.config import Settings  # noqa: E402
-from servers import Gunicorn  # noqa: E402
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import requests
-
 from pgcluster import free_port
 
 SERVICE_DIR = Path(__file__).resolve().parent.parent

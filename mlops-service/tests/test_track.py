@@ -6,9 +6,9 @@ import json
 import uuid
 from collections import defaultdict
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 from conftest import metric_sum, metric_values, query
 from payloads import FAILURE, REQUIRED, SUCCESS, money, varied
 
