@@ -19,7 +19,9 @@ if _own_prometheus_dir:
 
 bind = f"0.0.0.0:{os.environ.get('SERVICE_PORT', '5001')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "gthread"
+# gunicorn's gthread worker, closing its listener without resetting queued
+# connections on shutdown (see mlops/gunicorn_worker.py).
+worker_class = "mlops.gunicorn_worker.DrainingThreadWorker"
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 # No worker recycling: every recycled worker would leave metric files behind.
 max_requests = 0

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from servers import Gunicorn  # noqa: E402
 
-from mlops import create_app  # noqa: E402
+from mlops import create_app, migrate  # noqa: E402
 from mlops.config import Settings  # noqa: E402
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -60,7 +60,12 @@ def database_url():
     """URL of a database created for this test run and dropped after it."""
     name = f"mlops_test_{uuid.uuid4().hex[:12]}"
     _admin(f'CREATE DATABASE "{name}"')
-    yield _with_dbname(ADMIN_URL, name)
+    url = _with_dbname(ADMIN_URL, name)
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    migrate.apply(conn)
+    conn.close()
+    yield url
     _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
