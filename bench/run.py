@@ -1,0 +1,298 @@
+"""Benchmark mlops-service as deployed: gunicorn + the local Postgres, loaded by wrk.
+
+Run with ``make bench``. Starts gunicorn (the project's gunicorn.conf.py) on
+a free port against a database of its own on ``BENCH_DATABASE_URL``'s
+server (default: the local Postgres), drives it with Debian's ``wrk`` from
+a second process on loopback, and prints one markdown table, also written
+to ``bench/results.md``. Every /track request counted is checked against
+the rows committed in Postgres.
+
+Environment: ``BENCH_DATABASE_URL`` (admin URL), ``WEB_CONCURRENCY``
+(default 3), ``GUNICORN_THREADS``, ``BENCH_SECONDS`` (per wrk run, default 10).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psycopg2
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE = ROOT / "mlops-service"
+sys.path.insert(0, str(SERVICE / "tests"))
+from payloads import FAILURE, SUCCESS  # noqa: E402
+
+ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+WORKERS = int(os.environ.get("WEB_CONCURRENCY", "3"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+CONNECTIONS = 32
+BATCH_SIZE = 1000
+SERIES_BUSINESSES, SERIES_MODELS = 700, 4  # about 10,000 series with the gauges
+REPEATS = 3  # throughput runs; the median is reported (this VM is noisy)
+
+
+def ensure_wrk() -> str:
+    """wrk from Debian's package (installed on first use when running as root)."""
+    path = shutil.which("wrk")
+    if path:
+        return path
+    if os.geteuid() != 0:
+        sys.exit("bench: wrk not found; install it: sudo apt-get install wrk")
+    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False,
+                   stdout=subprocess.DEVNULL)
+    if not shutil.which("wrk"):
+        subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True,
+                       stdout=subprocess.DEVNULL)
+    return shutil.which("wrk")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def admin(sql: str) -> None:
+    conn = psycopg2.connect(ADMIN_URL)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql)
+    conn.close()
+
+
+def with_dbname(url: str, name: str) -> str:
+    base, _, query = url.partition("?")
+    return base.rsplit("/", 1)[0] + "/" + name + (f"?{query}" if query else "")
+
+
+def count_rows(url: str) -> int:
+    conn = psycopg2.connect(url)
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM mlops_events")
+        n = cur.fetchone()[0]
+    conn.close()
+    return n
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except OSError:
+        return 0, b""
+
+
+def post(url: str, body: object) -> int:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.status
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def wrk(binary: str, url: str, script: Path | None = None, connections: int = CONNECTIONS,
+        threads: int = 2, seconds: int = SECONDS) -> dict:
+    """One wrk run; returns requests/s, p50/p99 in ms, total requests, non-2xx count."""
+    args = [binary, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
+            "--timeout", "10s"]
+    if script:
+        args += ["-s", str(script)]
+    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+
+    def latency(pct: str) -> float:
+        value, unit = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M).groups()
+        return float(value) * _UNITS[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50": latency("50"), "p99": latency("99"),
+        "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+        "non2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+def median_run(binary: str, url: str, script: Path | None = None) -> dict:
+    """``REPEATS`` wrk runs of ``SECONDS // 2`` s; the run with the median throughput."""
+    runs = sorted((wrk(binary, url, script, seconds=max(3, SECONDS // 2))
+                   for _ in range(REPEATS)), key=lambda r: r["rps"])
+    middle = dict(runs[len(runs) // 2])
+    middle["requests"] = sum(r["requests"] for r in runs)
+    middle["non2xx"] = sum(r["non2xx"] for r in runs)
+    middle["all_rps"] = [r["rps"] for r in runs]
+    return middle
+
+
+def lua_post(path: str, bodies: list[str], delay_ms: float | None = None) -> Path:
+    """A wrk script POSTing ``bodies`` in turn to ``path`` (optionally paced)."""
+    quoted = ", ".join(f"[==[{b}]==]" for b in bodies)
+    script = f"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local bodies = {{{quoted}}}
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format(nil, "{path}", nil, bodies[(i % #bodies) + 1])
+end
+"""
+    if delay_ms:
+        script += f"delay = function() return {delay_ms:.3f} end\n"
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
+        handle.write(script)
+    return Path(handle.name)
+
+
+def worker_pids(master: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def series_count(metrics_text: str) -> int:
+    return sum(1 for line in metrics_text.splitlines() if line and not line.startswith("#"))
+
+
+def main() -> None:
+    wrk_bin = ensure_wrk()
+    dbname = f"mlops_bench_{uuid.uuid4().hex[:8]}"
+    admin(f'CREATE DATABASE "{dbname}"')
+    database_url = with_dbname(ADMIN_URL, dbname)
+    workdir = Path(tempfile.mkdtemp(prefix="mlops-bench-"))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "DATABASE_URL": database_url, "SERVICE_PORT": str(port),
+           "WEB_CONCURRENCY": str(WORKERS), "LOG_DIR": str(workdir / "logs"),
+           "SPOOL_DIR": str(workdir / "spool"), "LOG_LEVEL": "WARNING",
+           "METRICS_MAX_BUSINESSES": str(2 * SERIES_BUSINESSES)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    threads = env.get("GUNICORN_THREADS", "4")
+
+    started = time.monotonic()
+    with open(workdir / "server.log", "w") as server_log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+            cwd=SERVICE, env=env, stdout=subprocess.DEVNULL, stderr=server_log)
+    try:
+        while get(f"{base}/health/ready")[0] != 200:
+            if server.poll() is not None or time.monotonic() - started > 30:
+                sys.exit(f"bench: server did not start:\n{(workdir / 'server.log').read_text()}")
+            time.sleep(0.01)
+        cold_start = time.monotonic() - started
+        print(f"bench: gunicorn {WORKERS} workers x {threads} threads on :{port}, "
+              f"ready in {cold_start:.2f}s", flush=True)
+
+        time.sleep(2)  # let start-up settle
+        health = median_run(wrk_bin, f"{base}/health")
+        print(f"bench: /health {health['rps']:.0f} req/s", flush=True)
+
+        rows_before = count_rows(database_url)
+        track_script = lua_post("/track", [json.dumps(SUCCESS), json.dumps(FAILURE)])
+        track = median_run(wrk_bin, base, track_script)
+        stored = count_rows(database_url) - rows_before
+        assert track["non2xx"] == 0, track
+        # wrk counts the requests answered within its window; the few still in
+        # flight when it stops are committed too.
+        assert track["requests"] <= stored <= track["requests"] + REPEATS * CONNECTIONS, \
+            (stored, track)
+        print(f"bench: /track {track['rps']:.0f} req/s, {stored} rows committed", flush=True)
+
+        half = track["rps"] / 2
+        paced_connections = 16
+        paced_script = lua_post("/track", [json.dumps(SUCCESS), json.dumps(FAILURE)],
+                                delay_ms=1000.0 * paced_connections / half)
+        paced = wrk(wrk_bin, base, paced_script, connections=paced_connections)
+        print(f"bench: /track at {paced['rps']:.0f} req/s: p99 {paced['p99']:.1f} ms", flush=True)
+
+        rows_before = count_rows(database_url)
+        batch_body = json.dumps([SUCCESS if i % 2 else FAILURE for i in range(BATCH_SIZE)])
+        batch = wrk(wrk_bin, base, lua_post("/track/batch", [batch_body]), connections=4)
+        batch_events = count_rows(database_url) - rows_before
+        assert batch["non2xx"] == 0, batch
+        answered = batch["requests"] * BATCH_SIZE
+        assert answered <= batch_events <= answered + 4 * BATCH_SIZE, (batch_events, batch)
+        batch_rate = batch_events / SECONDS
+        print(f"bench: batch {batch_rate:.0f} events/s", flush=True)
+
+        # 10,000 live series: many businesses x models, spread over every worker.
+        for start in range(0, SERIES_BUSINESSES, 100):
+            events = [{**SUCCESS, "business_id": f"biz-{b:04d}",
+                       "model_name": f"model-{m}", "appointment_booked": True}
+                      for b in range(start, start + 100) for m in range(SERIES_MODELS)]
+            for chunk in range(0, len(events), 100):
+                post(f"{base}/track/batch", events[chunk:chunk + 100])
+        _, text = get(f"{base}/metrics")
+        series = series_count(text.decode())
+        scrape = wrk(wrk_bin, f"{base}/metrics", connections=1, threads=1, seconds=5)
+        print(f"bench: /metrics {series} series: p50 {scrape['p50']:.1f} ms", flush=True)
+
+        rss = [peak_rss_mib(pid) for pid in worker_pids(server.pid)]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        shutil.rmtree(workdir, ignore_errors=True)
+        admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+    rows = [
+        ("/health throughput", f"{health['rps']:.0f} req/s",
+         "median of " + ", ".join(f"{r:.0f}" for r in health["all_rps"])),
+        ("/health latency p50 / p99", f"{health['p50']:.2f} / {health['p99']:.2f} ms",
+         f"{CONNECTIONS} connections"),
+        ("/track throughput (each a committed row)", f"{track['rps']:.0f} req/s",
+         "median of " + ", ".join(f"{r:.0f}" for r in track["all_rps"])
+         + f"; {track['requests']} answered, {stored} rows"),
+        ("/track latency p50 / p99", f"{track['p50']:.2f} / {track['p99']:.2f} ms",
+         f"{CONNECTIONS} connections"),
+        ("/track ÷ /health", f"{track['rps'] / health['rps']:.2f}", "target ≥ 0.60"),
+        ("/track p99 at half saturation", f"{paced['p99']:.2f} ms",
+         f"{paced['rps']:.0f} req/s paced; target ≤ 25 ms"),
+        ("batch ingestion", f"{batch_rate:.0f} events/s",
+         f"/track/batch of {BATCH_SIZE}; target ≥ 20,000"),
+        ("/metrics scrape p50 / p99", f"{scrape['p50']:.1f} / {scrape['p99']:.1f} ms",
+         f"{series} series, {WORKERS} workers; target ≤ 50 ms"),
+        ("cold start to /health/ready", f"{cold_start:.2f} s", "target ≤ 3 s"),
+        ("peak RSS per worker", " / ".join(f"{r:.0f}" for r in rss) + " MiB", "VmHWM"),
+    ]
+    table = "\n".join([
+        f"# mlops-service benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        "",
+        f"Machine: {os.cpu_count()} cores; PostgreSQL on the same machine. Server: gunicorn "
+        f"{WORKERS} workers × {threads} threads (gthread, gunicorn.conf.py). Load: wrk "
+        f"{CONNECTIONS} connections, {SECONDS} s per run, from a second process on loopback.",
+        "",
+        "| measure | result | notes |",
+        "|---|---|---|",
+        *(f"| {a} | {b} | {c} |" for a, b, c in rows),
+        "",
+    ])
+    (ROOT / "bench" / "results.md").write_text(table)
+    print()
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
