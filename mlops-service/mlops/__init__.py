@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from flask import Flask
+from flask import Flask, g
 
 __version__ = "1.0.0"
 
@@ -68,6 +68,10 @@ def create_app(settings=None) -> Flask:
         cache_seconds=settings.metrics_cache_seconds, version=__version__)
     ingestor = Ingestor(db, spool, telem, insert_timeout_ms=settings.db_insert_timeout_ms)
     app.extensions["mlops"] = Services(settings, db, spool, telem, ingestor)
+
+    @app.before_request
+    def _start_timer() -> None:  # read by the request log and the HTTP metrics
+        g.request_started = time.perf_counter()
 
     for module in (track, health, metrics, analytics, openapi):
         app.register_blueprint(module.bp)

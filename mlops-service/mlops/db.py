@@ -186,19 +186,14 @@ def check_at_start(settings: Settings) -> str:
             connect_timeout=settings.db_connect_timeout_seconds,
             application_name="mlops-service",
         )
+        try:
+            conn.autocommit = True
+            migrate.apply(conn)
+        finally:
+            conn.close()
     except psycopg2.Error as exc:
         error = classify(exc)
         if isinstance(error, DatabaseMisconfigured):
             raise error from None
         return f"unavailable: {error}"
-    try:
-        conn.autocommit = True
-        migrate.apply(conn)
-    except psycopg2.Error as exc:
-        error = classify(exc)
-        if isinstance(error, DatabaseMisconfigured):
-            raise error from None
-        return f"unavailable: {error}"
-    finally:
-        conn.close()
     return "ready"

@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from .schemas import InvalidRequest
 from .spool import SpoolFull
+from .telemetry import EVENTS_REJECTED
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(SpoolFull)
     def _spool_full(exc: SpoolFull):
+        EVENTS_REJECTED.labels("spool_full").inc()
         log.error("spool full; refusing events until the database drains it",
                   extra={"error": str(exc)})
         response, status = error_response(

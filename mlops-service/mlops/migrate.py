@@ -9,7 +9,10 @@ which keeps no session state between transactions.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+
+import psycopg2
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -60,6 +63,7 @@ def apply(conn) -> list[int]:
             cur.execute("COMMIT")
         except BaseException:
             if not conn.closed:
-                cur.execute("ROLLBACK")
+                with contextlib.suppress(psycopg2.Error):  # keep the original error
+                    cur.execute("ROLLBACK")
             raise
     return applied_now

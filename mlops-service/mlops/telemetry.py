@@ -84,16 +84,15 @@ EVENTS_REJECTED = Counter(
 
 
 def init_app(app) -> None:
-    """Count and time every request by route rule (never the raw path), method, status."""
-    from flask import g, request
+    """Count and time every request by route rule (never the raw path), method, status.
 
-    @app.before_request
-    def _start() -> None:
-        g.telemetry_started = time.perf_counter()
+    The duration runs from ``g.request_started``, set by the app factory.
+    """
+    from flask import g, request
 
     @app.after_request
     def _observe(response):
-        started = g.get("telemetry_started")
+        started = g.get("request_started")
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         HTTP_REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
         if started is not None:

@@ -246,6 +246,8 @@ def test_a_full_spool_answers_503_with_retry_after_and_keeps_what_it_took(cluste
     assert refused is not None, "the spool never filled"
     assert refused.headers["Retry-After"] == "5"
     assert refused.json()["error"] == "spool_full"
+    assert 'mlops_events_rejected_total{reason="spool_full"} 1.0' in requests.get(
+        f"{server.url}/metrics", timeout=5).text
     assert '"message": "spool full' in server.log()
 
     cluster.start()
