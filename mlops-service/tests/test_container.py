@@ -88,6 +88,10 @@ def test_the_image_is_lean_non_root_and_holds_only_the_app(image):
     assert owners.split("\n")[:5] == ["root /app", "root /app/app.py", "root /app/mlops",
                                       "app /app/logs", "app /app/data"]
 
+    history = docker("history", "--no-trunc", "--format", "{{.CreatedBy}}", image).stdout
+    for secret in ("MLOPS_API_KEY=", "PASSWORD=", "DATABASE_URL=", "COPY .env", "/app/.env"):
+        assert secret not in history
+
     added = inspect["Size"] - json.loads(docker("image", "inspect", BASE_IMAGE).stdout)[0]["Size"]
     assert added <= MAX_ADDED_BYTES, f"image adds {added / 1e6:.1f} MB to {BASE_IMAGE}"
 
@@ -137,7 +141,8 @@ def compose_project(tmp_path):
         ".env", "logs", "data", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"))
     project = f"mlops-test-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "MLOPS_API_KEY")}
-    env |= {"MLOPS_PORT": str(free_port()), "MLOPS_CONTAINER_NAME": project}
+    env |= {"MLOPS_PORT": str(free_port()), "MLOPS_CONTAINER_NAME": project,
+            "MLOPS_IMAGE": f"mlops-service:{project}"}
 
     def compose(*args: str, timeout: float = 600, check: bool = True):
         return docker("compose", "-p", project, *args, cwd=checkout, env=env, timeout=timeout,
@@ -148,6 +153,7 @@ def compose_project(tmp_path):
     compose.container = project
     yield compose
     compose("down", "-v", "--remove-orphans", check=False)
+    docker("rmi", "-f", env["MLOPS_IMAGE"], check=False)
     # ./logs was handed to the container's user; make it removable again.
     shutil.rmtree(checkout / "logs", ignore_errors=True)
 

@@ -261,6 +261,16 @@ def test_without_a_key_everything_is_open(client):
     assert client.get("/analytics/acme").status_code == 200
 
 
+def test_the_key_is_never_logged(make_app, service_env):
+    client = make_app(MLOPS_API_KEY="k-very-secret", LOG_LEVEL="DEBUG").test_client()
+    client.post("/track", json=SUCCESS, headers={"X-API-Key": "k-wrong-guess"})
+    client.post("/track", json=SUCCESS, headers={"X-API-Key": "k-very-secret"})
+    client.get("/health/detailed")
+    log = (Path(service_env["LOG_DIR"]) / "mlops-service.log").read_text()
+    assert "/track" in log
+    assert "k-very-secret" not in log and "k-wrong-guess" not in log
+
+
 def test_the_key_can_come_from_a_file(make_app, tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("from-file\n")

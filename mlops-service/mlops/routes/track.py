@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import pydantic_core
 from flask import Blueprint, current_app, jsonify, request
+from pydantic import ValidationError
 from werkzeug.exceptions import UnsupportedMediaType
 
 from ..auth import require_api_key
@@ -125,7 +126,7 @@ def refresh_metrics():
             raise UnsupportedMediaType("Content-Type must be application/json")
         try:
             RefreshRequest.model_validate_json(body)
-        except Exception as exc:  # pydantic.ValidationError
+        except ValidationError as exc:
             raise InvalidRequest(field_errors(exc)) from None
     outcome = current_app.extensions["mlops"].telemetry.state.request_refresh()
     if not outcome["database_up"]:
