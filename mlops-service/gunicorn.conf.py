@@ -59,6 +59,7 @@ def on_starting(server):
     from mlops import announce, logs
     from mlops.config import ConfigError, Settings
     from mlops.db import DatabaseMisconfigured, check_at_start
+    from mlops.spool import Spool
 
     try:
         settings = Settings.from_env()
@@ -67,6 +68,8 @@ def on_starting(server):
         print(f"mlops-service: cannot start: {exc}", file=sys.stderr, flush=True)
         os._exit(1)
     logs.configure(settings.log_dir, settings.log_level)
+    # Create the spool file (and its WAL mode) once, before the workers race to.
+    Spool(settings.spool_dir, settings.spool_max_bytes).close()
     announce(settings, database)
 
 

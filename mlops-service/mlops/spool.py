@@ -25,6 +25,24 @@ CREATE TABLE IF NOT EXISTS spooled_events (
 )"""
 
 
+def _enable_wal(conn: sqlite3.Connection, timeout_seconds: float = 5.0) -> None:
+    """Put the file in WAL mode (persistent: a no-op once done).
+
+    While another process switches the same new file, SQLite answers
+    "database is locked" at once rather than after its busy timeout, so
+    workers starting together retry here for up to ``timeout_seconds``.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SpoolFull(Exception):
     """The spool reached its size cap; the caller answers 503 with Retry-After."""
 
@@ -53,7 +71,7 @@ class Spool:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
         return conn
