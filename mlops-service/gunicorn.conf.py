@@ -75,9 +75,10 @@ def on_starting(server):
 
 def worker_exit(server, worker):
     """Worker, after its last request: let the spool flusher drain for a moment."""
-    services = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("mlops")
-    if services is not None:
-        services.shutdown(drain_seconds=3.0)
+    from mlops.services import get_services
+
+    if worker.wsgi is not None:  # None if the app failed to load
+        get_services(worker.wsgi).shutdown(drain_seconds=3.0)
 
 
 def child_exit(server, worker):

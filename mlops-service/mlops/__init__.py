@@ -8,32 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 from flask import Flask, g
 
 __version__ = "1.0.0"
 
 log = logging.getLogger("mlops")
-
-
-@dataclass
-class Services:
-    """What the request handlers share in one process (``app.extensions["mlops"]``)."""
-
-    settings: object
-    db: object
-    spool: object
-    telemetry: object
-    ingestor: object
-    started_at: float = field(default_factory=time.monotonic)
-
-    def shutdown(self, drain_seconds: float = 3.0) -> int:
-        """Drain the spool for up to ``drain_seconds``, close the pool; return events left."""
-        left = self.ingestor.flusher.stop(drain_seconds)
-        self.db.close()
-        self.spool.close()
-        return left
 
 
 def create_app(settings=None) -> Flask:
@@ -50,6 +30,7 @@ def create_app(settings=None) -> Flask:
     from .db import Database
     from .ingest import Ingestor
     from .routes import analytics, health, metrics, openapi, track
+    from .services import Services
     from .spool import Spool
 
     settings = settings or Settings.from_env()
@@ -67,7 +48,7 @@ def create_app(settings=None) -> Flask:
         max_label_values=settings.metrics_max_label_values,
         cache_seconds=settings.metrics_cache_seconds, version=__version__)
     ingestor = Ingestor(db, spool, telem, insert_timeout_ms=settings.db_insert_timeout_ms)
-    app.extensions["mlops"] = Services(settings, db, spool, telem, ingestor)
+    Services(settings, db, spool, telem, ingestor).install(app)
 
     @app.before_request
     def _start_timer() -> None:  # read by the request log and the HTTP metrics

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hmac
 from functools import wraps
 
-from flask import current_app, request
+from flask import request
 
 from .errors import error_response
+from .services import get_services
 
 HEADER = "X-API-Key"
 
@@ -21,7 +22,7 @@ def require_api_key(view):
 
     @wraps(view)
     def wrapper(*args, **kwargs):
-        expected = current_app.extensions["mlops"].settings.api_key
+        expected = get_services().settings.api_key
         if expected:
             given = request.headers.get(HEADER)
             if not given:

@@ -26,6 +26,7 @@ from servers import Gunicorn  # noqa: E402
 
 from mlops import create_app, migrate  # noqa: E402
 from mlops.config import Settings  # noqa: E402
+from mlops.services import get_services  # noqa: E402
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -110,7 +111,7 @@ def make_app(service_env, database_url):
 
     yield make
     for app in apps:
-        app.extensions["mlops"].shutdown(drain_seconds=0)
+        get_services(app).shutdown(drain_seconds=0)
     _truncate(database_url)
 
 

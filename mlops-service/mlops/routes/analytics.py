@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 from pydantic import BaseModel, Field, ValidationError
 
 from .. import store
@@ -13,6 +13,7 @@ from ..auth import require_api_key
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..errors import error_response
 from ..schemas import Id, InvalidRequest, field_errors
+from ..services import get_services
 
 bp = Blueprint("analytics", __name__)
 
@@ -39,7 +40,7 @@ def analytics(business_id: str):
             {"business_id": business_id, "days": request.args.get("days", "30")})
     except ValidationError as exc:
         raise InvalidRequest(field_errors(exc)) from None
-    services = current_app.extensions["mlops"]
+    services = get_services()
     try:
         result = store.analytics(services.db, query.business_id, query.days)
     except (DatabaseUnavailable, DatabaseMisconfigured) as exc:

@@ -6,10 +6,11 @@ import os
 import time
 from datetime import UTC, datetime
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
 
 from .. import __version__
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
+from ..services import get_services
 
 bp = Blueprint("health", __name__)
 
@@ -53,7 +54,7 @@ def ready():
     Body: ``{"status": "ready"|"unavailable", "database": {...}, "spool": {depth,
     oldest_age_seconds, ...}}``; on 503, ``reason`` says why.
     """
-    services = current_app.extensions["mlops"]
+    services = get_services()
     database = _database_status(services)
     body = {"status": "ready" if database["status"] == "up" else "unavailable",
             "database": database, "spool": _spool_status(services)}
@@ -70,7 +71,7 @@ def detailed():
     Always 200 (it reports, it does not judge); ``status`` is ``"healthy"`` or
     ``"degraded"`` (database down).
     """
-    services = current_app.extensions["mlops"]
+    services = get_services()
     database = _database_status(services)
     return jsonify({
         "status": "healthy" if database["status"] == "up" else "degraded",

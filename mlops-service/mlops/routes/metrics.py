@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
+
+from ..services import get_services
 
 bp = Blueprint("metrics", __name__)
 
@@ -14,5 +16,5 @@ def metrics():
     Counters are summed over every worker (multiprocess mode); gauges derived
     from Postgres and the spool are read at scrape time.
     """
-    body, content_type = current_app.extensions["mlops"].telemetry.render()
+    body, content_type = get_services().telemetry.render()
     return Response(body, content_type=content_type)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pydantic_core
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import UnsupportedMediaType
 
 from ..auth import require_api_key
 from ..errors import error_response
 from ..schemas import InvalidRequest, RefreshRequest, field_errors, parse_event
+from ..services import get_services
 from ..telemetry import EVENTS_REJECTED
 
 bp = Blueprint("track", __name__)
@@ -43,7 +44,7 @@ def track():
     ``MAX_BODY_BYTES``), 415 (not JSON), 422 (each bad field named), 503 with
     ``Retry-After`` when the database is away and the spool is full.
     """
-    services = current_app.extensions["mlops"]
+    services = get_services()
     try:
         event = parse_event(_json_body(services.settings.max_body_bytes))
     except InvalidRequest:
@@ -71,7 +72,7 @@ def track_batch():
     (201, 202 or 422). Errors for the whole body: 413, 415, 422 (not an
     array, too many items, not JSON), 401/403, 503 (spool full).
     """
-    services = current_app.extensions["mlops"]
+    services = get_services()
     limit = services.settings.max_batch_events
     body = _json_body(services.settings.max_body_bytes * limit)
     try:
@@ -128,7 +129,7 @@ def refresh_metrics():
             RefreshRequest.model_validate_json(body)
         except ValidationError as exc:
             raise InvalidRequest(field_errors(exc)) from None
-    outcome = current_app.extensions["mlops"].telemetry.state.request_refresh()
+    outcome = get_services().telemetry.state.request_refresh()
     if not outcome["database_up"]:
         return error_response(503, "database_unavailable",
                               "metrics not refreshed: database unavailable")

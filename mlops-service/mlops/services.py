@@ -1,0 +1,54 @@
+"""The per-app services the request handlers share, and a typed accessor for them.
+
+``create_app`` builds one :class:`Services` per process and stores it on the
+app; handlers call :func:`get_services` (like flaskr's ``get_db()``) instead
+of looking anything up by a string key.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from flask import Flask, current_app
+
+if TYPE_CHECKING:  # annotations only: the modules below import nothing from here
+    from .config import Settings
+    from .db import Database
+    from .ingest import Ingestor
+    from .spool import Spool
+    from .telemetry import Telemetry
+
+_EXTENSION = "mlops"
+
+
+@dataclass
+class Services:
+    """What the request handlers of one process share."""
+
+    settings: Settings
+    db: Database
+    spool: Spool
+    telemetry: Telemetry
+    ingestor: Ingestor
+    started_at: float = field(default_factory=time.monotonic)  # time.monotonic()
+
+    def install(self, app: Flask) -> None:
+        """Attach to ``app``, where :func:`get_services` finds it."""
+        app.extensions[_EXTENSION] = self
+
+    def shutdown(self, drain_seconds: float = 3.0) -> int:
+        """Drain the spool for up to ``drain_seconds``, close the pool; return events left."""
+        left = self.ingestor.flusher.stop(drain_seconds)
+        self.db.close()
+        self.spool.close()
+        return left
+
+
+def get_services(app: Flask | None = None) -> Services:
+    """The :class:`Services` of ``app`` (default: the app handling this request).
+
+    Raises ``KeyError`` for an app not built by ``create_app``.
+    """
+    return (app or current_app).extensions[_EXTENSION]
