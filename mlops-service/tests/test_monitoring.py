@@ -234,6 +234,48 @@ def test_every_alert_has_a_runbook_in_the_readme_and_a_unit_test():
         assert f"alertname: {rule['alert']}\n" in unit_tests, rule["alert"]
 
 
+def test_grafana_provisioning_matches_the_compose_profile_and_the_dashboard_is_sound():
+    compose = yaml.safe_load((SERVICE_DIR / "docker-compose.yml").read_text())
+    grafana = compose["services"]["grafana"]
+    mounts = dict(v.rsplit(":", 2)[:2] for v in grafana["volumes"] if v.startswith("../"))
+    provisioning = MONITORING / "grafana" / "provisioning"
+    assert mounts["../monitoring/grafana/provisioning"] == "/etc/grafana/provisioning"
+
+    [source] = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"]
+    assert (source["type"], source["uid"]) == ("prometheus", "prometheus")
+    assert source["url"] == "http://prometheus:9090" and "prometheus" in compose["services"]
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "mlops.yml").read_text())[
+        "providers"]
+    assert mounts["../monitoring/grafana/dashboards"] == provider["options"]["path"]
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(provider["options"]["path"] + "/")
+    assert (MONITORING / "grafana" / "dashboards" / home.rsplit("/", 1)[1]).exists()
+
+    assert DASHBOARDS
+    uids = set()
+    for path in DASHBOARDS:
+        board = json.loads(path.read_text())
+        assert board["uid"] not in uids
+        uids.add(board["uid"])
+        names = {v["name"] for v in board["templating"]["list"]}
+        assert {"datasource", "job", "business_id"} <= names
+        ids = [p["id"] for p in board["panels"]]
+        assert len(ids) == len(set(ids))
+        for panel in board["panels"]:
+            grid = panel["gridPos"]
+            assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+            if panel["type"] == "row":
+                continue
+            assert panel["title"] and panel["description"], panel["title"]
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            refs = [t["refId"] for t in panel["targets"]]
+            assert refs and len(refs) == len(set(refs)), panel["title"]
+            for target in panel["targets"]:
+                used = set(re.findall(r"\$\{?(\w+)", target["expr"]))
+                assert used <= names | {"__rate_interval", "__interval", "__range"}, used
+
+
 # --- the running stack --------------------------------------------------------
 
 
