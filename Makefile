@@ -14,6 +14,7 @@ PYTEST_ARGS  ?=
 export PROMTOOL PROMETHEUS
 
 .PHONY: help install tools lint test run docker-build docker-run up down logs bench clean
+.PHONY: check-monitoring
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -35,6 +36,10 @@ $(PROMTOOL) $(PROMETHEUS) &:
 	cp $(TOOLS)/deb/root/usr/bin/promtool $(PROMTOOL)
 	cp $(TOOLS)/deb/root/usr/bin/prometheus $(PROMETHEUS)
 	rm -rf $(TOOLS)/deb
+
+check-monitoring: tools ## promtool: check monitoring/'s Prometheus config and rules, run the alert unit tests
+	cd monitoring/prometheus && $(PROMTOOL) check config --syntax-only prometheus.yml && \
+	  $(PROMTOOL) check rules rules/*.yml && $(PROMTOOL) test rules tests/*.yml
 
 lint: install ## ruff on the Python code, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check $(SERVICE) bench
