@@ -131,9 +131,11 @@ def test_prometheus_scrapes_the_service_container_over_the_compose_network(proje
         status = requests.get(f"http://127.0.0.1:{project.env['ALERTMANAGER_PORT']}"
                               "/api/v2/status", timeout=5).json()
         assert status["cluster"]["status"] in ("ready", "disabled")
-        # The full config check, with the token file compose wrote in place.
+        # The full config checks, with the token file compose wrote in place.
         project("exec", "-T", "prometheus", "promtool", "check", "config",
                 "/etc/prometheus/prometheus.yml")
+        project("exec", "-T", "alertmanager", "amtool", "check-config",
+                "/etc/alertmanager/alertmanager.yml")
     except AssertionError:
         print(project("--profile", "monitoring", "logs", "--tail", "50", check=False))
         raise
