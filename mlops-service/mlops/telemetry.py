@@ -40,7 +40,6 @@ from .spool import Spool
 log = logging.getLogger(__name__)
 
 
-
 def _geometric_bounds(low: float, high: float, ratio: float) -> tuple[float, ...]:
     """Bucket bounds from ``low`` up to the first one past ``high``, each the largest
     3-significant-digit number at most ``ratio`` times the one before (readable ``le``)."""
