@@ -66,12 +66,12 @@ def wait_until(condition, what: str, timeout: float = TIMEOUT):
 class Prometheus:
     """A Prometheus server run from the project's config, on a free port."""
 
-    def __init__(self, workdir: Path, target: str) -> None:
+    def __init__(self, workdir: Path, target: str, token: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = workdir / "prometheus.yml"
         self.token_file = workdir / "metrics-token"
-        self.token_file.write_text("")  # what compose writes when no token is set
+        self.token_file.write_text(token + "\n")  # as compose writes it
         rules = workdir / "rules"
         rules.mkdir()
         for path in sorted((PROM_DIR / "rules").glob("*.yml")):
@@ -134,16 +134,19 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """A private Postgres, gunicorn (2 workers) on it, and Prometheus scraping it."""
+    """A private Postgres, gunicorn (2 workers) on it, and Prometheus scraping it
+    with the metrics token (the compose test covers the no-token default)."""
     work = tmp_path_factory.mktemp("monitoring")
+    token = "metrics-token-for-tests"
     cluster = PgCluster()
     cluster.start()
     server = prometheus = None
     try:
         server = Gunicorn({"DATABASE_URL": cluster.url(), "LOG_DIR": str(work / "logs"),
                            "SPOOL_DIR": str(work / "spool"), "LOG_LEVEL": "WARNING",
-                           "METRICS_CACHE_SECONDS": "0"}, workers=2).start()
-        prometheus = Prometheus(work, f"127.0.0.1:{server.port}")
+                           "METRICS_CACHE_SECONDS": "0", "MLOPS_METRICS_TOKEN": token},
+                          workers=2).start()
+        prometheus = Prometheus(work, f"127.0.0.1:{server.port}", token)
         yield cluster, server, prometheus
     finally:
         if prometheus:
@@ -281,6 +284,7 @@ def test_grafana_provisioning_matches_the_compose_profile_and_the_dashboard_is_s
 
 def test_every_rule_is_healthy_after_traffic(stack, traffic):
     _, _, prometheus = stack
+    assert prometheus.value(f'up{{job="{JOB}"}}') == 1  # scraped with the token
 
     def evaluated():
         rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
