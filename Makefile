@@ -7,12 +7,14 @@ VENV         := $(CURDIR)/.venv
 PYTHON       := $(VENV)/bin/python
 TOOLS        := $(CURDIR)/.tools
 PROMTOOL     := $(TOOLS)/promtool
+PROMETHEUS   := $(TOOLS)/prometheus
 IMAGE        ?= mlops-service:local
 DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 PYTEST_ARGS  ?=
-export PROMTOOL
+export PROMTOOL PROMETHEUS
 
 .PHONY: help install tools lint test run docker-build docker-run up down logs bench clean
+.PHONY: check-monitoring
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -24,15 +26,20 @@ $(VENV)/.installed: $(SERVICE)/requirements.txt $(SERVICE)/requirements-dev.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(SERVICE)/requirements-dev.txt
 	touch $@
 
-tools: $(PROMTOOL) ## Fetch promtool (from Debian's prometheus package; no server is installed)
+tools: $(PROMTOOL) $(PROMETHEUS) ## Fetch promtool and prometheus (binaries from Debian's package; nothing is installed)
 
-$(PROMTOOL):
+$(PROMTOOL) $(PROMETHEUS) &:
 	@mkdir -p $(TOOLS)/deb
 	cd $(TOOLS)/deb && (apt-get download prometheus >/dev/null 2>&1 || \
 	  { apt-get update -qq >/dev/null && apt-get download prometheus >/dev/null; })
 	dpkg-deb -x $(TOOLS)/deb/prometheus_*.deb $(TOOLS)/deb/root
 	cp $(TOOLS)/deb/root/usr/bin/promtool $(PROMTOOL)
+	cp $(TOOLS)/deb/root/usr/bin/prometheus $(PROMETHEUS)
 	rm -rf $(TOOLS)/deb
+
+check-monitoring: tools ## promtool: check monitoring/'s Prometheus config and rules, run the alert unit tests
+	cd monitoring/prometheus && $(PROMTOOL) check config --syntax-only prometheus.yml && \
+	  $(PROMTOOL) check rules rules/*.yml && $(PROMTOOL) test rules tests/*.yml
 
 lint: install ## ruff on the Python code, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check $(SERVICE) bench
