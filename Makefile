@@ -12,7 +12,7 @@ DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 PYTEST_ARGS  ?=
 export PROMTOOL
 
-.PHONY: help install tools lint test run docker-build docker-run up down logs bench clean
+.PHONY: help install tools lint audit test run docker-build docker-run up down logs bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ $(PROMTOOL):
 lint: install ## ruff on the Python code, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check $(SERVICE) bench
 	$(VENV)/bin/hadolint $(SERVICE)/Dockerfile
+
+audit: install ## pip-audit the pinned requirements for known vulnerabilities (.ci/audit.py)
+	$(PYTHON) .ci/audit.py
 
 test: install tools ## Run every test against the local Postgres (see README)
 	cd $(SERVICE) && $(PYTHON) -m pytest $(PYTEST_ARGS)
