@@ -24,6 +24,7 @@ leaves the window. A refused request gets 429 in the JSON error shape with
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -89,6 +90,8 @@ def init_app(app: Flask, settings) -> Limiter:
         in_memory_fallback_enabled=True,
         enabled=settings.rate_limit_enabled,
     )
+    # Its own lines (a refused request, Redis lost or back) join the service's JSON log.
+    limiter.logger = logging.getLogger(__name__)
     limiter.init_app(app)
 
     @app.errorhandler(RateLimitExceeded)
