@@ -147,19 +147,28 @@ def test_the_defaults_leave_room_for_a_busy_chat_app():
 
 # --- two real gunicorn workers ---------------------------------------------------------------
 
-def pinned_sessions(url: str, tries: int = 60) -> list[requests.Session]:
-    """Two keep-alive sessions whose connections were accepted by different workers."""
-    by_pid: dict[int, requests.Session] = {}
-    for _ in range(tries):
-        session = requests.Session()
-        pid = session.get(f"{url}/health/detailed", timeout=5).json()["pid"]
-        if pid in by_pid:
-            session.close()
-        else:
-            by_pid[pid] = session
-        if len(by_pid) == 2:
-            return list(by_pid.values())
-    raise AssertionError(f"every connection went to worker(s) {list(by_pid)}")
+def pinned_sessions(url: str, timeout: float = 30.0) -> list[requests.Session]:
+    """Two keep-alive sessions whose connections were accepted by different workers.
+
+    Waits (up to ``timeout``) for the second worker, which may still be booting;
+    each round asks every held session again, which keeps its connection alive.
+    """
+    held: list[requests.Session] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held.append(requests.Session())
+        by_pid: dict[int, requests.Session] = {}
+        for session in held:
+            pid = session.get(f"{url}/health/detailed", timeout=5).json()["pid"]
+            by_pid.setdefault(pid, session)
+        for session in held:
+            if session not in by_pid.values():
+                session.close()
+        held = list(by_pid.values())
+        if len(held) == 2:
+            return held
+        time.sleep(0.05)
+    raise AssertionError(f"every connection went to one worker ({len(held)} held)")
 
 
 def worker_burst(url: str, sessions: list[requests.Session], n: int) -> list[requests.Response]:
