@@ -13,7 +13,7 @@ DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 PYTEST_ARGS  ?=
 export PROMTOOL PROMETHEUS
 
-.PHONY: help install tools lint test run docker-build docker-run up down logs bench clean
+.PHONY: help install tools lint audit test run docker-build docker-run up down logs bench clean
 .PHONY: check-monitoring
 
 help: ## List the targets
@@ -44,6 +44,9 @@ check-monitoring: tools ## promtool: check monitoring/'s Prometheus config and r
 lint: install ## ruff on the Python code, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check $(SERVICE) bench
 	$(VENV)/bin/hadolint $(SERVICE)/Dockerfile
+
+audit: install ## pip-audit the pinned requirements for known vulnerabilities (.ci/audit.py)
+	$(PYTHON) .ci/audit.py
 
 test: install tools ## Run every test against the local Postgres (see README)
 	cd $(SERVICE) && $(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -24,8 +24,9 @@ def create_app(settings=None) -> Flask:
     Raises ``ConfigError`` for a missing or malformed setting.
     """
     from flask_cors import CORS
+    from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import errors, logs, telemetry
+    from . import auth, errors, limits, logs, telemetry
     from .config import Settings
     from .db import Database
     from .ingest import Ingestor
@@ -38,6 +39,9 @@ def create_app(settings=None) -> Flask:
 
     app = Flask(__name__)
     app.json.sort_keys = False
+    if settings.trusted_proxies:  # client address and scheme from the proxies' X-Forwarded-*
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,
+                                x_proto=settings.trusted_proxies)
     if settings.allowed_origins:
         CORS(app, origins=list(settings.allowed_origins))
 
@@ -57,6 +61,8 @@ def create_app(settings=None) -> Flask:
     for module in (track, health, metrics, analytics, openapi):
         app.register_blueprint(module.bp)
     errors.init_app(app)
+    auth.init_app(app, settings)
+    limits.init_app(app, settings)
     logs.init_app(app)
     telemetry.init_app(app)
     ingestor.flusher.start()
@@ -71,9 +77,17 @@ def announce(settings, database: str) -> None:
         "version": __version__,
         "port": settings.service_port,
         "database": database,
-        "auth": "api_key" if settings.api_key else "open",
+        "auth": settings.auth_mode,
+        "metrics_token": settings.metrics_token is not None,
+        "rate_limits": (settings.rate_limit_storage_uri.split(":", 1)[0]
+                        if settings.rate_limit_enabled else "off"),
+        "trusted_proxies": settings.trusted_proxies,
         "cors_origins": list(settings.allowed_origins),
     })
-    if not settings.api_key:
-        log.warning("MLOPS_API_KEY is not set: /track, /track/batch, /refresh-metrics and "
-                    "/analytics are open to anyone who can reach this port")
+    if settings.auth_mode == "off":
+        log.warning("MLOPS_API_KEY is not set: /track, /track/batch and the read endpoints are "
+                    "open to anyone who can reach this port")
+    elif settings.auth_mode == "warn":
+        log.warning("MLOPS_AUTH_MODE=warn: writes without a valid X-API-Key are stored and "
+                    "counted in mlops_auth_failures_total; set MLOPS_AUTH_MODE=enforce once "
+                    "that counter stays at zero")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg2
 from dotenv import load_dotenv
+from limits import parse_many
 from psycopg2.extensions import parse_dsn
 
 
@@ -30,7 +31,19 @@ class Settings:
 
     database_url: str
     service_port: int = 5001
-    api_key: str | None = field(default=None, repr=False)
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    read_api_keys: tuple[str, ...] = field(default=(), repr=False)
+    auth_mode: str = "off"
+    metrics_token: str | None = field(default=None, repr=False)
+    trusted_proxies: int = 0
+    rate_limit_enabled: bool = True
+    rate_limit_storage_uri: str = field(default="memory://", repr=False)
+    rate_limit_key_prefix: str = "mlops"
+    rate_limit_track: str = "100/second"
+    rate_limit_batch: str = "10/second"
+    rate_limit_refresh: str = "100/second"
+    rate_limit_read: str = "20/second"
+    rate_limit_erase: str = "10/minute"
     log_dir: Path = Path("logs")
     log_level: str = "INFO"
     spool_dir: Path = Path("data")
@@ -45,6 +58,11 @@ class Settings:
     db_connect_timeout_seconds: int = 3
     db_statement_timeout_ms: int = 3000
     db_insert_timeout_ms: int = 1000
+
+    @property
+    def api_key(self) -> str | None:
+        """The first full-access key, or None: for callers asking only "is a key set?"."""
+        return self.api_keys[0] if self.api_keys else None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -61,7 +79,9 @@ class Settings:
         return cls(
             database_url=_database_url(env.get("DATABASE_URL")),
             service_port=_integer(env, "SERVICE_PORT", 5001, low=1, high=65535),
-            api_key=_api_key(env),
+            **_auth(env),
+            trusted_proxies=_integer(env, "TRUSTED_PROXIES", 0, low=0, high=10),
+            **_rate_limits(env),
             log_dir=Path(env.get("LOG_DIR", "logs")),
             log_level=_log_level(env.get("LOG_LEVEL", "INFO")),
             spool_dir=Path(env.get("SPOOL_DIR", "data")),
@@ -124,17 +144,77 @@ def _log_level(raw: str) -> str:
     return level
 
 
-def _api_key(env: Mapping[str, str]) -> str | None:
-    """``MLOPS_API_KEY``, or the contents of the file named by ``MLOPS_API_KEY_FILE``."""
-    key_file = env.get("MLOPS_API_KEY_FILE")
+def _secret(env: Mapping[str, str], name: str) -> str | None:
+    """``name``, or the contents of the file named by ``name_FILE`` (Docker/Kubernetes secrets)."""
+    key_file = env.get(f"{name}_FILE")
     if key_file:
-        if "MLOPS_API_KEY" in env:
-            raise ConfigError("set MLOPS_API_KEY or MLOPS_API_KEY_FILE, not both")
+        if name in env:
+            raise ConfigError(f"set {name} or {name}_FILE, not both")
         try:
-            key = Path(key_file).read_text(encoding="utf-8").strip()
+            value = Path(key_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError(f"MLOPS_API_KEY_FILE cannot be read: {exc.strerror}") from None
-        if not key:
-            raise ConfigError("MLOPS_API_KEY_FILE names an empty file")
-        return key
-    return env.get("MLOPS_API_KEY")
+            raise ConfigError(f"{name}_FILE cannot be read: {exc.strerror}") from None
+        if not value:
+            raise ConfigError(f"{name}_FILE names an empty file")
+        return value
+    return env.get(name)
+
+
+def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """The keys in ``name`` (or its ``_FILE``): separated by commas or newlines, trimmed."""
+    raw = _secret(env, name) or ""
+    keys = tuple(k.strip() for k in raw.replace("\n", ",").split(","))
+    if raw and not all(keys):
+        raise ConfigError(f"{name} holds an empty key (check the commas)")
+    return tuple(k for k in keys if k)
+
+
+def _auth(env: Mapping[str, str]) -> dict:
+    """API keys (full and read-only), the auth mode and the /metrics token.
+
+    The mode is ``off`` without keys, else ``MLOPS_AUTH_MODE`` (``enforce``
+    by default, or ``warn``).
+    """
+    full = _keys(env, "MLOPS_API_KEY")
+    read = _keys(env, "MLOPS_READ_API_KEY")
+    if read and not full:
+        raise ConfigError("MLOPS_READ_API_KEY needs MLOPS_API_KEY too (no key could write)")
+    if set(full) & set(read):
+        raise ConfigError("a key is in both MLOPS_API_KEY and MLOPS_READ_API_KEY")
+    mode = env.get("MLOPS_AUTH_MODE", "enforce").lower()
+    if mode not in {"enforce", "warn"}:
+        raise ConfigError(f"MLOPS_AUTH_MODE must be enforce or warn, got {mode!r}")
+    if not full:
+        if "MLOPS_AUTH_MODE" in env:
+            raise ConfigError("MLOPS_AUTH_MODE needs MLOPS_API_KEY (without a key nothing "
+                              "is checked)")
+        mode = "off"
+    return {"api_keys": full, "read_api_keys": read, "auth_mode": mode,
+            "metrics_token": _secret(env, "MLOPS_METRICS_TOKEN")}
+
+
+RATE_LIMIT_SCHEMES = ("memory://", "redis://", "rediss://", "redis+unix://")
+
+
+def _rate_limits(env: Mapping[str, str]) -> dict:
+    """Flask-Limiter settings: on/off, storage, key prefix and one limit per route group."""
+    enabled = env.get("RATE_LIMIT_ENABLED", "true").lower()
+    if enabled not in {"true", "false"}:
+        raise ConfigError(f"RATE_LIMIT_ENABLED must be true or false, got {enabled!r}")
+    uri = env.get("RATE_LIMIT_STORAGE_URI", "memory://")
+    if not uri.startswith(RATE_LIMIT_SCHEMES):
+        raise ConfigError("RATE_LIMIT_STORAGE_URI must start with memory:// or redis:// "
+                          "(or rediss://, redis+unix://)")
+    limits = {}
+    for name, default in (("TRACK", "100/second"), ("BATCH", "10/second"),
+                          ("REFRESH", "100/second"), ("READ", "20/second"),
+                          ("ERASE", "10/minute")):
+        value = env.get(f"RATE_LIMIT_{name}", default)
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ConfigError(f"RATE_LIMIT_{name} must look like 100/second or "
+                              f"1000 per minute, got {value!r}") from None
+        limits[f"rate_limit_{name.lower()}"] = value
+    return {"rate_limit_enabled": enabled == "true", "rate_limit_storage_uri": uri,
+            "rate_limit_key_prefix": env.get("RATE_LIMIT_KEY_PREFIX", "mlops"), **limits}

@@ -141,6 +141,16 @@ EVENTS_REJECTED = Counter(
     "mlops_events_rejected", "Events refused, by reason (invalid, spool_full).",
     ["reason"])
 
+# --- access control (mlops/auth.py, mlops/limits.py) ---
+AUTH_FAILURES = Counter(
+    "mlops_auth_failures", "Requests without a valid credential for their scope, by scope "
+    "(write, read, erase, metrics) and reason (missing_key, wrong_key, insufficient_scope, "
+    "missing_token, wrong_token). In MLOPS_AUTH_MODE=warn such writes are stored anyway.",
+    ["scope", "reason"])
+RATE_LIMITED = Counter(
+    "mlops_rate_limited_requests", "Requests refused with 429 by a rate limit, by route rule.",
+    ["endpoint"])
+
 
 def init_app(app) -> None:
     """Count and time every request by route rule (never the raw path), method, status.

@@ -59,7 +59,8 @@ def test_every_third_party_action_is_pinned_to_a_commit_with_its_version():
         for line in path.read_text().splitlines():
             match = re.search(r"uses:\s*(\S+)", line)
             if match and not match.group(1).startswith("./"):
-                assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", match.group(1)), line
+                action = r"[\w.-]+/[\w.-]+(/[\w.-]+)*@[0-9a-f]{40}"  # owner/repo[/path]@sha
+                assert re.fullmatch(action, match.group(1)), line
                 assert re.search(r"# v\d+\.\d+\.\d+$", line), line
 
 
@@ -96,5 +97,25 @@ def test_only_the_image_job_may_write_packages():
     workflow = yaml.safe_load((ROOT / ".github/workflows/ci.yml").read_text())
     assert workflow["permissions"] == {"contents": "read"}
     for name, job in workflow["jobs"].items():
-        expected = {"contents": "read", "packages": "write"} if name == "image" else None
+        expected = ({"contents": "read", "packages": "write", "security-events": "write",
+                     "actions": "read"} if name == "image" else None)
         assert job.get("permissions") == expected, name
+
+
+def test_the_audit_job_and_ci_run_audit_the_pinned_requirements():
+    assert [s["run"] for s in steps("audit") if "run" in s] == ["make audit"]
+    assert "make audit" in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_the_image_has_provenance_and_an_sbom_and_is_scanned():
+    image = steps("image")
+    pushed = next(s for s in image if s.get("name", "").startswith("Build"))
+    assert pushed["with"]["provenance"] == "mode=max"
+    assert pushed["with"]["sbom"] is True
+    trivy = [s for s in image if s.get("uses", "").startswith("aquasecurity/trivy-action@")]
+    report, gate = trivy
+    assert report["with"]["format"] == "sarif" and report["with"]["exit-code"] == "0"
+    upload = next(s for s in image if "upload-sarif@" in s.get("uses", ""))
+    assert upload["with"]["sarif_file"] == report["with"]["output"]
+    # The build fails on fixable findings only.
+    assert gate["with"]["exit-code"] == "1" and gate["with"]["ignore-unfixed"] is True

@@ -9,9 +9,10 @@ from flask import Blueprint, jsonify, request
 from pydantic import BaseModel, Field, ValidationError
 
 from .. import store
-from ..auth import require_api_key
+from ..auth import require_scope
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..errors import error_response
+from ..limits import rate_limited
 from ..schemas import Id, InvalidRequest, field_errors
 from ..services import get_services
 
@@ -26,14 +27,16 @@ class AnalyticsQuery(BaseModel):
 
 
 @bp.get("/analytics/<path:business_id>")
-@require_api_key
+@rate_limited("read")
+@require_scope("read")
 def analytics(business_id: str):
     """Aggregates for ``business_id`` over the last ``days`` (query, default 30).
 
     Body: ``{"business_id", "period": "<N>_days", "days", "metrics": {the
     course's keys + total_messages, total_tokens, p50/p95_response_time_ms,
     success_rate}, "by_model": [...], "daily": [...], "timestamp"}``. An
-    unknown business gets zeros. Errors: 422 (bad ``days``), 503 (database).
+    unknown business gets zeros. Errors: 401/403 (API key, ``read`` scope),
+    422 (bad ``days``), 429 (``RATE_LIMIT_READ``), 503 (database).
     """
     try:
         query = AnalyticsQuery.model_validate(

@@ -20,8 +20,9 @@ def _json(schema: dict, description: str) -> dict:
 
 
 def _errors(*codes: int) -> dict:
-    text = {401: "Missing X-API-Key", 403: "Wrong X-API-Key", 413: "Body too large",
-            415: "Content-Type is not application/json", 422: "Invalid fields, each named",
+    text = {401: "Missing X-API-Key", 403: "Wrong X-API-Key, or a key without this scope",
+            413: "Body too large", 415: "Content-Type is not application/json",
+            422: "Invalid fields, each named", 429: "Rate limit exceeded; see Retry-After",
             503: "Database unavailable (and, for writes, spool full)"}
     return {str(c): _json(_ERROR, text[c]) for c in codes}
 
@@ -73,7 +74,8 @@ def document() -> dict:
         "components": {
             "schemas": schemas,
             "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header",
-                                           "name": "X-API-Key"}},
+                                           "name": "X-API-Key"},
+                                "MetricsToken": {"type": "http", "scheme": "bearer"}},
         },
         "paths": {
             "/track": {"post": {
@@ -82,20 +84,20 @@ def document() -> dict:
                 "responses": {
                     "201": _json({"$ref": "#/components/schemas/TrackResult"}, "Stored"),
                     "202": _json({"$ref": "#/components/schemas/TrackResult"}, "Queued"),
-                    **_errors(401, 403, 413, 415, 422, 503)}}},
+                    **_errors(401, 403, 413, 415, 422, 429, 503)}}},
             "/track/batch": {"post": {
                 "summary": "Store many events in one transaction", "security": security,
                 "requestBody": {"required": True, **_json(
                     {"type": "array", "items": event, "minItems": 1}, "Events")},
                 "responses": {
                     "207": _json({"$ref": "#/components/schemas/BatchResult"}, "Per item"),
-                    **_errors(401, 403, 413, 415, 422, 503)}}},
+                    **_errors(401, 403, 413, 415, 422, 429, 503)}}},
             "/refresh-metrics": {"post": {
-                "summary": "Recompute Postgres-derived gauges", "security": security,
+                "summary": "Recompute Postgres-derived gauges (no key needed)",
                 "requestBody": {"required": False, **_json(
                     {"$ref": "#/components/schemas/RefreshRequest"}, "Trigger")},
                 "responses": {"200": _json(json_object, "Refreshed"),
-                              **_errors(401, 403, 415, 422, 503)}}},
+                              **_errors(415, 422, 429, 503)}}},
             "/analytics/{business_id}": {"get": {
                 "summary": "Aggregates for one business", "security": security,
                 "parameters": [business, {
@@ -103,7 +105,7 @@ def document() -> dict:
                     "schema": {"type": "integer", "minimum": 1, "maximum": 3650,
                                "default": 30}}],
                 "responses": {"200": _json(json_object, "Analytics"),
-                              **_errors(401, 403, 422, 503)}}},
+                              **_errors(401, 403, 422, 429, 503)}}},
             "/health": {"get": {"summary": "Liveness",
                                 "responses": {"200": _json(json_object, "Alive")}}},
             "/health/ready": {"get": {"summary": "Readiness (database round trip)",
@@ -111,9 +113,13 @@ def document() -> dict:
                                                     "503": _json(json_object, "Not ready")}}},
             "/health/detailed": {"get": {"summary": "Uptime, version, database, pool, spool",
                                          "responses": {"200": _json(json_object, "Report")}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
-                "description": "Prometheus text format",
-                "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics (Bearer token when MLOPS_METRICS_TOKEN is set)",
+                "security": [{"MetricsToken": []}, {}],
+                "responses": {"200": {
+                    "description": "Prometheus text format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    "401": _json(_ERROR, "Missing or wrong bearer token")}}},
         },
     }
 

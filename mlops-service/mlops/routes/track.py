@@ -9,8 +9,9 @@ from flask import Blueprint, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import UnsupportedMediaType
 
-from ..auth import require_api_key
+from ..auth import require_scope
 from ..errors import error_response
+from ..limits import rate_limited
 from ..schemas import InvalidRequest, RefreshRequest, field_errors, parse_event
 from ..services import get_services
 from ..telemetry import EVENTS_REJECTED
@@ -32,7 +33,8 @@ def _json_body(limit: int) -> bytes:
 
 
 @bp.post("/track")
-@require_api_key
+@rate_limited("track")
+@require_scope("write")
 def track():
     """Store one MetricsData event.
 
@@ -40,9 +42,10 @@ def track():
     optional. Answers 201 ``{"status": "success", "storage": "stored",
     "event_id", "timestamp"}`` once the row is committed in Postgres, or 202
     with ``"storage": "queued"`` once it is fsynced to the local spool while
-    Postgres is away. Errors: 401/403 (API key), 413 (body over
-    ``MAX_BODY_BYTES``), 415 (not JSON), 422 (each bad field named), 503 with
-    ``Retry-After`` when the database is away and the spool is full.
+    Postgres is away. Errors: 401/403 (API key, ``write`` scope), 413 (body
+    over ``MAX_BODY_BYTES``), 415 (not JSON), 422 (each bad field named), 429
+    with ``Retry-After`` (``RATE_LIMIT_TRACK``), 503 with ``Retry-After`` when
+    the database is away and the spool is full.
     """
     services = get_services()
     try:
@@ -61,7 +64,8 @@ def track():
 
 
 @bp.post("/track/batch")
-@require_api_key
+@rate_limited("batch")
+@require_scope("write")
 def track_batch():
     """Store up to ``MAX_BATCH_EVENTS`` events given as a JSON array.
 
@@ -70,7 +74,8 @@ def track_batch():
     with ``results``: one ``{"index", "status", "event_id"|"error"}`` per item,
     in input order, where ``status`` is what ``/track`` would have answered
     (201, 202 or 422). Errors for the whole body: 413, 415, 422 (not an
-    array, too many items, not JSON), 401/403, 503 (spool full).
+    array, too many items, not JSON), 401/403 (``write`` scope), 429
+    (``RATE_LIMIT_BATCH``), 503 (spool full).
     """
     services = get_services()
     limit = services.settings.max_batch_events
@@ -111,7 +116,7 @@ def track_batch():
 
 
 @bp.post("/refresh-metrics")
-@require_api_key
+@rate_limited("refresh")
 def refresh_metrics():
     """Recompute the Postgres-derived gauges of ``/metrics`` (per-business 30-day totals).
 
@@ -119,7 +124,9 @@ def refresh_metrics():
     message: the gauges are marked stale for every worker and re-read here at
     most once a second (else by the next scrape). Answers 200
     ``{"status": "success", "refreshed", "businesses", "database_up"}``, 503
-    when Postgres could not be read, 422 for a malformed body.
+    when Postgres could not be read, 422 for a malformed body, 429
+    (``RATE_LIMIT_REFRESH``). Takes no API key: the chat app calls it without
+    one even once it sends a key to ``/track``, and it changes no data.
     """
     body = request.get_data(cache=False)
     if body.strip():
