@@ -29,7 +29,7 @@ def create_app(settings=None) -> Flask:
     from .config import Settings
     from .db import Database
     from .ingest import Ingestor
-    from .routes import analytics, businesses, health, metrics, openapi, track
+    from .routes import analytics, businesses, dashboard, health, metrics, openapi, track
     from .services import Services
     from .spool import Spool
 
@@ -54,7 +54,7 @@ def create_app(settings=None) -> Flask:
     def _start_timer() -> None:  # read by the request log and the HTTP metrics
         g.request_started = time.perf_counter()
 
-    for module in (track, health, metrics, analytics, openapi, businesses):
+    for module in (track, health, metrics, analytics, openapi, businesses, dashboard):
         app.register_blueprint(module.bp)
     errors.init_app(app)
     logs.init_app(app)
