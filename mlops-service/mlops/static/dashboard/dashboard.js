@@ -162,6 +162,11 @@
   }
 
   function renderError(error) {
+    const picker = $("#business");
+    if (picker.disabled) {
+      picker.replaceChildren(new Option(error.status === 401 || error.status === 403
+        ? "Needs the API key" : "Not available", ""));
+    }
     if (error.status === 401 || error.status === 403) {
       askForKey(error);
       return;
@@ -317,7 +322,8 @@
   }
 
   function axisValue(kind, v) {
-    if (kind === "usd") return v === 0 ? "$0" : `$${v < 0.01 ? v.toPrecision(2) : v.toFixed(2)}`;
+    if (v === 0) return "0";
+    if (kind === "usd") return `$${v < 0.01 ? v.toPrecision(2) : v.toFixed(2)}`;
     if (kind === "ms") return v >= 1000 ? `${v / 1000} s` : `${v} ms`;
     return INTEGER.format(v);
   }
@@ -339,7 +345,11 @@
       height: 170,
       legend: { show: false }, // the table below gives every value
       cursor: { drag: { x: false, y: false } },
-      scales: { x: { time: true }, y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
+      scales: {
+        // half a day either side, so the first and last bars are whole
+        x: { time: true, range: (u, min, max) => [min - 43200, max + 43200] },
+        y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] },
+      },
       axes: [
         { ...axis, space: 60 },
         { ...axis, size: 64, values: (u, splits) => splits.map((v) => axisValue(kind, v)) },
