@@ -411,6 +411,30 @@ def test_switching_business_and_window_updates_the_figures(server, businesses, p
     assert_clean_console(page)
 
 
+def test_controls_are_labelled_and_reachable_by_keyboard(server, businesses, page):
+    open_page(page, server.url + "/")
+    unlabelled = page.execute_script(
+        "return [...document.querySelectorAll('input, select')]"
+        ".filter(e => !e.labels || !e.labels.length).map(e => e.id || e.name)")
+    assert unlabelled == []
+    assert len(page.find_elements(By.TAG_NAME, "h1")) == 1
+    for landmark in ("header", "main", "footer"):
+        assert page.find_elements(By.TAG_NAME, landmark), landmark
+    for chart in page.find_elements(By.CSS_SELECTOR, ".chart"):
+        assert chart.get_attribute("role") == "img" and "table" in chart.get_attribute(
+            "aria-label")  # the figures are in #daily-table
+    assert page.find_elements(By.CSS_SELECTOR, "#daily-table th[scope=col]")
+
+    page.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+    reached = []
+    for _ in range(4):
+        element = page.switch_to.active_element
+        reached.append(element.get_attribute("id") or element.get_attribute("class"))
+        element.send_keys(Keys.TAB)
+    assert reached[:3] == ["skip", "business", "days-30"], reached
+    assert_clean_console(page)
+
+
 def test_refresh_pauses_while_hidden_and_runs_when_visible(server, businesses, page):
     busy = businesses[0]
     open_page(page, f"{server.url}/?business_id={busy}")
