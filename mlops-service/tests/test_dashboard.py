@@ -1,7 +1,8 @@
 """The dashboard at ``/`` in a real headless Chromium, against real gunicorn and Postgres.
 
-One browser for the module and one gunicorn per configuration (open, with a
-key, with the database down), started when first needed. Every browser test
+One browser for the module and one gunicorn per configuration (open, empty
+database, with a key, on a private cluster that the outage test stops),
+started when first needed. Every browser test
 ends by reading Chromium's console: any error fails it, a Content Security
 Policy violation included (``test_console_check_catches_a_csp_violation``
 shows that check can fail). Screenshots go to ``screenshots/`` (git-ignored).
@@ -97,11 +98,12 @@ def keyed_server(database_url, service_dirs):
 
 
 @pytest.fixture(scope="module")
-def dead_database_server(service_dirs):
-    """gunicorn whose database is a private cluster that is not running."""
-    cluster = PgCluster()  # initialised, never started: connections are refused
-    srv = _server(cluster.url(), service_dirs / "dead")
-    yield srv
+def outage(service_dirs):
+    """A private Postgres cluster and a gunicorn on it; the test stops and restarts it."""
+    cluster = PgCluster()
+    cluster.start()
+    srv = _server(cluster.url(), service_dirs / "outage")
+    yield cluster, srv
     srv.stop()
     cluster.destroy()
 
@@ -178,6 +180,18 @@ def open_page(driver, url: str) -> None:
 
 def wait_refreshed_after(driver, before: int) -> None:
     wait(driver, lambda d: loaded(d) > before, message="page did not refresh")
+
+
+SET_HIDDEN = ("Object.defineProperty(document, 'hidden', {value: arguments[0], "
+              "configurable: true});document.dispatchEvent(new Event('visibilitychange'));")
+
+
+def refresh_now(driver) -> None:
+    """Hide and show the tab (the page refreshes on coming back); wait for that refresh."""
+    before = loaded(driver)
+    driver.execute_script(SET_HIDDEN, True)
+    driver.execute_script(SET_HIDDEN, False)
+    wait_refreshed_after(driver, before)
 
 
 def track(base: str, events: list[dict], key: str | None = None) -> None:
@@ -289,12 +303,6 @@ def test_businesses_needs_the_key_when_one_is_set(keyed_server):
     assert requests.get(url, timeout=10).status_code == 401
     assert requests.get(url, headers={"X-API-Key": "wrong"}, timeout=10).status_code == 403
     assert requests.get(url, headers={"X-API-Key": KEY}, timeout=10).status_code == 200
-
-
-def test_businesses_answers_503_while_the_database_is_down(dead_database_server):
-    response = requests.get(dead_database_server.url + "/businesses", timeout=30)
-    assert response.status_code == 503
-    assert response.json()["error"] == "database_unavailable"
 
 
 # ---- Empty state.
@@ -440,13 +448,11 @@ def test_refresh_pauses_while_hidden_and_runs_when_visible(server, businesses, p
     open_page(page, f"{server.url}/?business_id={busy}")
     body = page.find_element(By.TAG_NAME, "body")
     assert body.get_attribute("data-refresh") == "running"
-    set_hidden = ("Object.defineProperty(document, 'hidden', {value: arguments[0], "
-                  "configurable: true});document.dispatchEvent(new Event('visibilitychange'));")
-    page.execute_script(set_hidden, True)
+    page.execute_script(SET_HIDDEN, True)
     assert body.get_attribute("data-refresh") == "paused"
     track(server.url, varied(2, [busy], seed=42))
     before = loaded(page)
-    page.execute_script(set_hidden, False)  # back in view: refreshes at once
+    page.execute_script(SET_HIDDEN, False)  # back in view: refreshes at once
     wait_refreshed_after(page, before)
     assert body.get_attribute("data-refresh") == "running"
     assert_page_matches(page, analytics(server.url, busy, 30))
@@ -512,17 +518,47 @@ def test_key_is_asked_once_kept_in_the_tab_and_never_put_in_a_url(keyed_server, 
     assert_clean_console(page, allow_statuses=(401, 403))
 
 
-def test_database_down_is_shown_as_such(dead_database_server, page):
-    open_page(page, dead_database_server.url + "/")
+def test_a_database_outage_is_shown_and_the_page_recovers(outage, page):
+    cluster, srv = outage
+    business = f"dash-outage-{uuid.uuid4().hex[:6]}"
+    track(srv.url, varied(3, [business]))
+    open_page(page, f"{srv.url}/?business_id={business}")
+    assert page.find_element(By.ID, "main").is_displayed()
+
+    cluster.stop()
+    response = requests.get(srv.url + "/businesses", timeout=30)
+    assert response.status_code == 503
+    assert response.json()["error"] == "database_unavailable"
+    event = varied(1, [business], seed=5)[0]
+    assert requests.post(srv.url + "/track", json=event, timeout=30).status_code == 202
+
+    # Figures already on screen stay, greyed, under the alert.
+    refresh_now(page)
     alert = page.find_element(By.ID, "alert")
-    assert alert.is_displayed()
-    assert alert.get_attribute("data-error") == "database_unavailable"
+    assert alert.is_displayed() and alert.get_attribute("data-error") == "database_unavailable"
     assert "database is unavailable" in alert.text
+    assert page.find_element(By.ID, "main").is_displayed()
+    assert "stale" in page.find_element(By.TAG_NAME, "body").get_attribute("class")
     assert page.find_element(By.ID, "db-state").text == "Database down"
-    assert "Spool: 0 events waiting" in page.find_element(By.ID, "spool-state").text
+    assert page.find_element(By.ID, "spool-state").text == "Spool: 1 event waiting"
+
+    # A page opened during the outage has no figures to show, only the alert.
+    open_page(page, srv.url + "/")
+    assert page.find_element(By.ID, "alert").is_displayed()
     assert not page.find_element(By.ID, "main").is_displayed()
     screenshot(page, "database-down", 1366, 900)
     assert_clean_console(page, allow_statuses=(503,))
+
+    cluster.start()
+    wait(page, lambda d: requests.get(srv.url + "/health/detailed", timeout=10)
+         .json()["spool"]["depth"] == 0, timeout=30, message="the spool never drained")
+    open_page(page, f"{srv.url}/?business_id={business}")
+    assert not page.find_element(By.ID, "alert").is_displayed()
+    body = analytics(srv.url, business, 30)
+    assert body["metrics"]["total_messages"] == 4
+    assert_page_matches(page, body)
+    assert page.find_element(By.ID, "db-state").text == "Database up"
+    assert_clean_console(page)
 
 
 def test_console_check_catches_a_csp_violation(server, page):
