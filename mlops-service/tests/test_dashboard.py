@@ -315,6 +315,7 @@ def test_empty_state_shows_a_curl_line_that_sends_a_first_event(empty_server, pa
     curl = page.find_element(By.ID, "curl").text
     assert curl.startswith(f"curl -X POST {empty_server.url}/track")
     assert "X-API-Key" not in curl  # this server has no key
+    screenshot(page, "empty", 375, 800)
     out = subprocess.run(["bash", "-c", curl + " -s -o /dev/null -w '%{http_code}'"],
                          capture_output=True, text=True, timeout=30)
     assert out.stdout == "201", out
@@ -492,6 +493,7 @@ def test_key_is_asked_once_kept_in_the_tab_and_never_put_in_a_url(keyed_server, 
     form = page.find_element(By.ID, "key-form")
     assert form.is_displayed() and form.get_attribute("data-reason") == "missing"
     assert page.switch_to.active_element.get_attribute("id") == "api-key"
+    screenshot(page, "api-key", 1366, 900)
 
     before = loaded(page)
     page.switch_to.active_element.send_keys("not-the-key" + Keys.ENTER)
