@@ -12,9 +12,13 @@ IMAGE        ?= mlops-service:local
 DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 PYTEST_ARGS  ?=
 export PROMTOOL PROMETHEUS
+# The dashboard's chart library, vendored (committed) so running needs no build step.
+UPLOT_VERSION := 1.6.32
+UPLOT_SHA256  := 4b8a8191e425658e3ea8c8c1314b0fc679c861ee3a1af2b20c7b16ba50b5133d
+VENDOR_DIR    := $(SERVICE)/mlops/static/dashboard/vendor
 
 .PHONY: help install tools lint audit test run docker-build docker-run up down logs bench clean
-.PHONY: check-monitoring
+.PHONY: check-monitoring assets
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -72,6 +76,17 @@ logs: ## Follow the compose services' logs
 
 bench: install ## Benchmark the deployed service (gunicorn + Postgres); writes bench/results.md
 	$(PYTHON) bench/run.py
+
+assets: ## Re-vendor the dashboard's chart library (uPlot $(UPLOT_VERSION), from npm, checked)
+	@rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm $(VENDOR_DIR)
+	cd $(TOOLS)/npm && npm pack --silent uplot@$(UPLOT_VERSION) >/dev/null
+	echo "$(UPLOT_SHA256)  $(TOOLS)/npm/uplot-$(UPLOT_VERSION).tgz" | sha256sum --check --quiet
+	tar -xzf $(TOOLS)/npm/uplot-$(UPLOT_VERSION).tgz -C $(TOOLS)/npm
+	cp $(TOOLS)/npm/package/dist/uPlot.iife.min.js $(TOOLS)/npm/package/dist/uPlot.min.css \
+	  $(TOOLS)/npm/package/LICENSE $(VENDOR_DIR)/
+	echo "uPlot $(UPLOT_VERSION) from https://www.npmjs.com/package/uplot (MIT, see LICENSE)" \
+	  > $(VENDOR_DIR)/VERSION
+	rm -rf $(TOOLS)/npm
 
 clean: ## Remove .venv, .tools and caches
 	rm -rf $(VENV) $(TOOLS) $(SERVICE)/.pytest_cache $(SERVICE)/.ruff_cache

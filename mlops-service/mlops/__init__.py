@@ -30,7 +30,7 @@ def create_app(settings=None) -> Flask:
     from .config import Settings
     from .db import Database
     from .ingest import Ingestor
-    from .routes import analytics, health, metrics, openapi, track
+    from .routes import analytics, businesses, dashboard, health, metrics, openapi, track
     from .services import Services
     from .spool import Spool
 
@@ -58,7 +58,7 @@ def create_app(settings=None) -> Flask:
     def _start_timer() -> None:  # read by the request log and the HTTP metrics
         g.request_started = time.perf_counter()
 
-    for module in (track, health, metrics, analytics, openapi):
+    for module in (track, health, metrics, analytics, openapi, businesses, dashboard):
         app.register_blueprint(module.bp)
     errors.init_app(app)
     auth.init_app(app, settings)

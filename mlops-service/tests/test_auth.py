@@ -1,7 +1,7 @@
 """Scoped keys, rotation, warn mode, the /metrics token, and the chat app as it really calls.
 
 The scope table under test (mlops/auth.py): write = /track, /track/batch
-(full keys); read = /analytics (full or read keys); erase = the DELETE
+(full keys); read = /analytics, /businesses (full or read keys); erase = the DELETE
 routes (full keys); /refresh-metrics and /health take no key; /metrics takes
 the bearer token when one is set.
 """
@@ -37,6 +37,7 @@ ENDPOINTS = {
     "track": ("post", "/track", SUCCESS, "write", 201),
     "batch": ("post", "/track/batch", [SUCCESS], "write", 207),
     "analytics": ("get", "/analytics/acme", None, "read", 200),
+    "businesses": ("get", "/businesses", None, "read", 200),
     "refresh": ("post", "/refresh-metrics", {"trigger": "new_metrics"}, None, 200),
     "metrics": ("get", "/metrics", None, None, 200),
     "health": ("get", "/health", None, None, 200),

@@ -1,1 +1,1 @@
-"""One blueprint per resource: track, health, metrics, analytics, openapi."""
+"""One blueprint per resource: track, health, metrics, analytics, openapi, businesses, dashboard."""

@@ -106,6 +106,31 @@ def document() -> dict:
                                "default": 30}}],
                 "responses": {"200": _json(json_object, "Analytics"),
                               **_errors(401, 403, 422, 429, 503)}}},
+            "/businesses": {"get": {
+                "summary": "Each business's messages, tokens and cost over a window, "
+                           "busiest first", "security": security,
+                "parameters": [{
+                    "name": "days", "in": "query", "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 3650,
+                               "default": 30}}],
+                "responses": {"200": _json({
+                    "type": "object", "required": ["days", "businesses"],
+                    "properties": {"days": {"type": "integer"}, "period": {"type": "string"},
+                                   "timestamp": {"type": "string"},
+                                   "businesses": {"type": "array", "items": {
+                        "type": "object",
+                        "required": ["business_id", "messages", "tokens", "api_cost_usd",
+                                     "success_rate"],
+                        "properties": {"business_id": {"type": "string"},
+                                       "messages": {"type": "integer"},
+                                       "tokens": {"type": "integer"},
+                                       "api_cost_usd": {"type": "number"},
+                                       "success_rate": {"type": "number"}}}}}},
+                    "Businesses"), **_errors(401, 403, 422, 429, 503)}}},
+            "/": {"get": {"summary": "The dashboard (HTML page; reads /businesses, "
+                                     "/analytics and /health/detailed)",
+                          "responses": {"200": {"description": "HTML page", "content": {
+                              "text/html": {"schema": {"type": "string"}}}}}}},
             "/health": {"get": {"summary": "Liveness",
                                 "responses": {"200": _json(json_object, "Alive")}}},
             "/health/ready": {"get": {"summary": "Readiness (database round trip)",

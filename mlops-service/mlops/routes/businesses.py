@@ -1,0 +1,60 @@
+"""``GET /businesses``: every business seen in a window, busiest first (the dashboard's picker)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from flask import Blueprint, jsonify, request
+from pydantic import BaseModel, Field, ValidationError
+
+from .. import store
+from ..auth import require_scope
+from ..db import DatabaseMisconfigured, DatabaseUnavailable
+from ..errors import error_response
+from ..limits import rate_limited
+from ..schemas import InvalidRequest, field_errors
+from ..services import get_services
+
+bp = Blueprint("businesses", __name__)
+
+
+class BusinessesQuery(BaseModel):
+    """Query of ``/businesses``: a window of 1..3650 days, as for ``/analytics``."""
+
+    days: Annotated[int, Field(ge=1, le=3650)] = 30
+
+
+@bp.get("/businesses")
+@rate_limited("read")
+@require_scope("read")
+def businesses():
+    """Each business with messages over the last ``days`` (query, default 30), busiest first.
+
+    Body: ``{"days", "period": "<N>_days", "businesses": [{"business_id",
+    "messages", "tokens", "api_cost_usd", "success_rate"}], "timestamp"}``.
+    Units: tokens, US dollars; ``success_rate`` is the mean of the events'
+    ``success_rate`` (0..1). Ties in ``messages`` are ordered by
+    ``business_id`` so the list is stable between refreshes. A business with
+    no message in the window is not listed. Errors: 401/403 (key), 422 (bad
+    ``days``), 503 (database).
+    """
+    try:
+        query = BusinessesQuery.model_validate({"days": request.args.get("days", "30")})
+    except ValidationError as exc:
+        raise InvalidRequest(field_errors(exc)) from None
+    try:
+        totals = store.business_totals(get_services().db, query.days)
+    except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
+        return error_response(503, "database_unavailable", f"database unavailable: {exc}")
+    rows = sorted(totals, key=lambda row: (-row[1], row[0]))
+    return jsonify({
+        "days": query.days,
+        "period": f"{query.days}_days",
+        "businesses": [
+            {"business_id": business_id, "messages": messages, "tokens": tokens,
+             "api_cost_usd": cost_usd, "success_rate": success_rate}
+            for business_id, messages, tokens, cost_usd, success_rate in rows
+        ],
+        "timestamp": datetime.now(UTC).isoformat(),
+    })

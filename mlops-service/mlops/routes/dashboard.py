@@ -1,0 +1,57 @@
+"""``GET /``: the dashboard, a static page that reads the service's own JSON endpoints.
+
+The page (``mlops/static/dashboard/``) holds no data, so it is open; what it
+shows comes from ``/businesses``, ``/analytics/<id>`` and ``/health/detailed``
+in the browser, with the ``X-API-Key`` the person types when those ask for it.
+Everything is served from this origin: no CDN, works offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask import Blueprint, send_from_directory
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "dashboard"
+
+bp = Blueprint("dashboard", __name__, static_folder=str(STATIC_DIR),
+               static_url_path="/dashboard")
+
+# Scripts, styles, images and fetches from this origin only; no inline script
+# or style (``element.style`` set from a script file is allowed by CSP); no
+# framing (clickjacking); forms never submit, so a key typed while the script
+# is not running cannot leave in a URL.
+CONTENT_SECURITY_POLICY = "; ".join((
+    "default-src 'none'",
+    "script-src 'self'",
+    "style-src 'self'",
+    "img-src 'self'",
+    "connect-src 'self'",
+    "base-uri 'none'",
+    "form-action 'none'",
+    "frame-ancestors 'none'",
+))
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",  # frame-ancestors for browsers without CSP level 2
+}
+
+
+@bp.after_request
+def _security_headers(response):
+    """The page's headers, on the page and on every asset this blueprint serves."""
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+@bp.get("/")
+def dashboard():
+    """The dashboard (HTML). ``?business_id=<id>`` opens that business, ``?days=N``
+    that window (1, 7, 30 or 90); plain ``/`` opens the busiest business of 30 days.
+    """
+    response = send_from_directory(STATIC_DIR, "index.html", max_age=0)
+    response.headers["Cache-Control"] = "no-cache"
+    return response

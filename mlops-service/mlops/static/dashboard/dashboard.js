@@ -1,0 +1,483 @@
+/* The mlops-service dashboard.
+ *
+ * Reads three endpoints of this origin and draws what they return; it
+ * computes no figure of its own except the intent shares and the funnel bars:
+ *   /businesses?days=N          the picker, busiest first
+ *   /analytics/<id>?days=N      totals, by_model, daily (and by_intent when present)
+ *   /health/detailed            database up or down, spool depth
+ * With a key configured the data endpoints answer 401/403: the page asks for
+ * the key once, keeps it in sessionStorage (this tab only) and sends it as the
+ * X-API-Key header, never in a URL. Refreshes every REFRESH_MS while the tab
+ * is visible.
+ */
+"use strict";
+
+(() => {
+  const REFRESH_MS = 20000;
+  const KEY_STORAGE = "mlops-service.api-key";
+  const WINDOWS = { 1: "last 24 hours", 7: "last 7 days", 30: "last 30 days", 90: "last 90 days" };
+  const DAY_MS = 86400000;
+
+  const $ = (selector) => document.querySelector(selector);
+
+  const params = new URLSearchParams(window.location.search);
+  const state = {
+    businessId: params.get("business_id") || null,
+    days: WINDOWS[params.get("days")] ? Number(params.get("days")) : 30,
+    generation: 0, // a newer refresh makes older ones drop their answers
+    timer: null,
+    charts: {},
+    shown: false, // figures are on screen (kept, marked stale, on a later error)
+  };
+
+  // ---- Numbers for people; the exact value goes in the title attribute.
+  const numberFormat = (options) => new Intl.NumberFormat(undefined, options);
+  const INTEGER = numberFormat({ maximumFractionDigits: 0 });
+  const SECONDS = numberFormat({ maximumFractionDigits: 2 });
+  const PERCENT = numberFormat({ style: "percent", maximumFractionDigits: 1 });
+  const FORMATS = {
+    count: { text: (v) => INTEGER.format(v), unit: "" },
+    usd: {
+      // cents for a dollar or more; below, three significant digits ($0.0367)
+      text: (v) => numberFormat(v === 0 || Math.abs(v) >= 1
+        ? { style: "currency", currency: "USD", minimumFractionDigits: 2, maximumFractionDigits: 2 }
+        : { style: "currency", currency: "USD", minimumSignificantDigits: 2,
+            maximumSignificantDigits: 3 }).format(v),
+      unit: " USD",
+    },
+    ms: { text: (v) => (v >= 1000 ? `${SECONDS.format(v / 1000)} s` : `${INTEGER.format(v)} ms`),
+          unit: " ms" },
+    rate: { text: (v) => PERCENT.format(v), unit: "" },
+  };
+  const METRIC_FORMATS = {
+    total_messages: "count", total_conversations: "count", total_tokens: "count",
+    total_api_cost_usd: "usd", success_rate: "rate", p50_response_time_ms: "ms",
+    p95_response_time_ms: "ms", human_handoffs: "count", appointment_requests: "count",
+    appointments_booked: "count", appointment_conversion_rate: "rate",
+  };
+
+  function show(element, value, kind) {
+    const format = FORMATS[kind];
+    const number = Number(value ?? 0);
+    element.textContent = format.text(number);
+    element.title = `${number}${format.unit}`;
+    element.dataset.value = String(number);
+  }
+
+  function cell(row, value, kind) {
+    const td = row.insertCell();
+    if (kind) {
+      show(td, value, kind);
+      td.className = "num";
+    } else {
+      td.textContent = value;
+    }
+    return td;
+  }
+
+  // ---- Talking to the service.
+  class ServiceError extends Error {
+    constructor(status, code, message) {
+      super(message);
+      this.status = status; // HTTP status, or 0 when the service could not be reached
+      this.code = code;
+    }
+  }
+
+  async function getJSON(path) {
+    const headers = { Accept: "application/json" };
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    if (key) headers["X-API-Key"] = key;
+    let response;
+    try {
+      response = await fetch(path, { headers, cache: "no-store", credentials: "same-origin" });
+    } catch (error) {
+      throw new ServiceError(0, "unreachable", `cannot reach the service (${error.message})`);
+    }
+    let body = null;
+    try {
+      body = await response.json();
+    } catch {
+      body = null;
+    }
+    if (!response.ok) {
+      throw new ServiceError(response.status, body?.error || "http_error",
+                             body?.message || `HTTP ${response.status}`);
+    }
+    return body;
+  }
+
+  // ---- One refresh: health, picker, analytics.
+  async function refresh() {
+    const generation = ++state.generation;
+    const current = () => generation === state.generation;
+    const health = getJSON("/health/detailed").then(
+      (body) => current() && renderHealth(body),
+      () => current() && renderHealth(null));
+    try {
+      await loadFigures(current);
+    } catch (error) {
+      if (current()) renderError(error);
+    }
+    await health;
+    if (current()) {
+      if (!$("#empty").hidden) renderCurl(); // needs the auth mode from /health/detailed
+      $("#updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+      document.body.dataset.loaded = String(generation);
+    }
+  }
+
+  // The picker, then the chosen business's figures (or the empty state).
+  async function loadFigures(current) {
+    const list = await getJSON(`/businesses?days=${state.days}`);
+    if (!current()) return;
+    const busiest = list.businesses[0]?.business_id;
+    if (!state.businessId && busiest) state.businessId = busiest;
+    renderPicker(list.businesses);
+    if (!state.businessId) {
+      showOnly("empty");
+      return;
+    }
+    const path = `/analytics/${encodeURIComponent(state.businessId)}?days=${state.days}`;
+    const data = await getJSON(path);
+    if (!current()) return;
+    renderAnalytics(data);
+    showOnly("main");
+    state.shown = true;
+  }
+
+  function showOnly(which) {
+    $("#main").hidden = which !== "main";
+    $("#empty").hidden = which !== "empty";
+    $("#key-form").hidden = which !== "key";
+    if (which !== "key") clearAlert();
+  }
+
+  function clearAlert() {
+    const alert = $("#alert");
+    alert.hidden = true;
+    alert.textContent = "";
+    delete alert.dataset.error;
+    document.body.classList.remove("stale");
+  }
+
+  function renderError(error) {
+    const picker = $("#business");
+    if (picker.disabled) {
+      picker.replaceChildren(new Option(error.status === 401 || error.status === 403
+        ? "Needs the API key" : "Not available", ""));
+    }
+    if (error.status === 401 || error.status === 403) {
+      askForKey(error);
+      return;
+    }
+    const alert = $("#alert");
+    alert.dataset.error = error.code;
+    const title = document.createElement("strong");
+    const detail = document.createElement("span");
+    if (error.code === "database_unavailable") {
+      title.textContent = "The database is unavailable. ";
+      detail.textContent = "Figures cannot be read until it is back; events the chat app sends "
+        + "meanwhile wait in the service's spool and are stored then. "
+        + `(${error.message})`;
+    } else if (error.status === 0) {
+      title.textContent = "The service cannot be reached. ";
+      detail.textContent = `Is it running? (${error.message})`;
+    } else {
+      title.textContent = `The service answered ${error.status}. `;
+      detail.textContent = error.message;
+    }
+    alert.replaceChildren(title, detail);
+    alert.hidden = false;
+    if (state.shown) {
+      document.body.classList.add("stale"); // keep the last figures, greyed
+    } else {
+      $("#main").hidden = true;
+      $("#empty").hidden = true;
+    }
+  }
+
+  function askForKey(error) {
+    const refused = error.status === 403;
+    if (refused) sessionStorage.removeItem(KEY_STORAGE);
+    const form = $("#key-form");
+    const wasHidden = form.hidden;
+    form.dataset.reason = refused ? "refused" : "missing";
+    $("#key-title").textContent = refused ? "That API key was refused"
+                                          : "This service needs an API key";
+    showOnly("key");
+    state.shown = false;
+    if (wasHidden) $("#api-key").focus();
+  }
+
+  // ---- Rendering.
+  function renderHealth(body) {
+    const db = $("#db-state");
+    const spool = $("#spool-state");
+    if (!body) {
+      db.dataset.state = "down";
+      db.textContent = "Service unreachable";
+      spool.textContent = "Spool: –";
+      return;
+    }
+    const up = body.database?.status === "up";
+    db.dataset.state = up ? "up" : "down";
+    db.textContent = up ? "Database up" : "Database down";
+    db.title = up ? `round trip ${body.database.latency_ms} ms` : (body.database?.error || "");
+    const depth = Number(body.spool?.depth ?? 0);
+    spool.dataset.state = depth > 0 ? "waiting" : "empty";
+    spool.textContent = `Spool: ${INTEGER.format(depth)} ${depth === 1 ? "event" : "events"} waiting`;
+    spool.title = `${depth} events written locally, waiting for the database`;
+    document.body.dataset.auth = body.auth || "";
+  }
+
+  function renderPicker(businesses) {
+    const select = $("#business");
+    const options = businesses.map((b) => {
+      const option = new Option(`${b.business_id} — ${INTEGER.format(b.messages)} messages`,
+                                b.business_id);
+      option.title = `${b.messages} messages, ${b.tokens} tokens, ${b.api_cost_usd} USD`;
+      return option;
+    });
+    if (state.businessId && !businesses.some((b) => b.business_id === state.businessId)) {
+      options.unshift(new Option(`${state.businessId} — no messages`, state.businessId));
+    }
+    if (!options.length) options.push(new Option("No business yet", ""));
+    select.replaceChildren(...options);
+    select.value = state.businessId || "";
+    select.disabled = !state.businessId;
+  }
+
+  function renderAnalytics(data) {
+    const metrics = data.metrics;
+    $("#business-name").textContent = data.business_id;
+    $("#window-name").textContent = `(${WINDOWS[state.days] || `last ${state.days} days`})`;
+    document.querySelectorAll("[data-metric]").forEach((element) => {
+      const key = element.dataset.metric;
+      show(element, metrics[key], METRIC_FORMATS[key]);
+    });
+    $("#no-messages").hidden = metrics.total_messages > 0;
+    const requested = metrics.appointment_requests;
+    $("#bar-requested").style.width = requested > 0 ? "100%" : "0";
+    $("#bar-booked").style.width = requested > 0
+      ? `${Math.min(100, (100 * metrics.appointments_booked) / requested)}%` : "0";
+    renderDaily(data.daily);
+    renderModels(data.by_model);
+    renderIntents(data.by_intent);
+  }
+
+  // Every UTC day of the window, oldest first, with the rows /analytics has for it.
+  function windowDays(daily) {
+    const byDate = new Map(daily.map((row) => [row.date, row]));
+    const today = Math.floor(Date.now() / DAY_MS) * DAY_MS;
+    const first = Math.floor((Date.now() - state.days * DAY_MS) / DAY_MS) * DAY_MS;
+    const days = [];
+    for (let t = first; t <= today; t += DAY_MS) {
+      const date = new Date(t).toISOString().slice(0, 10);
+      days.push({ t: t / 1000, date, row: byDate.get(date) });
+    }
+    return days;
+  }
+
+  function renderDaily(daily) {
+    const hasP95 = daily.some((row) => "p95_response_time_ms" in row);
+    const latencyKey = hasP95 ? "p95_response_time_ms" : "avg_response_time_ms";
+    const latencyName = hasP95 ? "Reply time p95" : "Mean reply time";
+    $("#latency-caption").textContent = latencyName;
+    $("#latency-column").textContent = latencyName;
+    const days = windowDays(daily);
+    const xs = days.map((d) => d.t);
+    drawChart("chart-messages", "Messages", xs, days.map((d) => d.row?.messages ?? 0),
+              { bars: true, kind: "count", color: "#2f6fb7" });
+    drawChart("chart-cost", "Cost", xs, days.map((d) => Number(d.row?.api_cost_usd ?? 0)),
+              { bars: true, kind: "usd", color: "#8a5cc2" });
+    drawChart("chart-latency", latencyName, xs,
+              days.map((d) => (d.row ? Number(d.row[latencyKey]) : null)),
+              { bars: false, kind: "ms", color: "#d0632a" });
+
+    const body = $("#daily-table tbody");
+    const rows = daily.slice().reverse().map((d) => {
+      const row = document.createElement("tr");
+      const th = document.createElement("th");
+      th.scope = "row";
+      th.textContent = d.date;
+      row.append(th);
+      cell(row, d.messages, "count");
+      cell(row, d.tokens, "count");
+      cell(row, d.api_cost_usd, "usd");
+      cell(row, d[latencyKey], "ms");
+      return row;
+    });
+    body.replaceChildren(...rows);
+    if (!rows.length) body.append(emptyRow(5, "No message in this window."));
+  }
+
+  function emptyRow(columns, text) {
+    const row = document.createElement("tr");
+    const td = row.insertCell();
+    td.colSpan = columns;
+    td.className = "muted";
+    td.textContent = text;
+    return row;
+  }
+
+  function axisValue(kind, v) {
+    if (v === 0) return "0";
+    if (kind === "usd") return `$${v < 0.01 ? v.toPrecision(2) : v.toFixed(2)}`;
+    if (kind === "ms") return v >= 1000 ? `${v / 1000} s` : `${v} ms`;
+    return INTEGER.format(v);
+  }
+
+  function drawChart(id, label, xs, ys, { bars, kind, color }) {
+    const element = document.getElementById(id);
+    state.charts[id]?.destroy();
+    const series = {
+      label, stroke: color, width: bars ? 0 : 2, fill: bars ? `${color}cc` : `${color}22`,
+      value: (u, v) => (v == null ? "–" : FORMATS[kind].text(v)),
+      points: { show: !bars, size: 6, fill: color },
+      spanGaps: false,
+    };
+    if (bars) series.paths = uPlot.paths.bars({ size: [0.7, 28], gap: 1 });
+    const grid = { stroke: "#e3e7ee", width: 1 };
+    const axis = { stroke: "#5b6675", grid, ticks: { stroke: "#e3e7ee", width: 1 } };
+    state.charts[id] = new uPlot({
+      width: Math.max(200, element.clientWidth),
+      height: 170,
+      legend: { show: false }, // the table below gives every value
+      cursor: { drag: { x: false, y: false } },
+      scales: {
+        // half a day either side, so the first and last bars are whole
+        x: { time: true, range: (u, min, max) => [min - 43200, max + 43200] },
+        y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] },
+      },
+      axes: [
+        { ...axis, space: 60 },
+        { ...axis, size: 64, values: (u, splits) => splits.map((v) => axisValue(kind, v)) },
+      ],
+      series: [{ label: "Day", value: (u, v) => (v == null ? "–" : new Date(v * 1000)
+        .toISOString().slice(0, 10)) }, series],
+    }, [xs, ys], element);
+  }
+
+  function resizeCharts() {
+    for (const [id, chart] of Object.entries(state.charts)) {
+      const width = Math.max(200, document.getElementById(id).clientWidth);
+      chart.setSize({ width, height: 170 });
+    }
+  }
+
+  function renderModels(byModel) {
+    const body = $("#model-table tbody");
+    const rows = byModel.slice().sort((a, b) => b.messages - a.messages).map((m) => {
+      const row = document.createElement("tr");
+      const th = document.createElement("th");
+      th.scope = "row";
+      th.textContent = m.model_name;
+      row.append(th);
+      cell(row, m.messages, "count");
+      cell(row, m.tokens, "count");
+      cell(row, m.api_cost_usd, "usd");
+      cell(row, m.avg_response_time_ms, "ms");
+      return row;
+    });
+    body.replaceChildren(...rows);
+    if (!rows.length) body.append(emptyRow(5, "No message in this window."));
+  }
+
+  function renderIntents(byIntent) {
+    const section = $("#intents");
+    const present = Array.isArray(byIntent);
+    section.dataset.present = String(present);
+    $("#intents-missing").hidden = present;
+    $("#intent-table").hidden = !present;
+    if (!present) return;
+    const total = byIntent.reduce((sum, i) => sum + Number(i.messages), 0);
+    const rows = byIntent.slice().sort((a, b) => b.messages - a.messages).map((i) => {
+      const row = document.createElement("tr");
+      const th = document.createElement("th");
+      th.scope = "row";
+      th.textContent = i.intent_detected;
+      row.append(th);
+      cell(row, i.messages, "count");
+      const share = total ? i.messages / total : 0;
+      const td = cell(row, share, "rate");
+      const bar = document.createElement("span");
+      bar.className = "share-bar";
+      bar.style.width = `${(5 * share).toFixed(2)}rem`;
+      td.prepend(bar);
+      return row;
+    });
+    const body = $("#intent-table tbody");
+    body.replaceChildren(...rows);
+    if (!rows.length) body.append(emptyRow(3, "No message in this window."));
+  }
+
+  function renderCurl() {
+    const needsKey = document.body.dataset.auth && document.body.dataset.auth !== "open";
+    const event = {
+      business_id: "my-first-business", session_id: "sess_first",
+      response_time_ms: 850, success_rate: 1, tokens_used: 120, api_cost_usd: 0.00002,
+      model_name: "gemini-1.5-flash", intent_detected: "general",
+      appointment_requested: false, human_handoff_requested: false,
+      user_message_length: 24, ai_response_length: 180, response_type: "text",
+    };
+    const body = JSON.stringify(event);
+    $("#curl").textContent = [
+      `curl -X POST ${window.location.origin}/track`,
+      "-H 'Content-Type: application/json'",
+      ...(needsKey ? ["-H \"X-API-Key: $MLOPS_API_KEY\""] : []),
+      `-d '${body}'`,
+    ].join(" \\\n  ");
+  }
+
+  // ---- Controls, key form, refresh schedule.
+  function updateUrl() {
+    const query = new URLSearchParams();
+    if (state.businessId) query.set("business_id", state.businessId);
+    if (state.days !== 30) query.set("days", String(state.days));
+    const search = query.toString();
+    window.history.replaceState(null, "", search ? `?${search}` : window.location.pathname);
+  }
+
+  function schedule() {
+    clearInterval(state.timer);
+    state.timer = document.hidden ? null : setInterval(refresh, REFRESH_MS);
+    document.body.dataset.refresh = document.hidden ? "paused" : "running";
+  }
+
+  function start() {
+    document.getElementById(`days-${state.days}`).checked = true;
+    $("#business").addEventListener("change", (event) => {
+      state.businessId = event.target.value || null;
+      updateUrl();
+      refresh();
+    });
+    $("#window").addEventListener("change", (event) => {
+      state.days = Number(event.target.value);
+      updateUrl();
+      refresh();
+    });
+    $("#controls").addEventListener("submit", (event) => event.preventDefault());
+    $("#key-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const input = $("#api-key");
+      sessionStorage.setItem(KEY_STORAGE, input.value);
+      input.value = "";
+      $("#key-form").hidden = true;
+      refresh();
+    });
+    document.addEventListener("visibilitychange", () => {
+      schedule();
+      if (!document.hidden) refresh();
+    });
+    let resizeTimer = null;
+    window.addEventListener("resize", () => {
+      clearTimeout(resizeTimer);
+      resizeTimer = setTimeout(resizeCharts, 100);
+    });
+    schedule();
+    refresh();
+  }
+
+  start();
+})();
