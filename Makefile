@@ -13,6 +13,7 @@ PYTEST_ARGS  ?=
 export PROMTOOL
 
 .PHONY: help install tools lint test run docker-build docker-run up down logs bench clean
+.PHONY: backup restore dev
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -59,6 +60,15 @@ down: ## docker compose down (add V=1 to delete the database volume too)
 
 logs: ## Follow the compose services' logs
 	cd $(SERVICE) && docker compose logs -f
+
+backup: ## Dump the compose database to mlops-service/backups/ (pg_dump -Fc in its container)
+	@cd $(SERVICE) && scripts/backup.sh backup
+
+restore: ## Restore FILE=... into the compose database (refuses one holding events unless FORCE=1)
+	@cd $(SERVICE) && FORCE="$(FORCE)" scripts/backup.sh restore "$(abspath $(FILE))"
+
+dev: ## Development mode: compose with the source mounted and gunicorn --reload (DETACH=1: -d)
+	cd $(SERVICE) && docker compose -f docker-compose.yml -f docker-compose.dev.yml up --build $(if $(DETACH),-d)
 
 bench: install ## Benchmark the deployed service (gunicorn + Postgres); writes bench/results.md
 	$(PYTHON) bench/run.py
