@@ -9,7 +9,6 @@ TOOLS        := $(CURDIR)/.tools
 PROMTOOL     := $(TOOLS)/promtool
 PROMETHEUS   := $(TOOLS)/prometheus
 IMAGE        ?= mlops-service:local
-DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 PYTEST_ARGS  ?=
 export PROMTOOL PROMETHEUS
 # The dashboard's chart library, vendored (committed) so running needs no build step.
@@ -19,15 +18,18 @@ VENDOR_DIR    := $(SERVICE)/mlops/static/dashboard/vendor
 
 .PHONY: help install tools lint audit test run docker-build docker-run up down logs bench clean
 .PHONY: check-monitoring assets
+.PHONY: backup restore dev test-container
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 install: $(VENV)/.installed ## Create .venv with the service's and the test tools' packages
 
-$(VENV)/.installed: $(SERVICE)/requirements.txt $(SERVICE)/requirements-dev.txt
+$(VENV)/.installed: $(SERVICE)/requirements.txt $(SERVICE)/requirements-dev.txt \
+                     $(SERVICE)/requirements-embedded.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(SERVICE)/requirements-dev.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(SERVICE)/requirements-dev.txt \
+	  -r $(SERVICE)/requirements-embedded.txt
 	touch $@
 
 tools: $(PROMTOOL) $(PROMETHEUS) ## Fetch promtool and prometheus (binaries from Debian's package; nothing is installed)
@@ -52,11 +54,14 @@ lint: install ## ruff on the Python code, hadolint on the Dockerfile
 audit: install ## pip-audit the pinned requirements for known vulnerabilities (.ci/audit.py)
 	$(PYTHON) .ci/audit.py
 
-test: install tools ## Run every test against the local Postgres (see README)
+test: install tools ## Run every test (database: see README; container tests need Docker)
 	cd $(SERVICE) && $(PYTHON) -m pytest $(PYTEST_ARGS)
 
-run: install ## Serve on :5001 with gunicorn against $$DATABASE_URL (default: local Postgres)
-	cd $(SERVICE) && DATABASE_URL="$${DATABASE_URL:-$(DATABASE_URL)}" $(VENV)/bin/gunicorn -c gunicorn.conf.py app:app
+test-container: install ## Run the container tests only; fail, not skip, without Docker
+	cd $(SERVICE) && REQUIRE_DOCKER=1 $(PYTHON) -m pytest -m container $(PYTEST_ARGS)
+
+run: install ## Serve on :5001 with gunicorn against $$DATABASE_URL (unset: an embedded PostgreSQL)
+	cd $(SERVICE) && $(VENV)/bin/gunicorn -c gunicorn.conf.py app:app
 
 docker-build: ## Build the image $(IMAGE)
 	docker build -t $(IMAGE) $(SERVICE)
@@ -73,6 +78,15 @@ down: ## docker compose down (add V=1 to delete the database volume too)
 
 logs: ## Follow the compose services' logs
 	cd $(SERVICE) && docker compose logs -f
+
+backup: ## Dump the compose database to mlops-service/backups/ (pg_dump -Fc in its container)
+	@cd $(SERVICE) && scripts/backup.sh backup
+
+restore: ## Restore FILE=... into the compose database (refuses one holding events unless FORCE=1)
+	@cd $(SERVICE) && FORCE="$(FORCE)" scripts/backup.sh restore "$(abspath $(FILE))"
+
+dev: ## Development mode: compose with the source mounted and gunicorn --reload (DETACH=1: -d)
+	cd $(SERVICE) && docker compose -f docker-compose.yml -f docker-compose.dev.yml up --build $(if $(DETACH),-d)
 
 bench: install ## Benchmark the deployed service (gunicorn + Postgres); writes bench/results.md
 	$(PYTHON) bench/run.py

@@ -5,9 +5,10 @@ The application itself lives in the ``mlops`` package (``mlops.create_app``).
 
 from __future__ import annotations
 
+import signal
 import sys
 
-from mlops import announce, create_app, logs
+from mlops import announce, create_app, embedded, logs
 from mlops.config import ConfigError, Settings
 from mlops.db import DatabaseMisconfigured, check_at_start
 
@@ -17,17 +18,25 @@ def main() -> None:
 
     Exits 1 with one line on stderr for a missing/malformed setting or a
     database that refuses these credentials; starts anyway (spooling) when
-    the database is only unreachable.
+    the database is only unreachable. With ``DATABASE_URL`` unset or
+    ``embedded``, runs an embedded PostgreSQL until Ctrl-C or SIGTERM.
     """
+    # SIGTERM ends the process through `finally`, like Ctrl-C, so the embedded server stops.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
+        pgdata = embedded.start_if_asked()
         settings = Settings.from_env()
         database = check_at_start(settings)
     except (ConfigError, DatabaseMisconfigured) as exc:
+        embedded.stop()
         sys.exit(f"mlops-service: cannot start: {exc}")
-    logs.configure(settings.log_dir, settings.log_level)
-    application = create_app(settings)
-    announce(settings, database)
-    application.run(host="0.0.0.0", port=settings.service_port, threaded=True)
+    try:
+        logs.configure(settings.log_dir, settings.log_level)
+        application = create_app(settings)
+        announce(settings, database, embedded_pgdata=pgdata)
+        application.run(host="0.0.0.0", port=settings.service_port, threaded=True)
+    finally:
+        embedded.stop()
 
 
 if __name__ == "__main__":

@@ -56,21 +56,23 @@ def on_starting(server):
         path = os.path.join(directory, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
-    from mlops import announce, logs
+    from mlops import announce, embedded, logs
     from mlops.config import ConfigError, Settings
     from mlops.db import DatabaseMisconfigured, check_at_start
     from mlops.spool import Spool
 
     try:
+        pgdata = embedded.start_if_asked()  # DATABASE_URL unset or `embedded`
         settings = Settings.from_env()
         database = check_at_start(settings)
     except (ConfigError, DatabaseMisconfigured) as exc:
+        embedded.stop()
         print(f"mlops-service: cannot start: {exc}", file=sys.stderr, flush=True)
         os._exit(1)
     logs.configure(settings.log_dir, settings.log_level)
     # Create the spool file (and its WAL mode) once, before the workers race to.
     Spool(settings.spool_dir, settings.spool_max_bytes).close()
-    announce(settings, database)
+    announce(settings, database, embedded_pgdata=pgdata)
 
 
 def worker_exit(server, worker):
@@ -89,6 +91,9 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    """Master, last: remove the metrics directory if this file created it."""
+    """Master, last: stop the embedded PostgreSQL if it runs one; remove the metrics directory."""
+    from mlops import embedded
+
+    embedded.stop()
     if _own_prometheus_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -71,9 +71,13 @@ def create_app(settings=None) -> Flask:
     return app
 
 
-def announce(settings, database: str) -> None:
-    """The one start-up log line of a server (gunicorn master or ``python app.py``)."""
-    log.info("mlops-service starting", extra={
+def announce(settings, database: str, embedded_pgdata=None) -> None:
+    """The one start-up log line of a server (gunicorn master or ``python app.py``).
+
+    ``embedded_pgdata``: the data folder when the server runs an embedded
+    PostgreSQL (mlops/embedded.py); the line then says so.
+    """
+    extra = {
         "version": __version__,
         "port": settings.service_port,
         "database": database,
@@ -83,7 +87,11 @@ def announce(settings, database: str) -> None:
                         if settings.rate_limit_enabled else "off"),
         "trusted_proxies": settings.trusted_proxies,
         "cors_origins": list(settings.allowed_origins),
-    })
+    }
+    if embedded_pgdata is not None:
+        extra["database_server"] = (f"embedded PostgreSQL, data in {embedded_pgdata}, "
+                                    "stopped on exit (for trying and developing only)")
+    log.info("mlops-service starting", extra=extra)
     if settings.auth_mode == "off":
         log.warning("MLOPS_API_KEY is not set: /track, /track/batch and the read endpoints are "
                     "open to anyone who can reach this port")

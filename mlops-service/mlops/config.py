@@ -22,6 +22,26 @@ class ConfigError(Exception):
     """A setting is missing or malformed. ``str(error)`` is one line for the operator."""
 
 
+# DATABASE_URL's value asking for the embedded PostgreSQL (mlops/embedded.py);
+# an unset DATABASE_URL asks for it too.
+EMBEDDED = "embedded"
+
+
+def embedded_pgdata(environ: Mapping[str, str] | None = None) -> Path | None:
+    """Data folder of the embedded PostgreSQL, if ``DATABASE_URL`` asks for one; else None.
+
+    It asks when it is unset, empty or ``embedded`` (after loading `.env`, as
+    :meth:`Settings.from_env` does). The folder is ``EMBEDDED_PGDATA``,
+    default ``data/postgres`` (relative to the working directory).
+    """
+    if environ is None:
+        load_dotenv(override=False)
+        environ = os.environ
+    if environ.get("DATABASE_URL", "") not in ("", EMBEDDED):
+        return None
+    return Path(environ.get("EMBEDDED_PGDATA") or "data/postgres")
+
+
 @dataclass(frozen=True)
 class Settings:
     """The service's configuration; see README.md's configuration table.
@@ -107,7 +127,8 @@ def _database_url(url: str | None) -> str:
     if not url:
         raise ConfigError(
             "DATABASE_URL is not set: give a PostgreSQL URL, e.g. "
-            "postgresql://postgres@127.0.0.1:5432/postgres (see .env.example)"
+            "postgresql://postgres@127.0.0.1:5432/postgres (see .env.example), "
+            f"or {EMBEDDED!r} where the embedded PostgreSQL is installed"
         )
     if not url.startswith(("postgresql://", "postgres://")):
         raise ConfigError("DATABASE_URL must start with postgresql:// (got another scheme)")

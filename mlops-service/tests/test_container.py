@@ -1,7 +1,8 @@
 """The image and the compose file, on a real Docker engine, as a user runs them.
 
 Marked ``container``: they need a Docker engine (``.ci/run`` starts one with
-``shared/ci/ensure-docker.sh``). Without one they fail at once saying so.
+``shared/ci/ensure-docker.sh``). Without one they are skipped (conftest.py),
+or fail at once with ``REQUIRE_DOCKER=1``.
 Every container, network and volume they create is removed, pass or fail.
 """
 

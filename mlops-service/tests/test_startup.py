@@ -35,7 +35,7 @@ def _clean_env(**extra) -> dict:
     return {**env, **extra}
 
 
-@pytest.mark.parametrize("database_url", [None, "postgresql://u@h:notaport/db"])
+@pytest.mark.parametrize("database_url", ["mysql://x@y/z", "postgresql://u@h:notaport/db"])
 def test_python_app_py_fails_with_one_line(tmp_path, database_url):
     env = _clean_env(LOG_DIR=str(tmp_path), SPOOL_DIR=str(tmp_path))
     if database_url:
