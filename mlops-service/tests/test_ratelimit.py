@@ -32,7 +32,10 @@ def redis_prefix():
     try:
         client.ping()
     except redis.RedisError as exc:
-        pytest.fail(f"no Redis at {REDIS_URL} ({exc}): start one or set TEST_REDIS_URL")
+        reason = f"no Redis at {REDIS_URL} ({exc}): start one or set TEST_REDIS_URL"
+        if os.environ.get("REQUIRE_REDIS") == "1":  # .ci/run: the machine has one
+            pytest.fail(reason)
+        pytest.skip(reason)
     prefix = f"mlops-test-{uuid.uuid4().hex[:12]}"
     yield prefix
     for key in client.scan_iter(match=f"*{prefix}*"):
