@@ -3,7 +3,8 @@
 Read by gunicorn from the working directory. Environment: ``SERVICE_PORT``
 (default 5001), ``WEB_CONCURRENCY`` (workers, default 2), ``GUNICORN_THREADS``
 (threads per worker, default 4), ``PROMETHEUS_MULTIPROC_DIR`` (default: a
-fresh temporary directory).
+fresh temporary directory), ``SHUTDOWN_DELAY_SECONDS`` (default 0; see
+``when_ready``).
 """
 
 import os
@@ -36,6 +37,10 @@ max_requests = 0
 timeout = 30
 # Well inside `docker stop`'s 10 s: finish in-flight requests, drain the spool.
 graceful_timeout = 8
+# After SIGTERM, serve this long with /health/ready at 503 before the graceful
+# stop, so a load balancer checking readiness moves traffic away first
+# (mlops/draining.py). Total stop time: this + graceful_timeout at most.
+shutdown_delay_seconds = float(os.environ.get("SHUTDOWN_DELAY_SECONDS", "0"))
 keepalive = 5
 # The heartbeat file on tmpfs: /tmp is a disk in containers, and a slow disk
 # stalls workers into timeouts.
@@ -71,6 +76,13 @@ def on_starting(server):
     # Create the spool file (and its WAL mode) once, before the workers race to.
     Spool(settings.spool_dir, settings.spool_max_bytes).close()
     announce(settings, database)
+
+
+def when_ready(server):
+    """Master, listening: SIGTERM drains for ``shutdown_delay_seconds`` first."""
+    from mlops import draining
+
+    draining.delay_sigterm(shutdown_delay_seconds)
 
 
 def worker_exit(server, worker):
