@@ -91,6 +91,9 @@ def worker_exit(server, worker):
 
     if worker.wsgi is not None:  # None if the app failed to load
         get_services(worker.wsgi).shutdown(drain_seconds=3.0)
+    from mlops.gunicorn_worker import exit_now_if_clean
+
+    exit_now_if_clean(SystemExit)
 
 
 def child_exit(server, worker):
@@ -104,3 +107,6 @@ def on_exit(server):
     """Master, last: remove the metrics directory if this file created it."""
     if _own_prometheus_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    from mlops.gunicorn_worker import exit_now_if_clean
+
+    exit_now_if_clean(StopIteration)

@@ -41,8 +41,8 @@ class Gunicorn:
             try:
                 if requests.get(self.url + wait_for, timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not bound yet, or bound while its workers still boot
             time.sleep(0.1)
         raise RuntimeError(f"gunicorn not ready in {timeout}s:\n{self.log()}")
 
