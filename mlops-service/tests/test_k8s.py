@@ -22,7 +22,11 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from payloads import SUCCESS
+from pgcluster import free_port
 from servers import SERVICE_DIR
+
+from mlops.config import ConfigError, Settings
 
 DEPLOY = SERVICE_DIR.parent / "deploy" / "k8s"
 OVERLAYS = ["local", "production"]
@@ -335,3 +339,30 @@ def test_production_network_policy_admits_only_the_service_port(rendered):
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 5001}]}]
+
+
+# -- the readiness the manifests rely on -------------------------------------------------
+
+def test_readiness_stays_200_while_postgres_is_away_when_told_not_to_check_it(make_app):
+    """READINESS_CHECKS_DATABASE=false (the pods): a spooling pod stays in the Service."""
+    away = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    checking = make_app(DATABASE_URL=away).test_client()
+    assert checking.get("/health/ready").status_code == 503
+    pod = make_app(DATABASE_URL=away, READINESS_CHECKS_DATABASE="false").test_client()
+    response = pod.get("/health/ready")
+    assert response.status_code == 200
+    assert response.json["database"] == {"status": "not_checked"}
+    assert pod.post("/track", json=SUCCESS).status_code == 202  # it does take events
+
+
+@pytest.mark.parametrize("raw, value", [("false", False), ("0", False), ("TRUE", True)])
+def test_readiness_checks_database_is_a_boolean(raw, value):
+    env = {"DATABASE_URL": "postgresql://postgres@127.0.0.1/postgres",
+           "READINESS_CHECKS_DATABASE": raw}
+    assert Settings.from_env(env).readiness_checks_database is value
+
+
+def test_a_malformed_readiness_setting_is_refused_by_name():
+    with pytest.raises(ConfigError, match="READINESS_CHECKS_DATABASE"):
+        Settings.from_env({"DATABASE_URL": "postgresql://postgres@127.0.0.1/postgres",
+                           "READINESS_CHECKS_DATABASE": "sometimes"})
