@@ -17,10 +17,14 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import kubernetes_validate
+import psycopg2
 import pytest
+import requests
 import yaml
 from payloads import SUCCESS
 from pgcluster import free_port
@@ -366,3 +370,87 @@ def test_a_malformed_readiness_setting_is_refused_by_name():
     with pytest.raises(ConfigError, match="READINESS_CHECKS_DATABASE"):
         Settings.from_env({"DATABASE_URL": "postgresql://postgres@127.0.0.1/postgres",
                            "READINESS_CHECKS_DATABASE": "sometimes"})
+
+
+# -- the image under the pod's security context, on a real Docker engine ----------------
+
+@pytest.fixture(scope="module")
+def image():
+    """The service image, built as `docker build` does (layers cached from other builds)."""
+    if shutil.which("docker") is None or subprocess.run(
+            ["docker", "info"], capture_output=True, timeout=30).returncode:
+        pytest.fail("no Docker engine: run ../shared/ci/ensure-docker.sh (as .ci/run does), "
+                    "or deselect with -m 'not container'")
+    tag = f"mlops-service:k8s-test-{uuid.uuid4().hex[:8]}"
+    build = subprocess.run(["docker", "build", "-q", "-t", tag, str(SERVICE_DIR)],
+                           capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stderr
+    yield tag
+    subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=60)
+
+
+@pytest.mark.container
+def test_the_image_serves_under_the_pods_security_context(rendered, image, database_url):
+    """docker run with what the pod spec asks: uid, read-only root, no capabilities, its volumes."""
+    pod = one(rendered["production"], "Deployment")["spec"]["template"]["spec"]
+    container = service_container(rendered["production"])
+    context, own = pod["securityContext"], container["securityContext"]
+    port = free_port()
+    flags = ["--user", f"{context['runAsUser']}:{context['runAsGroup']}",
+             "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+    if own["readOnlyRootFilesystem"]:
+        flags.append("--read-only")
+    # Each emptyDir as an anonymous volume: it starts with the image folder's
+    # owner (app, or root with mode 1777 for /tmp), while an emptyDir is mode
+    # 0777 with the fsGroup, so what works here works there.
+    for mount in container["volumeMounts"]:
+        flags += ["-v", mount["mountPath"]]
+    for name, value in env_of(container).items():
+        flags += ["-e", f"{name}={value if value is not None else database_url}"]
+    name = f"mlops-k8s-{uuid.uuid4().hex[:8]}"
+    run = subprocess.run(["docker", "run", "-d", "--name", name, "--network", "host",
+                          *flags, "-e", f"SERVICE_PORT={port}", image],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, _docker_logs(name)
+            time.sleep(0.2)
+        event_id = str(uuid.uuid4())
+        response = requests.post(f"{url}/track", json={**SUCCESS, "event_id": event_id},
+                                 timeout=5)
+        assert response.status_code == 201, response.text
+        assert "mlops_events_stored_total" in requests.get(f"{url}/metrics", timeout=5).text
+        # The preStop command exists in the image and runs as the pod's user.
+        pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert subprocess.run(["docker", "exec", name, pre_stop[0], "0"],
+                              timeout=30).returncode == 0
+        grace = pod["terminationGracePeriodSeconds"]
+        started = time.monotonic()
+        subprocess.run(["docker", "stop", "-t", str(grace), name], capture_output=True,
+                       timeout=grace + 30)
+        stopped_in = time.monotonic() - started
+        state = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", name],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        logs = _docker_logs(name)
+        assert state == "0" and stopped_in < grace, logs
+        assert "Read-only file system" not in logs and "Permission denied" not in logs, logs
+    finally:
+        subprocess.run(["docker", "rm", "-f", "-v", name], capture_output=True, timeout=60)
+    conn = psycopg2.connect(database_url)
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM mlops_events WHERE event_id = %s", (event_id,))
+        assert cur.fetchone()[0] == 1
+    conn.close()
+
+
+def _docker_logs(name: str) -> str:
+    out = subprocess.run(["docker", "logs", name], capture_output=True, text=True, timeout=30)
+    return out.stdout + out.stderr
