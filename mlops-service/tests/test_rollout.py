@@ -269,8 +269,9 @@ class PortWatch:
 
 
 @pytest.fixture
-def servers(service_env, tmp_path):
-    """Factory for gunicorn servers with their own spool and log folders; all stopped after."""
+def servers(service_env, tmp_path, database_url):
+    """Factory for gunicorn servers with their own spool and log folders; all stopped after,
+    and the events table emptied (as conftest's fixtures leave it)."""
     started: list[Gunicorn] = []
 
     def make(name: str, **env) -> Gunicorn:
@@ -284,6 +285,11 @@ def servers(service_env, tmp_path):
     yield make
     for server in started:
         server.stop(signal.SIGQUIT)  # gunicorn's quick stop: no drain pause in teardown
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("TRUNCATE mlops_events")
+    conn.close()
 
 
 @pytest.fixture
