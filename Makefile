@@ -102,5 +102,18 @@ assets: ## Re-vendor the dashboard's chart library (uPlot $(UPLOT_VERSION), from
 	  > $(VENDOR_DIR)/VERSION
 	rm -rf $(TOOLS)/npm
 
+.PHONY: reload manifests
+reload: ## Graceful reload of `make run`'s gunicorn: HUP starts new workers on the same listener
+	@pid=$$(pgrep -o -f '$(VENV)/bin/gunicorn -c gunicorn.conf.py app:app'); \
+	  test -n "$$pid" || { echo "no gunicorn started by make run is running" >&2; exit 1; }; \
+	  kill -HUP "$$pid" && echo "sent HUP to gunicorn master $$pid"
+
+manifests: install ## Render deploy/k8s's overlays and validate them strictly, offline
+	@set -o pipefail; for overlay in local production; do \
+	  echo "deploy/k8s/overlays/$$overlay:"; \
+	  kubectl kustomize deploy/k8s/overlays/$$overlay | \
+	    $(VENV)/bin/kubernetes-validate --strict --kubernetes-version 1.30.0 - || exit 1; \
+	done
+
 clean: ## Remove .venv, .tools and caches
 	rm -rf $(VENV) $(TOOLS) $(SERVICE)/.pytest_cache $(SERVICE)/.ruff_cache

@@ -3,7 +3,8 @@
 Read by gunicorn from the working directory. Environment: ``SERVICE_PORT``
 (default 5001), ``WEB_CONCURRENCY`` (workers, default 2), ``GUNICORN_THREADS``
 (threads per worker, default 4), ``PROMETHEUS_MULTIPROC_DIR`` (default: a
-fresh temporary directory).
+fresh temporary directory), ``SHUTDOWN_DELAY_SECONDS`` (default 0; see
+``when_ready``).
 """
 
 import os
@@ -36,6 +37,10 @@ max_requests = 0
 timeout = 30
 # Well inside `docker stop`'s 10 s: finish in-flight requests, drain the spool.
 graceful_timeout = 8
+# After SIGTERM, serve this long with /health/ready at 503 before the graceful
+# stop, so a load balancer checking readiness moves traffic away first
+# (mlops/draining.py). Total stop time: this + graceful_timeout at most.
+shutdown_delay_seconds = float(os.environ.get("SHUTDOWN_DELAY_SECONDS", "0"))
 keepalive = 5
 # The heartbeat file on tmpfs: /tmp is a disk in containers, and a slow disk
 # stalls workers into timeouts.
@@ -75,12 +80,22 @@ def on_starting(server):
     announce(settings, database, embedded_pgdata=pgdata)
 
 
+def when_ready(server):
+    """Master, listening: SIGTERM drains for ``shutdown_delay_seconds`` first."""
+    from mlops import draining
+
+    draining.delay_sigterm(shutdown_delay_seconds)
+
+
 def worker_exit(server, worker):
     """Worker, after its last request: let the spool flusher drain for a moment."""
     from mlops.services import get_services
 
     if worker.wsgi is not None:  # None if the app failed to load
         get_services(worker.wsgi).shutdown(drain_seconds=3.0)
+    from mlops.gunicorn_worker import exit_now_if_clean
+
+    exit_now_if_clean(SystemExit)
 
 
 def child_exit(server, worker):
@@ -97,3 +112,6 @@ def on_exit(server):
     embedded.stop()
     if _own_prometheus_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    from mlops.gunicorn_worker import exit_now_if_clean
+
+    exit_now_if_clean(StopIteration)

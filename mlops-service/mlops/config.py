@@ -78,6 +78,7 @@ class Settings:
     db_connect_timeout_seconds: int = 3
     db_statement_timeout_ms: int = 3000
     db_insert_timeout_ms: int = 1000
+    readiness_checks_database: bool = True
 
     @property
     def api_key(self) -> str | None:
@@ -120,6 +121,7 @@ class Settings:
             db_connect_timeout_seconds=_integer(env, "DB_CONNECT_TIMEOUT_SECONDS", 3, low=1),
             db_statement_timeout_ms=_integer(env, "DB_STATEMENT_TIMEOUT_MS", 3000, low=1),
             db_insert_timeout_ms=_integer(env, "DB_INSERT_TIMEOUT_MS", 1000, low=1),
+            readiness_checks_database=_boolean(env, "READINESS_CHECKS_DATABASE", True),
         )
 
 
@@ -156,6 +158,17 @@ def _integer(env: Mapping[str, str], name: str, default: int, low: int = 0,
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise ConfigError(f"{name} must be {bounds}, got {value}")
     return value
+
+
+def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    if raw.lower() in {"1", "true", "yes"}:
+        return True
+    if raw.lower() in {"0", "false", "no"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
 def _log_level(raw: str) -> str:

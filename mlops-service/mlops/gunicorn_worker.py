@@ -14,6 +14,10 @@ clients handle as "server down" rather than a broken request.
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+
 from gunicorn.workers.gthread import ThreadWorker
 
 
@@ -32,3 +36,27 @@ class DrainingThreadWorker(ThreadWorker):
                 if self.nr_conns == accepted:
                     break
             listener.close()
+
+
+def exit_now_if_clean(clean_exit: type[BaseException]) -> None:
+    """End this process at once, skipping interpreter teardown, if it is leaving cleanly.
+
+    Called last in gunicorn's ``worker_exit`` (worker) and ``on_exit`` (master)
+    hooks, which run while gunicorn raises the exception that ends the
+    process: ``SystemExit(0)`` for a worker that stopped normally,
+    ``StopIteration`` for a master stopped by SIGTERM or SIGINT. The listener
+    is already closed then, so the interpreter's teardown of modules and
+    threads (0.3 to 0.9 s per process, measured on 2 busy cores) is time
+    during which a stop-then-start restart refuses every connection. Logs are
+    flushed first. Any other exit (a failed boot, a halted master, a non-zero
+    code) returns and takes gunicorn's own path with its exit status.
+    """
+    pending = sys.exc_info()[1]
+    if not isinstance(pending, clean_exit):
+        return
+    if isinstance(pending, SystemExit) and pending.code not in (0, None):
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

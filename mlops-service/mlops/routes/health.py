@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, jsonify
 
-from .. import __version__
+from .. import __version__, draining
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..services import get_services
 
@@ -49,12 +49,21 @@ def health():
 
 @bp.get("/health/ready")
 def ready():
-    """Readiness: 200 if a ``SELECT 1`` round trip to Postgres succeeds, else 503.
+    """Readiness: 503 while draining (after SIGTERM), else 200 if Postgres answers ``SELECT 1``.
 
-    Body: ``{"status": "ready"|"unavailable", "database": {...}, "spool": {depth,
-    oldest_age_seconds, ...}}``; on 503, ``reason`` says why.
+    With ``READINESS_CHECKS_DATABASE=false`` (the Kubernetes manifests) the
+    database is not asked: an instance whose Postgres is away still takes
+    events into its spool, so it stays in the load balancer's pool.
+    Body: ``{"status": "ready"|"unavailable"|"draining", "database": {...},
+    "spool": {depth, oldest_age_seconds, ...}}``; on 503, ``reason`` says why.
     """
     services = get_services()
+    if draining.is_draining():
+        return jsonify({"status": "draining", "reason": "shutting down",
+                        "spool": _spool_status(services)}), 503
+    if not services.settings.readiness_checks_database:
+        return jsonify({"status": "ready", "database": {"status": "not_checked"},
+                        "spool": _spool_status(services)})
     database = _database_status(services)
     body = {"status": "ready" if database["status"] == "up" else "unavailable",
             "database": database, "spool": _spool_status(services)}
