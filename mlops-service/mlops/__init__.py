@@ -1,7 +1,7 @@
 """mlops-service: records how a chat app's AI model behaves.
 
-Data flows one way: request -> schema (validate) -> store (Postgres, or the
-spool while it is away) -> telemetry (Prometheus) -> response.
+``create_app`` wires the parts; each module names its concern (config, db,
+migrate, schemas, ingest -> deliver | outbox -> store, telemetry, routes/*).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 from flask import Flask, g
 
-__version__ = "1.0.0"
+from .version import __version__
 
 log = logging.getLogger("mlops")
 
@@ -21,6 +21,7 @@ def create_app(settings=None) -> Flask:
 
     Touches no database: the pool fills lazily, so this is safe in every
     gunicorn worker and when Postgres is down (events spool until it is back).
+    Migrations run before, once per server (``mlops.db.check_at_start``).
     Raises ``ConfigError`` for a missing or malformed setting.
     """
     from flask_cors import CORS
@@ -28,7 +29,9 @@ def create_app(settings=None) -> Flask:
     from . import errors, logs, telemetry
     from .config import Settings
     from .db import Database
+    from .deliver import Delivery
     from .ingest import Ingestor
+    from .outbox import Outbox
     from .routes import analytics, health, metrics, openapi, track
     from .services import Services
     from .spool import Spool
@@ -46,9 +49,12 @@ def create_app(settings=None) -> Flask:
     telem = telemetry.Telemetry(
         db, spool, max_businesses=settings.metrics_max_businesses,
         max_label_values=settings.metrics_max_label_values,
-        cache_seconds=settings.metrics_cache_seconds, version=__version__)
-    ingestor = Ingestor(db, spool, telem, insert_timeout_ms=settings.db_insert_timeout_ms)
-    Services(settings, db, spool, telem, ingestor).install(app)
+        cache_seconds=settings.metrics_cache_seconds, version=__version__,
+        multiprocess=settings.prometheus_multiproc_dir is not None)
+    deliver = Delivery(db, telem)
+    outbox = Outbox(spool, deliver, timeout_ms=db.default_timeout_ms)
+    ingestor = Ingestor(deliver, outbox, timeout_ms=settings.db_insert_timeout_ms)
+    Services(settings, db, outbox, telem, ingestor).install(app)
 
     @app.before_request
     def _start_timer() -> None:  # read by the request log and the HTTP metrics
@@ -59,7 +65,7 @@ def create_app(settings=None) -> Flask:
     errors.init_app(app)
     logs.init_app(app)
     telemetry.init_app(app)
-    ingestor.flusher.start()
+    outbox.start()
 
     log.debug("worker ready", extra={"version": __version__})
     return app
@@ -69,6 +75,7 @@ def announce(settings, database: str) -> None:
     """The one start-up log line of a server (gunicorn master or ``python app.py``)."""
     log.info("mlops-service starting", extra={
         "version": __version__,
+        "host": settings.host,
         "port": settings.service_port,
         "database": database,
         "auth": "api_key" if settings.api_key else "open",

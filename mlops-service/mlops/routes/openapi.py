@@ -7,8 +7,8 @@ from functools import cache
 from flask import Blueprint, jsonify
 from pydantic.json_schema import models_json_schema
 
-from .. import __version__
 from ..schemas import MetricsEvent, RefreshRequest
+from ..version import __version__
 
 bp = Blueprint("openapi", __name__)
 
