@@ -182,7 +182,8 @@ class Database:
         self._connector: ThreadPoolExecutor | None = None
         self._watchdog = _Watchdog()
         self._breaker_seconds = breaker_seconds
-        self._down_until = 0.0  # time.monotonic(); calls that may skip do so until then
+        self._down = threading.Event()  # set from a failed call until a call succeeds
+        self._prober: threading.Thread | None = None
         self._schema_ready = migrate.is_current(settings.database_url, self._migrations_dir)
         self._schema_lock = threading.Lock()
         self.statement_timeout_ms = settings.db_statement_timeout_ms
@@ -204,10 +205,11 @@ class Database:
     def deadline(self, timeout_ms: int, *, skip_if_down: bool = False) -> Iterator[None]:
         """Bound every :meth:`run` inside the block to ``timeout_ms`` in all.
 
-        With ``skip_if_down``, a call made within ``breaker_seconds`` of a
-        failure raises :class:`DatabaseUnavailable` at once instead of trying:
-        while Postgres is away a request costs one spool write, not a
-        deadline's wait. Any successful call closes the breaker.
+        With ``skip_if_down``, a call made after a failure raises
+        :class:`DatabaseUnavailable` at once instead of trying, until some
+        call succeeds: while Postgres is away a request costs one spool
+        write, not a deadline's wait. A background probe pings every
+        ``breaker_seconds`` meanwhile, so the breaker closes on its own.
         """
         token = _deadline.set((time.monotonic() + timeout_ms / 1000, skip_if_down))
         try:
@@ -230,18 +232,37 @@ class Database:
             deadline, skip_if_down = time.monotonic() + self.default_timeout_ms / 1000, False
         else:
             deadline, skip_if_down = limit
-        if skip_if_down and time.monotonic() < self._down_until:
-            raise DatabaseUnavailable("skipped: the last call failed less than "
-                                      f"{self._breaker_seconds:g} s ago")
+        if skip_if_down and self._down.is_set():
+            raise DatabaseUnavailable("skipped: the database failed its last call")
         try:
             result = self._run(work, deadline)
         except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
-            if time.monotonic() >= self._down_until:
-                log.warning("database unavailable", extra={"error": str(exc)})
-            self._down_until = time.monotonic() + self._breaker_seconds
+            self._trip(exc)
             raise
-        self._down_until = 0.0
+        self._down.clear()
         return result
+
+    def _trip(self, exc: Exception) -> None:
+        """Open the breaker and make sure a probe is running to close it."""
+        with self._lock:
+            if self._down.is_set():
+                return
+            self._down.set()
+            log.warning("database unavailable", extra={"error": str(exc)})
+            if self._prober is None:
+                self._prober = threading.Thread(target=self._probe, name="db-probe",
+                                                daemon=True)
+                self._prober.start()
+
+    def _probe(self) -> None:
+        while True:
+            with self._lock:
+                if not self._down.is_set() or not self._max:
+                    self._prober = None
+                    return
+            time.sleep(self._breaker_seconds)
+            with contextlib.suppress(DatabaseUnavailable, DatabaseMisconfigured):
+                self.ping()
 
     def _run(self, work: Callable[[psycopg2.extensions.cursor], T], deadline: float) -> T:
         self._ensure_schema(deadline)
