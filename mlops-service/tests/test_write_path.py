@@ -1,0 +1,219 @@
+"""The write path's parts, each built with the real parts it needs (Postgres, the spool).
+
+Fast tests of the subtle pieces: the outbox's (de)serialisation and its
+crash window, the request's fallback to the outbox, who flushes, and the
+per-label caps of the telemetry.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from conftest import metric_sum, metric_values
+from payloads import SUCCESS, varied
+from prometheus_client import REGISTRY, generate_latest
+
+from mlops import store
+from mlops.config import Settings
+from mlops.db import Database, DatabaseUnavailable
+from mlops.deliver import Delivery
+from mlops.ingest import Ingestor
+from mlops.outbox import Outbox, from_row, to_row
+from mlops.schemas import parse_event
+from mlops.spool import Spool, SpoolFull
+from mlops.telemetry import OVERFLOW_LABEL, Telemetry
+
+
+class Parts:
+    """A database, spool, telemetry, delivery step, outbox and ingestor, wired like the app."""
+
+    def __init__(self, url: str, spool_dir, *, max_label_values: int = 10,
+                 spool_max_bytes: int = 1 << 20) -> None:
+        settings = Settings.from_env({"DATABASE_URL": url, "DB_CONNECT_TIMEOUT_SECONDS": "1"})
+        self.db = Database(settings, breaker_seconds=0.2)
+        self.spool = Spool(spool_dir, spool_max_bytes)
+        self.telemetry = Telemetry(self.db, self.spool, max_businesses=10,
+                                   max_label_values=max_label_values, cache_seconds=10,
+                                   version="test")
+        self.deliver = Delivery(self.db, self.telemetry)
+        self.outbox = Outbox(self.spool, self.deliver, timeout_ms=2000)
+        self.ingestor = Ingestor(self.deliver, self.outbox, timeout_ms=500)
+
+    def close(self) -> None:
+        self.outbox.stop(0)
+        self.db.close()
+        self.spool.close()
+
+
+@pytest.fixture
+def parts(database_url, tmp_path):
+    made = []
+
+    def make(url: str = database_url, **kwargs) -> Parts:
+        p = Parts(url, tmp_path / f"spool-{len(made)}", **kwargs)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def events(n: int, business: str | None = None) -> list:
+    business = business or str(uuid.uuid4())
+    return [parse_event({**e, "event_id": str(uuid.uuid4())}) for e in varied(n, [business])]
+
+
+def scrape() -> dict:
+    return metric_values(generate_latest(REGISTRY).decode())
+
+
+def stored(pg, ids) -> list[str]:
+    with pg.cursor() as cur:
+        cur.execute("SELECT event_id FROM mlops_events WHERE event_id = ANY(%s)", (list(ids),))
+        return [row[0] for row in cur.fetchall()]
+
+
+def test_a_spool_row_gives_back_the_record_it_was_made_from(tmp_path):
+    event = parse_event({**SUCCESS, "event_id": "e-1", "locale": "de-DE", "nested": {"a": [1]}})
+    record = store.Record("e-1", datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), event)
+    spool = Spool(tmp_path, 1 << 20)
+    spool.put([to_row(record)])
+    (item,) = spool.peek(10)
+    assert from_row(item) == record
+    assert from_row(item).event.model_extra == {"locale": "de-DE", "nested": {"a": [1]}}
+
+
+def test_a_request_stores_directly_while_the_database_answers(parts, pg):
+    p = parts()
+    batch = events(3)
+    before = scrape()
+    storage, records = p.ingestor.submit(batch)
+    assert storage == "stored" and [r.event for r in records] == batch
+    assert sorted(stored(pg, [r.event_id for r in records])) == sorted(
+        r.event_id for r in records)
+    assert metric_sum(scrape(), "mlops_events_stored_total") - metric_sum(
+        before, "mlops_events_stored_total") == 3
+    assert p.spool.depth() == 0
+
+
+def test_events_without_an_id_get_one(parts):
+    p = parts()
+    event = parse_event(SUCCESS)
+    _, (record,) = p.ingestor.submit([event])
+    assert uuid.UUID(record.event_id)
+
+
+def test_a_request_spools_when_the_database_is_away_then_the_flusher_delivers(parts, pg):
+    away = parts("postgresql://postgres@127.0.0.1:1/postgres")
+    batch = events(5)
+    before = scrape()
+    storage, records = away.ingestor.submit(batch)
+    assert storage == "queued" and away.spool.depth() == 5
+    assert metric_sum(scrape(), "mlops_events_queued_total") - metric_sum(
+        before, "mlops_events_queued_total") == 5
+    # While the breaker is open the next request does not even try.
+    assert away.ingestor.submit(events(1))[0] == "queued"
+    assert stored(pg, [r.event_id for r in records]) == []
+
+
+def test_the_flusher_delivers_through_the_same_step_and_counts_once(parts, pg, tmp_path,
+                                                                    database_url):
+    p = parts()
+    batch = events(20)
+    records = [store.Record(e.event_id, datetime.now(UTC), e) for e in batch]
+    p.outbox.put(records)
+    # The crash window: Postgres committed half of them, the spool delete never happened.
+    assert len(store.insert_events(p.db, records[:10], 1000)) == 10
+    before = scrape()
+    assert p.outbox.flush_once() == 20
+    assert p.spool.depth() == 0 and p.outbox.flush_once() == 0
+    assert len(stored(pg, [r.event_id for r in records])) == 20
+    after = scrape()
+    assert metric_sum(after, "mlops_events_replayed_total") - metric_sum(
+        before, "mlops_events_replayed_total") == 10
+    business = batch[0].business_id
+    assert metric_sum(after, "ai_requests_total", business_id=business) - metric_sum(
+        before, "ai_requests_total", business_id=business) == 10
+
+
+def test_a_failed_flush_leaves_the_batch_in_the_spool(parts):
+    away = parts("postgresql://postgres@127.0.0.1:1/postgres")
+    batch = events(3)
+    away.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in batch])
+    with pytest.raises(DatabaseUnavailable):
+        away.outbox.flush_once()
+    assert away.spool.depth() == 3
+
+
+def test_only_one_process_leads_the_flush_and_stop_drains(parts, pg):
+    first, second = parts(), parts()
+    second.spool.close()
+    second.spool = second.outbox.spool = first.spool  # one spool file, two outboxes
+    assert first.outbox._is_leader() and not second.outbox._is_leader()
+    batch = events(4)
+    first.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in batch])
+    assert first.outbox.stop(drain_seconds=5) == 0
+    assert len(stored(pg, [e.event_id for e in batch])) == 4
+    assert second.outbox._is_leader()  # the lock is free once the leader stops
+
+
+def test_the_background_flusher_empties_the_spool(parts, pg):
+    p = parts()
+    batch = events(7)
+    p.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in batch])
+    p.outbox.start()
+    p.outbox.start()  # idempotent
+    deadline = time.monotonic() + 10
+    while p.spool.depth() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert p.spool.depth() == 0 and len(stored(pg, [e.event_id for e in batch])) == 7
+
+
+def test_a_full_spool_refuses_and_keeps_nothing_of_the_refused_batch(parts):
+    away = parts("postgresql://postgres@127.0.0.1:1/postgres", spool_max_bytes=1 << 20)
+    with pytest.raises(SpoolFull):
+        for _ in range(200):
+            away.ingestor.submit(events(100))
+    depth = away.spool.depth()
+    with pytest.raises(SpoolFull):
+        away.ingestor.submit(events(1))
+    assert away.spool.depth() == depth
+
+
+def test_each_label_has_its_own_cap(parts):
+    p = parts(max_label_values=2)
+    business = str(uuid.uuid4())
+    two_each = [
+        {"model_name": "m1", "intent_detected": "i1", "response_type": "r1"},
+        {"model_name": "m2", "intent_detected": "i2", "response_type": "r2"},
+    ]
+    records = [store.Record(str(uuid.uuid4()), datetime.now(UTC),
+                            parse_event({**SUCCESS, "business_id": business, **labels}))
+               for labels in two_each]
+    p.telemetry.record_stored(records)
+    values = scrape()
+    assert metric_sum(values, "ai_tokens_used_total", business_id=business,
+                      model_name=OVERFLOW_LABEL) == 0
+    assert metric_sum(values, "ai_requests_total", business_id=business,
+                      intent=OVERFLOW_LABEL) == 0
+    assert metric_sum(values, "ai_requests_total", business_id=business,
+                      response_type=OVERFLOW_LABEL) == 0
+    for labels in two_each:
+        assert metric_sum(values, "ai_requests_total", business_id=business,
+                          intent=labels["intent_detected"],
+                          response_type=labels["response_type"]) == 1
+        assert metric_sum(values, "ai_tokens_used_total", business_id=business,
+                          model_name=labels["model_name"]) == SUCCESS["tokens_used"]
+    third = {"model_name": "m3", "intent_detected": "i3", "response_type": "r3"}
+    p.telemetry.record_stored([store.Record(
+        str(uuid.uuid4()), datetime.now(UTC),
+        parse_event({**SUCCESS, "business_id": business, **third}))])
+    values = scrape()
+    assert metric_sum(values, "ai_tokens_used_total", business_id=business,
+                      model_name=OVERFLOW_LABEL) == SUCCESS["tokens_used"]
+    assert metric_sum(values, "ai_requests_total", business_id=business,
+                      intent=OVERFLOW_LABEL, response_type=OVERFLOW_LABEL) == 1
