@@ -12,7 +12,7 @@ DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/postgres
 PYTEST_ARGS  ?=
 export PROMTOOL
 
-.PHONY: help install tools lint test run docker-build docker-run up down logs bench clean
+.PHONY: help install tools lint test run docker-build docker-run up down logs bench clean mutation
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -41,7 +41,13 @@ lint: install ## ruff on the Python code, hadolint on the Dockerfile
 test: install tools ## Run every test against the local Postgres (see README)
 	cd $(SERVICE) && $(PYTHON) -m pytest $(PYTEST_ARGS)
 
-run: install ## Serve on :5001 with gunicorn against $$DATABASE_URL (default: local Postgres)
+# What running needs, and nothing else (`make install` adds the test tools).
+$(VENV)/.runtime: $(SERVICE)/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(SERVICE)/requirements.txt
+	touch $@
+
+run: $(VENV)/.runtime ## Serve on :5001 with gunicorn against $$DATABASE_URL (default: local Postgres)
 	cd $(SERVICE) && DATABASE_URL="$${DATABASE_URL:-$(DATABASE_URL)}" $(VENV)/bin/gunicorn -c gunicorn.conf.py app:app
 
 docker-build: ## Build the image $(IMAGE)
@@ -59,6 +65,15 @@ down: ## docker compose down (add V=1 to delete the database volume too)
 
 logs: ## Follow the compose services' logs
 	cd $(SERVICE) && docker compose logs -f
+
+mutation: install ## Mutation-test the write path with mutmut (local Postgres); prints the kill rate
+	cd $(SERVICE) && rm -rf mutants && $(VENV)/bin/mutmut run > /dev/null; \
+	  $(VENV)/bin/mutmut export-cicd-stats > /dev/null && \
+	  $(PYTHON) -c 'import json; s = json.load(open("mutants/mutmut-cicd-stats.json")); \
+	    tested = s["killed"] + s["timeout"] + s["survived"] + s["suspicious"]; \
+	    print(f"mutants: {s[\"total\"]}, killed {s[\"killed\"] + s[\"timeout\"]} of {tested} tested " \
+	          f"({100 * (s[\"killed\"] + s[\"timeout\"]) / tested:.1f} %), no test {s[\"no_tests\"]}")' && \
+	  $(VENV)/bin/mutmut results
 
 bench: install ## Benchmark the deployed service (gunicorn + Postgres); writes bench/results.md
 	$(PYTHON) bench/run.py

@@ -24,7 +24,7 @@ def main() -> None:
         database = check_at_start(settings)
     except (ConfigError, DatabaseMisconfigured, MigrationError) as exc:
         sys.exit(f"mlops-service: cannot start: {exc}")
-    logs.configure(settings.log_dir, settings.log_level)
+    logs.configure(settings.log_dir, settings.log_level, settings.spool_dir)
     application = create_app(settings)
     announce(settings, database)
     application.run(host=settings.host, port=settings.service_port, threaded=True)

@@ -63,7 +63,7 @@ def on_starting(server):
     except (ConfigError, DatabaseMisconfigured, MigrationError) as exc:
         print(f"mlops-service: cannot start: {exc}", file=sys.stderr, flush=True)
         os._exit(1)
-    logs.configure(settings.log_dir, settings.log_level)
+    logs.configure(settings.log_dir, settings.log_level, settings.spool_dir)
     # Create the spool file (and its WAL mode) once, before the workers race to.
     Spool(settings.spool_dir, settings.spool_max_bytes).close()
     announce(settings, database)

@@ -37,7 +37,7 @@ def create_app(settings=None) -> Flask:
     from .spool import Spool
 
     settings = settings or Settings.from_env()
-    logs.configure(settings.log_dir, settings.log_level)
+    logs.configure(settings.log_dir, settings.log_level, settings.spool_dir)
 
     app = Flask(__name__)
     app.json.sort_keys = False

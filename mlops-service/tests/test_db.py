@@ -1,19 +1,22 @@
 """The database layer's guarantees, each against a real Postgres that misbehaves for real.
 
-A private cluster sits behind a TCP proxy that can stop forwarding (a
+The test database sits behind a TCP proxy that can stop forwarding (a
 silent server); ``pg_terminate_backend`` breaks a pooled connection the way
-Neon does when its compute suspends.
+Neon does when its compute suspends. Fast enough to run for every mutant
+of ``make mutation``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psycopg2
 import pytest
-from pgcluster import PgCluster
+from conftest import ADMIN_URL, _admin, _with_dbname
+from psycopg2.extensions import parse_dsn
 from tcpproxy import StallingProxy
 
 from mlops import migrate
@@ -27,20 +30,42 @@ from mlops.db import (
 )
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A private cluster shared by this module's tests; each leaves it running."""
-    c = PgCluster()
-    c.start()
-    yield c
-    c.destroy()
+@pytest.fixture
+def proxy():
+    """A proxy in front of the test server; ``proxy.url(name)`` reaches database ``name``."""
+    p = StallingProxy(int(parse_dsn(ADMIN_URL).get("port", 5432)))
+    yield p
+    p.close()
 
 
 @pytest.fixture
-def proxy(cluster):
-    p = StallingProxy(cluster.port)
-    yield p
-    p.close()
+def dbname(database_url) -> str:
+    return parse_dsn(database_url)["dbname"]
+
+
+@pytest.fixture
+def fresh_database():
+    """Factory: the name of a new, empty database (dropped after the test)."""
+    names = []
+
+    def make() -> str:
+        names.append(f"mlops_test_{uuid.uuid4().hex[:12]}")
+        _admin(f'CREATE DATABASE "{names[-1]}"')
+        return names[-1]
+
+    yield make
+    for name in names:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def psql(name: str, sql: str):
+    conn = psycopg2.connect(_with_dbname(ADMIN_URL, name))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        row = cur.fetchone() if cur.description else None
+    conn.close()
+    return row[0] if row else None
 
 
 @pytest.fixture
@@ -74,8 +99,8 @@ def timed(call) -> tuple[float, BaseException | None]:
     return time.monotonic() - started, None
 
 
-def test_a_silent_server_cannot_hold_a_call_past_its_deadline(proxy, make_db):
-    db = make_db(proxy.url())
+def test_a_silent_server_cannot_hold_a_call_past_its_deadline(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname))
     assert db.run(select_one) == 1  # a warm connection in the pool
     proxy.stall()
     threading.Timer(3.0, proxy.resume).start()  # without the deadline the call waits for this
@@ -86,8 +111,8 @@ def test_a_silent_server_cannot_hold_a_call_past_its_deadline(proxy, make_db):
     assert db.pool_in_use() == 0
 
 
-def test_a_connection_not_ready_by_the_deadline_joins_the_pool_later(proxy, make_db):
-    db = make_db(proxy.url())
+def test_a_connection_not_ready_by_the_deadline_joins_the_pool_later(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname))
     proxy.stall()
     with db.deadline(200):
         elapsed, error = timed(lambda: db.run(select_one))
@@ -101,8 +126,8 @@ def test_a_connection_not_ready_by_the_deadline_joins_the_pool_later(proxy, make
         assert db.run(select_one) == 1
 
 
-def test_after_a_failure_calls_that_may_skip_do_not_wait(proxy, make_db):
-    db = make_db(proxy.url())
+def test_after_a_failure_calls_that_may_skip_do_not_wait(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname))
     db.run(select_one)
     proxy.stall()
     with db.deadline(200, skip_if_down=True):
@@ -117,8 +142,9 @@ def test_after_a_failure_calls_that_may_skip_do_not_wait(proxy, make_db):
         assert db.run(select_one) == 1
 
 
-def test_a_background_probe_closes_the_breaker_once_the_database_answers(proxy, make_db):
-    db = make_db(proxy.url())
+def test_a_background_probe_closes_the_breaker_once_the_database_answers(proxy, make_db,
+                                                                          dbname):
+    db = make_db(proxy.url(dbname))
     db.run(select_one)
     proxy.stall()
     with db.deadline(100, skip_if_down=True):
@@ -135,17 +161,19 @@ def test_a_background_probe_closes_the_breaker_once_the_database_answers(proxy, 
         time.sleep(0.05)
 
 
-def test_a_broken_pooled_connection_is_retried_once_on_a_fresh_one(cluster, make_db):
-    db = make_db(cluster.url(), DB_POOL_SIZE=1)
+def test_a_broken_pooled_connection_is_retried_once_on_a_fresh_one(database_url, dbname,
+                                                                    make_db):
+    db = make_db(database_url, DB_POOL_SIZE=1)
     assert db.run(select_one) == 1
-    cluster.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                 "WHERE application_name = 'mlops-service'")
+    assert psql(dbname, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = 'mlops-service' "
+                        "AND datname = current_database()") >= 1
     assert db.run(select_one) == 1
     assert db.pool_in_use() == 0
 
 
-def test_a_connection_that_breaks_twice_is_reported_unavailable(cluster, make_db):
-    db = make_db(cluster.url())
+def test_a_connection_that_breaks_twice_is_reported_unavailable(database_url, make_db):
+    db = make_db(database_url)
 
     def always_break(cur):
         cur.execute("SELECT pg_terminate_backend(pg_backend_pid())")
@@ -155,16 +183,16 @@ def test_a_connection_that_breaks_twice_is_reported_unavailable(cluster, make_db
     assert db.pool_in_use() == 0
 
 
-def test_a_refused_connection_is_unavailable_and_a_wrong_database_misconfigured(
-        cluster, make_db):
+def test_a_refused_connection_is_unavailable_and_a_wrong_database_misconfigured(make_db):
     refused = make_db("postgresql://postgres@127.0.0.1:1/postgres")
     assert isinstance(timed(refused.ping)[1], DatabaseUnavailable)
-    wrong = make_db(cluster.url("no_such_database"))
+    wrong = make_db(_with_dbname(ADMIN_URL, "no_such_database"))
     assert isinstance(timed(wrong.ping)[1], DatabaseMisconfigured)
 
 
-def test_a_bug_in_the_sql_propagates_unchanged_and_keeps_the_connection(cluster, make_db):
-    db = make_db(cluster.url())
+def test_a_bug_in_the_sql_propagates_unchanged_and_keeps_the_connection(database_url,
+                                                                         make_db):
+    db = make_db(database_url)
 
     def broken(cur):
         cur.execute("SELEC 1")
@@ -174,33 +202,29 @@ def test_a_bug_in_the_sql_propagates_unchanged_and_keeps_the_connection(cluster,
     assert db.pool_in_use() == 0 and db.run(select_one) == 1
 
 
-def _fresh_database(cluster: PgCluster) -> str:
-    name = f"db_{time.monotonic_ns()}"
-    cluster.psql(f"CREATE DATABASE {name}")
-    return name
-
-
-def test_migrations_run_at_start_once_and_a_broken_file_is_named(cluster, tmp_path):
-    name = _fresh_database(cluster)
-    settings = Settings.from_env({"DATABASE_URL": cluster.url(name)})
+def test_migrations_run_at_start_once_and_a_broken_file_is_named(fresh_database, tmp_path):
+    name = fresh_database()
+    url = _with_dbname(ADMIN_URL, name)
+    settings = Settings.from_env({"DATABASE_URL": url})
     assert check_at_start(settings) == "ready"
     assert migrate.is_current(settings.database_url, settings.migrations_dir)
-    assert cluster.psql("SELECT count(*) FROM mlops_schema_migrations", name) == str(
-        len(migrate.pending_files()))
+    assert psql(name, "SELECT count(*) FROM mlops_schema_migrations") == len(
+        migrate.pending_files())
 
     broken = tmp_path / "migrations"
     broken.mkdir()
     for _, path in migrate.pending_files():
         (broken / path.name).write_text(path.read_text())
     (broken / "9999_broken.sql").write_text("CREATE TABLE oops (;\n")
-    bad = Settings.from_env({"DATABASE_URL": cluster.url(name), "MIGRATIONS_DIR": str(broken)})
+    bad = Settings.from_env({"DATABASE_URL": url, "MIGRATIONS_DIR": str(broken)})
     with pytest.raises(MigrationError, match=r"^migration 9999_broken\.sql failed: syntax error"):
         check_at_start(bad)
-    assert cluster.psql("SELECT to_regclass('oops') IS NULL", name) == "t"
+    assert psql(name, "SELECT to_regclass('oops') IS NULL") is True
 
 
-def test_a_database_away_at_start_is_migrated_before_its_first_use(cluster, proxy, make_db):
-    name = _fresh_database(cluster)
+def test_a_database_away_at_start_is_migrated_before_its_first_use(fresh_database, proxy,
+                                                                    make_db):
+    name = fresh_database()
     proxy.stall()
     settings = Settings.from_env({"DATABASE_URL": proxy.url(name),
                                   "DB_CONNECT_TIMEOUT_SECONDS": "1"})
@@ -208,15 +232,16 @@ def test_a_database_away_at_start_is_migrated_before_its_first_use(cluster, prox
     proxy.resume()
     db = make_db(proxy.url(name))
     assert db.run(lambda cur: cur.execute("SELECT count(*) FROM mlops_events")) is None
-    assert cluster.psql("SELECT count(*) > 0 FROM mlops_schema_migrations", name) == "t"
+    assert psql(name, "SELECT count(*) > 0 FROM mlops_schema_migrations") is True
 
 
-def test_a_migration_failing_later_keeps_the_service_spooling(cluster, make_db, tmp_path):
-    name = _fresh_database(cluster)
+def test_a_migration_failing_later_keeps_the_service_spooling(fresh_database, make_db,
+                                                               tmp_path):
+    name = fresh_database()
     broken = tmp_path / "migrations"
     broken.mkdir()
     (broken / "0001_broken.sql").write_text("SELEC 1;\n")
-    db = make_db(cluster.url(name), MIGRATIONS_DIR=broken)
+    db = make_db(_with_dbname(ADMIN_URL, name), MIGRATIONS_DIR=broken)
     elapsed, error = timed(db.ping)
     assert isinstance(error, DatabaseUnavailable)
     assert "0001_broken.sql" in str(error)

@@ -21,6 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from payloads import REQUIRED, SUCCESS
 
+from mlops.schemas import InvalidRequest, parse_batch, parse_event
+
 json_scalars = (st.none() | st.booleans() | st.integers() | st.text()
                 | st.floats(allow_nan=False, allow_infinity=False))
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
@@ -128,3 +130,21 @@ def test_schemathesis_finds_no_5xx_and_no_undocumented_response(gunicorn, tmp_pa
     assert tested == {f"{method.upper()} {path}" for path, item in document["paths"].items()
                       for method in item}, summary
     assert "Traceback" not in server.log()
+
+
+@settings(max_examples=150, deadline=None)
+@given(changes=st.lists(st.tuples(st.sampled_from(REQUIRED + ["prompt_tokens", "event_id",
+                                                              "locale"]), json_values),
+                        min_size=1, max_size=4))
+def test_a_batch_judges_each_item_as_track_would(changes):
+    """The batch's one-pass validation agrees, item by item, with /track's."""
+    items = [{**SUCCESS, field: value} for field, value in changes]
+    parsed = parse_batch(json.dumps(items).encode(), limit=1000)
+    assert len(parsed) == len(items)
+    for item, result in zip(items, parsed, strict=True):
+        try:
+            expected = parse_event(json.dumps(item).encode())
+        except InvalidRequest:
+            assert isinstance(result, InvalidRequest)
+        else:
+            assert result == expected

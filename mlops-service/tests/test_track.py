@@ -322,3 +322,8 @@ def test_costs_add_up_to_the_cent(client, pg):
                  business) == [(total,)]
     assert money(client.get(f"/analytics/{business}").get_json()["metrics"][
         "total_api_cost_usd"]) == total
+
+
+def test_the_log_folder_holds_only_logs(make_app, service_env):
+    make_app(LOG_LEVEL="INFO").test_client().get("/health")
+    assert sorted(p.name for p in Path(service_env["LOG_DIR"]).iterdir()) == ["mlops-service.log"]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import pydantic_core
 from flask import Blueprint, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import UnsupportedMediaType
 
 from ..auth import require_api_key
 from ..errors import error_response
-from ..schemas import InvalidRequest, RefreshRequest, field_errors, parse_event
+from ..schemas import InvalidRequest, RefreshRequest, field_errors, parse_batch, parse_event
 from ..services import get_services
 from ..telemetry import EVENTS_REJECTED
 
@@ -74,26 +73,17 @@ def track_batch():
     """
     services = get_services()
     limit = services.settings.max_batch_events
-    body = _json_body(services.settings.max_body_bytes * limit)
-    try:
-        items = pydantic_core.from_json(body, allow_inf_nan=False)
-    except ValueError as exc:
-        raise InvalidRequest([{"field": "body", "problem": f"Invalid JSON: {exc}"}]) from None
-    if not isinstance(items, list):
-        raise InvalidRequest([{"field": "body", "problem": "must be a JSON array of events"}])
-    if not 1 <= len(items) <= limit:
-        raise InvalidRequest([{"field": "body",
-                               "problem": f"must hold 1 to {limit} events, got {len(items)}"}])
+    parsed = parse_batch(_json_body(services.settings.max_body_bytes * limit), limit)
 
-    results: list[dict] = [{} for _ in items]
+    results: list[dict] = [{} for _ in parsed]
     valid, positions = [], []
-    for index, item in enumerate(items):
-        try:
-            valid.append(parse_event(item, prefix=(index,)))
+    for index, item in enumerate(parsed):
+        if isinstance(item, InvalidRequest):
+            results[index] = {"index": index, "status": 422, "error": item.problems}
+        else:
+            valid.append(item)
             positions.append(index)
-        except InvalidRequest as exc:
-            results[index] = {"index": index, "status": 422, "error": exc.problems}
-    EVENTS_REJECTED.labels("invalid").inc(len(items) - len(valid))
+    EVENTS_REJECTED.labels("invalid").inc(len(parsed) - len(valid))
 
     storage = None
     if valid:
@@ -102,10 +92,10 @@ def track_batch():
             results[index] = {"index": index, "status": STATUS_FOR[storage],
                               "event_id": record.event_id}
     return jsonify({
-        "status": "success" if len(valid) == len(items) else "partial",
+        "status": "success" if len(valid) == len(parsed) else "partial",
         "storage": storage,
         "accepted": len(valid),
-        "rejected": len(items) - len(valid),
+        "rejected": len(parsed) - len(valid),
         "results": results,
     }), 207
 
