@@ -47,10 +47,13 @@ def from_row(item: SpooledEvent) -> Record:
 class Outbox:
     """The spool plus its flusher thread, delivering through ``deliver``."""
 
-    def __init__(self, spool: Spool, deliver: Deliver, *, timeout_ms: int) -> None:
+    def __init__(self, spool: Spool, deliver: Deliver, *, timeout_ms: int,
+                 backoff_seconds: tuple[float, float] = (BACKOFF_MIN_SECONDS,
+                                                         BACKOFF_MAX_SECONDS)) -> None:
         self.spool = spool
         self._deliver = deliver
         self._timeout_ms = timeout_ms
+        self._backoff_min, self._backoff_max = backoff_seconds
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock_file = None
@@ -82,13 +85,15 @@ class Outbox:
     def start(self) -> None:
         """Start the flusher thread (idempotent). Call in the serving process, after fork."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="spool-flusher", daemon=True)
+            name = "spool-flusher"  # pragma: no mutate
+            self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
             self._thread.start()
 
     def _is_leader(self) -> bool:
         if self._lock_file is not None:
             return True
-        handle = open(self.spool.path.with_name("flusher.lock"), "a")  # noqa: SIM115 - held
+        lock = self.spool.path.with_name("flusher.lock")  # pragma: no mutate
+        handle = open(lock, "a")  # noqa: SIM115 - held for the process's life
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -98,7 +103,7 @@ class Outbox:
         return True
 
     def _loop(self) -> None:
-        backoff = BACKOFF_MIN_SECONDS
+        backoff = self._backoff_min
         while not self._stop.is_set():
             if not self._is_leader():
                 self._stop.wait(1.0)
@@ -112,9 +117,9 @@ class Outbox:
                 else:
                     log.exception("spool flush crashed; retrying")
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
+                backoff = min(backoff * 2, self._backoff_max)
                 continue
-            backoff = BACKOFF_MIN_SECONDS
+            backoff = self._backoff_min
             if not moved:
                 self._wake.wait(0.5)
                 self._wake.clear()

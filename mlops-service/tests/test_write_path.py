@@ -7,14 +7,17 @@ per-label caps of the telemetry.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from conftest import metric_sum, metric_values
 from payloads import SUCCESS, varied
 from prometheus_client import REGISTRY, generate_latest
+from psycopg2.extensions import parse_dsn
+from tcpproxy import StallingProxy
 
 from mlops import store
 from mlops.config import Settings
@@ -31,7 +34,8 @@ class Parts:
     """A database, spool, telemetry, delivery step, outbox and ingestor, wired like the app."""
 
     def __init__(self, url: str, spool_dir, *, max_label_values: int = 10,
-                 spool_max_bytes: int = 1 << 20) -> None:
+                 spool_max_bytes: int = 1 << 20,
+                 backoff_seconds: tuple[float, float] = (0.5, 10.0)) -> None:
         settings = Settings.from_env({"DATABASE_URL": url, "DB_CONNECT_TIMEOUT_SECONDS": "1"})
         self.db = Database(settings, breaker_seconds=0.2)
         self.spool = Spool(spool_dir, spool_max_bytes)
@@ -39,7 +43,8 @@ class Parts:
                                    max_label_values=max_label_values, cache_seconds=10,
                                    version="test")
         self.deliver = Delivery(self.db, self.telemetry)
-        self.outbox = Outbox(self.spool, self.deliver, timeout_ms=2000)
+        self.outbox = Outbox(self.spool, self.deliver, timeout_ms=2000,
+                             backoff_seconds=backoff_seconds)
         self.ingestor = Ingestor(self.deliver, self.outbox, timeout_ms=500)
 
     def close(self) -> None:
@@ -100,11 +105,37 @@ def test_a_request_stores_directly_while_the_database_answers(parts, pg):
     assert p.spool.depth() == 0
 
 
-def test_events_without_an_id_get_one(parts):
+def test_events_without_an_id_get_one_and_a_utc_receive_time(parts):
     p = parts()
     event = parse_event(SUCCESS)
     _, (record,) = p.ingestor.submit([event])
     assert uuid.UUID(record.event_id)
+    assert record.received_at.utcoffset() == timedelta(0)
+
+
+def test_while_the_database_is_silent_only_the_first_request_waits(parts, database_url):
+    proxy = StallingProxy(int(parse_dsn(database_url).get("port", 5432)))
+    try:
+        p = parts(proxy.url(parse_dsn(database_url)["dbname"]))
+        assert p.ingestor.submit(events(1))[0] == "stored"  # a warm connection
+        proxy.stall()
+        started = time.monotonic()
+        assert p.ingestor.submit(events(1))[0] == "queued"
+        first = time.monotonic() - started
+        started = time.monotonic()
+        assert p.ingestor.submit(events(1))[0] == "queued"
+        second = time.monotonic() - started
+        assert 0.4 <= first < 1.0 and second < 0.05, (first, second)
+    finally:
+        proxy.close()
+
+
+def test_failed_connects_give_their_pool_slot_back(parts):
+    away = parts("postgresql://postgres@127.0.0.1:1/postgres")
+    for _ in range(3):
+        with pytest.raises(DatabaseUnavailable):
+            away.db.ping()
+    assert away.db.pool_in_use() == 0
 
 
 def test_a_request_spools_when_the_database_is_away_then_the_flusher_delivers(parts, pg):
@@ -159,6 +190,30 @@ def test_only_one_process_leads_the_flush_and_stop_drains(parts, pg):
     assert first.outbox.stop(drain_seconds=5) == 0
     assert len(stored(pg, [e.event_id for e in batch])) == 4
     assert second.outbox._is_leader()  # the lock is free once the leader stops
+
+
+def test_the_flusher_backs_off_exponentially_while_the_database_is_away(parts):
+    away = parts("postgresql://postgres@127.0.0.1:1/postgres", backoff_seconds=(0.01, 0.04))
+    away.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in events(1)])
+    waits: list[float] = []
+
+    class Waits(logging.Handler):
+        def emit(self, record):
+            waits.append(record.retry_in_seconds)
+
+    handler = Waits()
+    logger = logging.getLogger("mlops.outbox")
+    logger.addHandler(handler)
+    try:
+        away.outbox.start()
+        deadline = time.monotonic() + 10
+        while len(waits) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        away.outbox.stop(0)
+        logger.removeHandler(handler)
+    assert waits[:5] == [0.01, 0.02, 0.04, 0.04, 0.04]
+    assert away.spool.depth() == 1
 
 
 def test_the_background_flusher_empties_the_spool(parts, pg):

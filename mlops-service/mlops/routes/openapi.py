@@ -1,4 +1,10 @@
-"""``GET /openapi.json``: OpenAPI 3.1, generated from the pydantic models that validate requests."""
+"""``GET /openapi.json``: the OpenAPI 3.1 document of the service.
+
+Request-body schemas are generated from the pydantic models that validate
+requests (so they cannot drift); the paths, responses and result shapes
+are written out here by hand and kept honest by schemathesis
+(tests/test_hostile.py), which checks every response against them.
+"""
 
 from __future__ import annotations
 
