@@ -121,8 +121,8 @@ class _Watchdog:
         """Start watching ``conn`` until ``deadline`` (``time.monotonic()``); return a token."""
         with self._cond:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="db-watchdog",
-                                                daemon=True)
+                name = "db-watchdog"  # pragma: no mutate
+                self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
                 self._thread.start()
             self._next += 1
             self._calls[self._next] = (deadline, conn)
@@ -248,10 +248,10 @@ class Database:
             if self._down.is_set():
                 return
             self._down.set()
-            log.warning("database unavailable", extra={"error": str(exc)})
+            log.warning("database unavailable", extra={"error": str(exc)})  # pragma: no mutate
             if self._prober is None:
-                self._prober = threading.Thread(target=self._probe, name="db-probe",
-                                                daemon=True)
+                name = "db-probe"  # pragma: no mutate
+                self._prober = threading.Thread(target=self._probe, name=name, daemon=True)
                 self._prober.start()
 
     def _probe(self) -> None:
@@ -279,8 +279,8 @@ class Database:
                     raise DatabaseUnavailable(
                         f"no answer within the deadline ({_first_line(exc)})") from exc
                 if conn.closed and attempt == 1 and time.monotonic() < deadline:
-                    log.warning("database connection broke, retrying once",
-                                extra={"error": _first_line(exc)})
+                    log.warning("database connection broke, retrying once",  # pragma: no mutate
+                                extra={"error": _first_line(exc)})  # pragma: no mutate
                     continue
                 raise classify(exc) from exc
             except BaseException:
@@ -326,7 +326,8 @@ class Database:
                 raise DatabaseUnavailable(f"connection pool exhausted ({self._max} in use)")
             self._open += 1
             if self._connector is None:
-                self._connector = ThreadPoolExecutor(2, thread_name_prefix="db-connect")
+                self._connector = ThreadPoolExecutor(
+                    2, thread_name_prefix="db-connect")  # pragma: no mutate
         future = self._connector.submit(self._connect)
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
@@ -373,8 +374,8 @@ class Database:
             try:
                 migrate.apply(conn, self._migrations_dir)
             except migrate.MigrationFailed as exc:
-                log.error("migration failed; events are spooled until it is fixed",
-                          extra={"error": str(exc)})
+                log.error("migration failed; spooling until it is fixed",  # pragma: no mutate
+                          extra={"error": str(exc)})  # pragma: no mutate
                 raise DatabaseUnavailable(str(exc)) from exc
             except psycopg2.Error as exc:
                 raise classify(exc) from exc

@@ -22,6 +22,7 @@ class StallingProxy:
         self._flowing = threading.Event()
         self._flowing.set()
         self._sockets: list[socket.socket] = []
+        self._refusing = False
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -35,7 +36,18 @@ class StallingProxy:
 
     def resume(self) -> None:
         """Forward again, starting with what was held."""
+        self._refusing = False
         self._flowing.set()
+
+    def refuse(self) -> None:
+        """Close every connection, and each new one at once (a server that went away)."""
+        self._refusing = True
+        self._flowing.set()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         """Close the listener and every connection."""
@@ -52,6 +64,9 @@ class StallingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self._refusing:
+                client.close()
+                continue
             try:
                 server = socket.create_connection(("127.0.0.1", self.upstream_port))
             except OSError:

@@ -72,11 +72,11 @@ def psql(name: str, sql: str):
 def make_db(tmp_path):
     made = []
 
-    def make(url: str, **env) -> Database:
+    def make(url: str, breaker_seconds: float = 0.5, **env) -> Database:
         settings = Settings.from_env({"DATABASE_URL": url, "SPOOL_DIR": str(tmp_path),
                                       "DB_CONNECT_TIMEOUT_SECONDS": "2",
                                       **{k: str(v) for k, v in env.items()}})
-        db = Database(settings, breaker_seconds=0.5)
+        db = Database(settings, breaker_seconds=breaker_seconds)
         made.append(db)
         return db
 
@@ -112,7 +112,7 @@ def test_a_silent_server_cannot_hold_a_call_past_its_deadline(proxy, make_db, db
 
 
 def test_a_connection_not_ready_by_the_deadline_joins_the_pool_later(proxy, make_db, dbname):
-    db = make_db(proxy.url(dbname))
+    db = make_db(proxy.url(dbname), breaker_seconds=60)  # no probe meanwhile
     proxy.stall()
     with db.deadline(200):
         elapsed, error = timed(lambda: db.run(select_one))
@@ -124,6 +124,19 @@ def test_a_connection_not_ready_by_the_deadline_joins_the_pool_later(proxy, make
     assert len(db._idle) == 1
     with db.deadline(200):
         assert db.run(select_one) == 1
+
+
+def test_a_connection_failing_after_its_deadline_gives_its_slot_back(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=60, DB_POOL_SIZE=1)
+    proxy.stall()
+    with db.deadline(200):
+        assert isinstance(timed(lambda: db.run(select_one))[1], DatabaseUnavailable)
+    assert db.pool_in_use() == 1  # the connect goes on in the background
+    proxy.refuse()
+    deadline = time.monotonic() + 5
+    while db.pool_in_use() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert db.pool_in_use() == 0 and not db._idle
 
 
 def test_after_a_failure_calls_that_may_skip_do_not_wait(proxy, make_db, dbname):
@@ -144,21 +157,31 @@ def test_after_a_failure_calls_that_may_skip_do_not_wait(proxy, make_db, dbname)
 
 def test_a_background_probe_closes_the_breaker_once_the_database_answers(proxy, make_db,
                                                                           dbname):
-    db = make_db(proxy.url(dbname))
-    db.run(select_one)
-    proxy.stall()
-    with db.deadline(100, skip_if_down=True):
-        assert isinstance(timed(lambda: db.run(select_one))[1], DatabaseUnavailable)
-    proxy.resume()
+    db = make_db(proxy.url(dbname), breaker_seconds=0.2)
 
     def skipping_call_succeeds() -> bool:
         with db.deadline(500, skip_if_down=True):
             return timed(lambda: db.run(select_one))[1] is None
 
-    deadline = time.monotonic() + 10
-    while not skipping_call_succeeds():
-        assert time.monotonic() < deadline, "the breaker never closed"
-        time.sleep(0.05)
+    def wait_closed() -> None:
+        deadline = time.monotonic() + 10
+        while not skipping_call_succeeds():
+            assert time.monotonic() < deadline, "the breaker never closed"
+            time.sleep(0.05)
+
+    for _ in range(2):  # a second outage needs a new probe
+        db.run(select_one)
+        proxy.refuse()
+        with db.deadline(100, skip_if_down=True):
+            assert isinstance(timed(lambda: db.run(select_one))[1], DatabaseUnavailable)
+        time.sleep(0.7)  # several probes fail meanwhile; the probing goes on
+        assert not skipping_call_succeeds()
+        proxy.resume()
+        wait_closed()
+        deadline = time.monotonic() + 5
+        while db._prober is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert db._prober is None, "the probe goes on after the breaker closed"
 
 
 def test_a_broken_pooled_connection_is_retried_once_on_a_fresh_one(database_url, dbname,
@@ -185,9 +208,22 @@ def test_a_connection_that_breaks_twice_is_reported_unavailable(database_url, ma
 
 def test_a_refused_connection_is_unavailable_and_a_wrong_database_misconfigured(make_db):
     refused = make_db("postgresql://postgres@127.0.0.1:1/postgres")
-    assert isinstance(timed(refused.ping)[1], DatabaseUnavailable)
+    error = timed(refused.ping)[1]
+    assert isinstance(error, DatabaseUnavailable)
+    assert str(error).startswith('connection to server at "127.0.0.1", port 1 failed')
     wrong = make_db(_with_dbname(ADMIN_URL, "no_such_database"))
-    assert isinstance(timed(wrong.ping)[1], DatabaseMisconfigured)
+    error = timed(wrong.ping)[1]
+    assert isinstance(error, DatabaseMisconfigured)
+    assert str(error).endswith('database "no_such_database" does not exist')
+
+
+def test_the_start_up_check_tells_away_from_misconfigured():
+    away = Settings.from_env({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/postgres"})
+    assert check_at_start(away).startswith(
+        'unavailable: connection to server at "127.0.0.1", port 1 failed')
+    wrong = Settings.from_env({"DATABASE_URL": _with_dbname(ADMIN_URL, "no_such_database")})
+    with pytest.raises(DatabaseMisconfigured, match='"no_such_database" does not exist'):
+        check_at_start(wrong)
 
 
 def test_a_bug_in_the_sql_propagates_unchanged_and_keeps_the_connection(database_url,
@@ -205,9 +241,18 @@ def test_a_bug_in_the_sql_propagates_unchanged_and_keeps_the_connection(database
 def test_migrations_run_at_start_once_and_a_broken_file_is_named(fresh_database, tmp_path):
     name = fresh_database()
     url = _with_dbname(ADMIN_URL, name)
-    settings = Settings.from_env({"DATABASE_URL": url})
+    good = tmp_path / "good"
+    good.mkdir()
+    for _, path in migrate.pending_files():
+        (good / path.name).write_text(path.read_text())
+    settings = Settings.from_env({"DATABASE_URL": url, "MIGRATIONS_DIR": str(good)})
+    assert not migrate.is_current(url, good)
     assert check_at_start(settings) == "ready"
-    assert migrate.is_current(settings.database_url, settings.migrations_dir)
+    assert migrate.is_current(url, good)
+    assert not migrate.is_current(url, tmp_path)
+    assert psql(name, "SELECT count(*) FROM mlops_schema_migrations") == len(
+        migrate.pending_files())
+    assert check_at_start(settings) == "ready"  # again: nothing left to apply
     assert psql(name, "SELECT count(*) FROM mlops_schema_migrations") == len(
         migrate.pending_files())
 

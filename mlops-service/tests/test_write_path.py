@@ -234,7 +234,7 @@ def test_a_full_spool_refuses_and_keeps_nothing_of_the_refused_batch(parts):
         for _ in range(200):
             away.ingestor.submit(events(100))
     depth = away.spool.depth()
-    with pytest.raises(SpoolFull):
+    with pytest.raises(SpoolFull, match=r"^spool holds \d+ bytes, cap 1048576$"):
         away.ingestor.submit(events(1))
     assert away.spool.depth() == depth
 
@@ -272,3 +272,46 @@ def test_each_label_has_its_own_cap(parts):
                       model_name=OVERFLOW_LABEL) == SUCCESS["tokens_used"]
     assert metric_sum(values, "ai_requests_total", business_id=business,
                       intent=OVERFLOW_LABEL, response_type=OVERFLOW_LABEL) == 1
+
+
+def test_the_flusher_delivers_while_requests_skip_the_database(parts, database_url):
+    """The breaker stops requests from waiting; it must not stop the flusher."""
+    proxy = StallingProxy(int(parse_dsn(database_url).get("port", 5432)))
+    try:
+        p = parts(proxy.url(parse_dsn(database_url)["dbname"]))
+        p.db._breaker_seconds = 60  # the probe stays out of the way
+        proxy.refuse()
+        assert p.ingestor.submit(events(3))[0] == "queued"
+        proxy.resume()
+        assert p.ingestor.submit(events(1))[0] == "queued"  # the breaker is open
+        assert p.outbox.flush_once() == 4
+    finally:
+        proxy.close()
+
+
+def test_a_follower_takes_over_when_the_leader_stops(parts, pg):
+    first, second = parts(), parts()
+    second.spool.close()
+    second.spool = second.outbox.spool = first.spool
+    first.outbox.start()
+    deadline = time.monotonic() + 5
+    while first.outbox._lock_file is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second.outbox.start()
+    first.outbox.stop(0)
+    batch = events(3)
+    first.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in batch])
+    deadline = time.monotonic() + 10
+    while first.spool.depth() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first.spool.depth() == 0 and len(stored(pg, [e.event_id for e in batch])) == 3
+
+
+def test_the_spool_size_counts_live_pages_only(tmp_path):
+    spool = Spool(tmp_path, 1 << 20)
+    empty = spool.size_bytes()
+    spool.put([(str(i), 0.0, "x" * 1000) for i in range(200)])
+    full = spool.size_bytes()
+    assert full > empty + 200 * 1000
+    spool.remove(item.seq for item in spool.peek(200))
+    assert spool.size_bytes() < full / 4 and spool.depth() == 0
