@@ -298,6 +298,7 @@ def test_a_follower_takes_over_when_the_leader_stops(parts, pg):
     while first.outbox._lock_file is None and time.monotonic() < deadline:
         time.sleep(0.01)
     second.outbox.start()
+    time.sleep(0.2)  # the follower's first bid for the lock (nothing to observe) fails
     first.outbox.stop(0)
     batch = events(3)
     first.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in batch])
@@ -307,11 +308,15 @@ def test_a_follower_takes_over_when_the_leader_stops(parts, pg):
     assert first.spool.depth() == 0 and len(stored(pg, [e.event_id for e in batch])) == 3
 
 
-def test_the_spool_size_counts_live_pages_only(tmp_path):
+def test_the_spool_is_a_wal_file_whose_size_counts_live_pages_only(tmp_path):
     spool = Spool(tmp_path, 1 << 20)
+    assert spool._connect().execute("PRAGMA journal_mode").fetchone() == ("wal",)
     empty = spool.size_bytes()
     spool.put([(str(i), 0.0, "x" * 1000) for i in range(200)])
     full = spool.size_bytes()
     assert full > empty + 200 * 1000
     spool.remove(item.seq for item in spool.peek(200))
     assert spool.size_bytes() < full / 4 and spool.depth() == 0
+    spool.close()
+    assert spool._local.conn is None
+    spool.close()  # idempotent
