@@ -135,6 +135,17 @@ def copy_rate(url: str, events: list[dict], connections: int, seconds: float) ->
     return sum(copied) / (time.monotonic() - started)
 
 
+def wait_drained(base: str, timeout: float = 60.0) -> None:
+    """Until the service's spool is empty."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, body = get(f"{base}/health/detailed")
+        if status == 200 and json.loads(body)["spool"]["depth"] == 0:
+            return
+        time.sleep(0.1)
+    sys.exit("bench: the spool did not drain")
+
+
 def count_rows(url: str) -> int:
     conn = psycopg2.connect(url)
     with conn, conn.cursor() as cur:
@@ -288,6 +299,7 @@ def main() -> None:
         rows_before = count_rows(database_url)
         batch_body = json.dumps([SUCCESS if i % 2 else FAILURE for i in range(BATCH_SIZE)])
         batch = wrk(wrk_bin, base, lua_post("/track/batch", [batch_body]), connections=4)
+        wait_drained(base)  # a batch past its deadline is spooled, then flushed
         batch_events = count_rows(database_url) - rows_before
         assert batch["non2xx"] == 0, batch
         answered = batch["requests"] * BATCH_SIZE

@@ -30,17 +30,20 @@ class Ingestor:
         self._outbox = outbox
         self._timeout_ms = timeout_ms
 
-    def submit(self, events: Sequence[MetricsEvent]) -> tuple[str, list[Record]]:
+    def submit(self, events: Sequence[MetricsEvent], *,
+               timeout_ms: int | None = None) -> tuple[str, list[Record]]:
         """Store ``events`` (already validated); return ``("stored"|"queued", records)``.
 
         Each event gets its ``event_id`` (the client's, or a new UUID) and the
-        server receive time. Raises :class:`mlops.spool.SpoolFull` when the
-        database is away and the spool is at its cap (nothing was stored).
+        server receive time. ``timeout_ms`` (default ``DB_INSERT_TIMEOUT_MS``)
+        bounds the wait for Postgres. Raises :class:`mlops.spool.SpoolFull`
+        when the database is away and the spool is at its cap (nothing was
+        stored).
         """
         now = datetime.now(UTC)
         records = [Record(e.event_id or str(uuid.uuid4()), now, e) for e in events]
         try:
-            self._deliver(records, timeout_ms=self._timeout_ms, skip_if_down=True)
+            self._deliver(records, timeout_ms=timeout_ms or self._timeout_ms, skip_if_down=True)
         except (DatabaseUnavailable, DatabaseMisconfigured):
             self._outbox.put(records)
             EVENTS_QUEUED.inc(len(records))

@@ -87,7 +87,10 @@ def track_batch():
 
     storage = None
     if valid:
-        storage, records = services.ingestor.submit(valid)
+        # A batch is not the chat app's fire-and-forget call: it may take the
+        # statement timeout, not /track's short deadline.
+        storage, records = services.ingestor.submit(
+            valid, timeout_ms=services.settings.db_statement_timeout_ms)
         for index, record in zip(positions, records, strict=True):
             results[index] = {"index": index, "status": STATUS_FOR[storage],
                               "event_id": record.event_id}
