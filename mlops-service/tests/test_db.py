@@ -109,6 +109,8 @@ def test_a_silent_server_cannot_hold_a_call_past_its_deadline(proxy, make_db, db
     assert isinstance(error, DatabaseUnavailable), error
     assert 0.15 < elapsed < 0.6, elapsed
     assert db.pool_in_use() == 0
+    with db.deadline(200):  # a ping is a real round trip
+        assert isinstance(timed(db.ping)[1], DatabaseUnavailable)
 
 
 def test_a_connection_not_ready_by_the_deadline_joins_the_pool_later(proxy, make_db, dbname):
@@ -296,3 +298,40 @@ def test_a_misnamed_migration_file_is_named(tmp_path):
     (tmp_path / "first.sql").write_text("SELECT 1;\n")
     with pytest.raises(migrate.MigrationFailed, match="first.sql"):
         migrate.pending_files(Path(tmp_path))
+
+
+def test_apply_reports_what_it_applied_and_rolls_back_a_failing_file(fresh_database, tmp_path):
+    name = fresh_database()
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    (folder / "0001_first_table.sql").write_text("CREATE TABLE first_table (x int);\n")
+    (folder / "0002_second_table.sql").write_text("CREATE TABLE second_table (x int);\n")
+    conn = psycopg2.connect(_with_dbname(ADMIN_URL, name))
+    conn.autocommit = True
+    try:
+        assert migrate.apply(conn, folder) == [1, 2]
+        assert migrate.apply(conn, folder) == []
+        (folder / "0003_broken.sql").write_text("CREATE TABLE first_table (x int);\n")
+        with pytest.raises(migrate.MigrationFailed, match="^migration 0003_broken.sql failed"):
+            migrate.apply(conn, folder)
+        # Rolled back: the connection is usable and nothing of 0003 is recorded.
+        assert conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        with conn.cursor() as cur:
+            cur.execute("SELECT max(version) FROM mlops_schema_migrations")
+            assert cur.fetchone() == (2,)
+    finally:
+        conn.close()
+
+
+def test_close_gives_back_every_connection(database_url, dbname, make_db):
+    db = make_db(database_url)
+    db.run(select_one)
+
+    def ours() -> int:
+        return psql(dbname, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                            "'mlops-service' AND datname = current_database()")
+
+    assert ours() >= 1
+    db.close()
+    assert db.pool_in_use() == 0 and db.pool_size == 0
+    assert ours() == 0

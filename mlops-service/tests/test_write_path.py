@@ -320,3 +320,50 @@ def test_the_spool_is_a_wal_file_whose_size_counts_live_pages_only(tmp_path):
     spool.close()
     assert spool._local.conn is None
     spool.close()  # idempotent
+
+
+def test_the_spool_file_keeps_its_name_and_one_connection_per_thread(tmp_path):
+    folder = tmp_path / "a" / "b"
+    spool = Spool(folder, 1 << 20)
+    assert spool.path == folder / "spool.sqlite3" and spool.path.exists()  # across upgrades
+    assert spool._connect() is spool._connect()
+    spool.close()
+
+
+def test_wal_mode_waits_for_a_spool_another_process_is_creating(tmp_path):
+    import sqlite3
+    import threading
+
+    from mlops.spool import _enable_wal
+
+    path = tmp_path / "spool.sqlite3"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    waiter = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+    errors: list[BaseException] = []
+
+    def enable():
+        try:
+            _enable_wal(waiter, timeout_seconds=5.0)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=enable)
+    thread.start()
+    time.sleep(0.1)  # the waiter retries while the lock is held
+    assert thread.is_alive()
+    holder.execute("COMMIT")
+    thread.join(5)
+    assert not thread.is_alive() and errors == []
+    assert waiter.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+    other = sqlite3.connect(tmp_path / "other.sqlite3", isolation_level=None)
+    other_holder = sqlite3.connect(tmp_path / "other.sqlite3", isolation_level=None)
+    other_holder.execute("BEGIN EXCLUSIVE")
+    started = time.monotonic()
+    other.execute("PRAGMA busy_timeout = 0")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _enable_wal(other, timeout_seconds=0.2)
+    assert 0.2 <= time.monotonic() - started < 1.0
+    for conn in (holder, waiter, other, other_holder):
+        conn.close()
