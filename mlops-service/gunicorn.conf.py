@@ -1,9 +1,10 @@
 """gunicorn settings for mlops-service (``gunicorn -c gunicorn.conf.py app:app``).
 
-Read by gunicorn from the working directory. Environment: ``SERVICE_PORT``
-(default 5001), ``WEB_CONCURRENCY`` (workers, default 2), ``GUNICORN_THREADS``
-(threads per worker, default 4), ``PROMETHEUS_MULTIPROC_DIR`` (default: a
-fresh temporary directory), ``SHUTDOWN_DELAY_SECONDS`` (default 0; see
+Read by gunicorn from the working directory. Environment: ``HOST`` (bind
+address, default 0.0.0.0), ``SERVICE_PORT`` (default 5001),
+``WEB_CONCURRENCY`` (workers, default 2), ``GUNICORN_THREADS`` (threads per
+worker, default 4), ``PROMETHEUS_MULTIPROC_DIR`` (default: a fresh
+temporary directory), ``SHUTDOWN_DELAY_SECONDS`` (default 0; see
 ``when_ready``).
 """
 
@@ -18,15 +19,9 @@ _own_prometheus_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
 if _own_prometheus_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mlops-prometheus-")
 
-bind = f"0.0.0.0:{os.environ.get('SERVICE_PORT', '5001')}"
-# Measured on 2 cores with Postgres on the same machine (wrk, 32 connections,
-# req/s for /health and /track): gthread 2x4 6630 / 1540, 3x4 5790 / 1650,
-# 2x8 7720 / 1730, 2x16 5910 / 1490, 4x8 6560 / 1560; sync 3 5470 / 1800,
-# sync 8 5100 / 1590. Runs vary by about 15 %, so no layout wins for /track,
-# which is bound by CPU per request (0.70 ms here + 0.29 ms in Postgres). We
-# keep one worker per core with 4 threads: gthread keeps connections alive and
-# lets a worker overlap its Postgres round trips; more threads only add
-# contention for the GIL.
+bind = f"{os.environ.get('HOST') or '0.0.0.0'}:{os.environ.get('SERVICE_PORT', '5001')}"
+# One worker per core, 4 threads each: gthread keeps connections alive and
+# lets a worker overlap its Postgres round trips (measurements: bench/layouts.md).
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # gunicorn's gthread worker, closing its listener without resetting queued
 # connections on shutdown (see mlops/gunicorn_worker.py).
@@ -54,7 +49,8 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Master, before forking: fresh metric files; fail fast on a bad config or database."""
+    """Master, before forking: fresh metric files; migrate once; fail fast on a bad
+    config, database or migration file."""
     directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     os.makedirs(directory, exist_ok=True)
     for name in os.listdir(directory):
@@ -63,18 +59,18 @@ def on_starting(server):
 
     from mlops import announce, embedded, logs
     from mlops.config import ConfigError, Settings
-    from mlops.db import DatabaseMisconfigured, check_at_start
+    from mlops.db import DatabaseMisconfigured, MigrationError, check_at_start
     from mlops.spool import Spool
 
     try:
         pgdata = embedded.start_if_asked()  # DATABASE_URL unset or `embedded`
         settings = Settings.from_env()
         database = check_at_start(settings)
-    except (ConfigError, DatabaseMisconfigured) as exc:
+    except (ConfigError, DatabaseMisconfigured, MigrationError) as exc:
         embedded.stop()
         print(f"mlops-service: cannot start: {exc}", file=sys.stderr, flush=True)
         os._exit(1)
-    logs.configure(settings.log_dir, settings.log_level)
+    logs.configure(settings.log_dir, settings.log_level, settings.spool_dir)
     # Create the spool file (and its WAL mode) once, before the workers race to.
     Spool(settings.spool_dir, settings.spool_max_bytes).close()
     announce(settings, database, embedded_pgdata=pgdata)

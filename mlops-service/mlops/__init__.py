@@ -1,7 +1,7 @@
 """mlops-service: records how a chat app's AI model behaves.
 
-Data flows one way: request -> schema (validate) -> store (Postgres, or the
-spool while it is away) -> telemetry (Prometheus) -> response.
+``create_app`` wires the parts; each module names its concern (config, db,
+migrate, schemas, ingest -> deliver | outbox -> store, telemetry, routes/*).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 from flask import Flask, g
 
-__version__ = "1.0.0"
+from .version import __version__
 
 log = logging.getLogger("mlops")
 
@@ -21,6 +21,7 @@ def create_app(settings=None) -> Flask:
 
     Touches no database: the pool fills lazily, so this is safe in every
     gunicorn worker and when Postgres is down (events spool until it is back).
+    Migrations run before, once per server (``mlops.db.check_at_start``).
     Raises ``ConfigError`` for a missing or malformed setting.
     """
     from flask_cors import CORS
@@ -29,13 +30,15 @@ def create_app(settings=None) -> Flask:
     from . import auth, errors, limits, logs, telemetry
     from .config import Settings
     from .db import Database
+    from .deliver import Delivery
     from .ingest import Ingestor
+    from .outbox import Outbox
     from .routes import analytics, businesses, dashboard, health, metrics, openapi, track
     from .services import Services
     from .spool import Spool
 
     settings = settings or Settings.from_env()
-    logs.configure(settings.log_dir, settings.log_level)
+    logs.configure(settings.log_dir, settings.log_level, settings.spool_dir)
 
     app = Flask(__name__)
     app.json.sort_keys = False
@@ -50,9 +53,12 @@ def create_app(settings=None) -> Flask:
     telem = telemetry.Telemetry(
         db, spool, max_businesses=settings.metrics_max_businesses,
         max_label_values=settings.metrics_max_label_values,
-        cache_seconds=settings.metrics_cache_seconds, version=__version__)
-    ingestor = Ingestor(db, spool, telem, insert_timeout_ms=settings.db_insert_timeout_ms)
-    Services(settings, db, spool, telem, ingestor).install(app)
+        cache_seconds=settings.metrics_cache_seconds, version=__version__,
+        multiprocess=settings.prometheus_multiproc_dir is not None)
+    deliver = Delivery(db, telem)
+    outbox = Outbox(spool, deliver, timeout_ms=db.default_timeout_ms)
+    ingestor = Ingestor(deliver, outbox, timeout_ms=settings.db_insert_timeout_ms)
+    Services(settings, db, outbox, telem, ingestor).install(app)
 
     @app.before_request
     def _start_timer() -> None:  # read by the request log and the HTTP metrics
@@ -65,7 +71,7 @@ def create_app(settings=None) -> Flask:
     limits.init_app(app, settings)
     logs.init_app(app)
     telemetry.init_app(app)
-    ingestor.flusher.start()
+    outbox.start()
 
     log.debug("worker ready", extra={"version": __version__})
     return app
@@ -79,6 +85,7 @@ def announce(settings, database: str, embedded_pgdata=None) -> None:
     """
     extra = {
         "version": __version__,
+        "host": settings.host,
         "port": settings.service_port,
         "database": database,
         "auth": settings.auth_mode,

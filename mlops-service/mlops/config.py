@@ -50,6 +50,7 @@ class Settings:
     """
 
     database_url: str
+    host: str = "0.0.0.0"
     service_port: int = 5001
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     read_api_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -77,7 +78,9 @@ class Settings:
     db_pool_size: int = 10
     db_connect_timeout_seconds: int = 3
     db_statement_timeout_ms: int = 3000
-    db_insert_timeout_ms: int = 1000
+    db_insert_timeout_ms: int = 200
+    migrations_dir: Path = Path(__file__).with_name("migrations")
+    prometheus_multiproc_dir: Path | None = None
     readiness_checks_database: bool = True
 
     @property
@@ -99,6 +102,7 @@ class Settings:
 
         return cls(
             database_url=_database_url(env.get("DATABASE_URL")),
+            host=env.get("HOST", "0.0.0.0"),
             service_port=_integer(env, "SERVICE_PORT", 5001, low=1, high=65535),
             **_auth(env),
             trusted_proxies=_integer(env, "TRUSTED_PROXIES", 0, low=0, high=10),
@@ -120,7 +124,10 @@ class Settings:
             db_pool_size=_integer(env, "DB_POOL_SIZE", 10, low=1, high=1000),
             db_connect_timeout_seconds=_integer(env, "DB_CONNECT_TIMEOUT_SECONDS", 3, low=1),
             db_statement_timeout_ms=_integer(env, "DB_STATEMENT_TIMEOUT_MS", 3000, low=1),
-            db_insert_timeout_ms=_integer(env, "DB_INSERT_TIMEOUT_MS", 1000, low=1),
+            db_insert_timeout_ms=_integer(env, "DB_INSERT_TIMEOUT_MS", 200, low=1),
+            migrations_dir=Path(env.get("MIGRATIONS_DIR", Path(__file__).with_name("migrations"))),
+            prometheus_multiproc_dir=(Path(env["PROMETHEUS_MULTIPROC_DIR"])
+                                      if "PROMETHEUS_MULTIPROC_DIR" in env else None),
             readiness_checks_database=_boolean(env, "READINESS_CHECKS_DATABASE", True),
         )
 

@@ -5,23 +5,37 @@ one round trip, and a statement timeout rides along as ``SET LOCAL`` in that
 same string (``options=-c ...`` would not survive Neon's PgBouncer pooler,
 which runs in transaction mode and keeps no session state).
 
+Every call has a deadline, enforced here, on the client side:
+``statement_timeout`` is enforced by the server, so it cannot help when the
+server never hears the query (a network partition, a frozen pooler). A
+watchdog thread shuts down the socket of a call that outlives its deadline,
+which makes libpq's blocked read return at once; a connection that is not
+ready in time is left to finish in the background and joins the pool.
+
 Errors are sorted into two kinds:
 
-* :class:`DatabaseUnavailable` — transient (refused, timeout, server shutting
-  down, Neon waking up, pool exhausted). Callers spool and retry later.
+* :class:`DatabaseUnavailable` — transient (refused, deadline passed, server
+  shutting down, Neon waking up, pool exhausted). Callers spool and retry.
 * :class:`DatabaseMisconfigured` — permanent (wrong password, TLS refused,
   unknown database). Start-up fails fast on these with one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+import os
+import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
 import psycopg2
-import psycopg2.pool
+import psycopg2.extensions
 
 from . import migrate
 from .config import Settings
@@ -69,68 +83,213 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def connect_options(settings: Settings) -> dict:
+    """libpq options for every connection of the service.
+
+    Keepalives find a dead idle connection within ``30 + 3 × 10`` s;
+    ``tcp_user_timeout`` closes one whose sent data stays unacknowledged
+    (libpq parameters, PostgreSQL manual §34.1.2).
+    """
+    return {
+        "connect_timeout": settings.db_connect_timeout_seconds,
+        "application_name": "mlops-service",
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "tcp_user_timeout": settings.db_statement_timeout_ms + 1000,
+    }
+
+
+class _Watchdog:
+    """Shuts down the socket of a call still running past its deadline.
+
+    ``shutdown(SHUT_RDWR)`` on the connection's socket wakes the thread
+    blocked in libpq, which then fails with an ``OperationalError`` and
+    marks the connection closed, so the pool discards it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._calls: dict[int, tuple[float, psycopg2.extensions.connection]] = {}
+        self._fired: set[int] = set()
+        self._next = 0
+        self._wake_at = float("inf")
+        self._thread: threading.Thread | None = None
+
+    def watch(self, conn: psycopg2.extensions.connection, deadline: float) -> int:
+        """Start watching ``conn`` until ``deadline`` (``time.monotonic()``); return a token."""
+        with self._cond:
+            if self._thread is None:
+                name = "db-watchdog"  # pragma: no mutate
+                self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+                self._thread.start()
+            self._next += 1
+            self._calls[self._next] = (deadline, conn)
+            if deadline < self._wake_at:
+                self._cond.notify()
+            return self._next
+
+    def release(self, token: int) -> bool:
+        """Stop watching; True if the deadline passed and the socket was shut down."""
+        with self._cond:
+            self._calls.pop(token, None)
+            if token in self._fired:
+                self._fired.discard(token)
+                return True
+            return False
+
+    def _loop(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for token, (deadline, conn) in list(self._calls.items()):
+                    if deadline <= now:
+                        del self._calls[token]
+                        self._fired.add(token)
+                        _shut_down(conn)
+                self._wake_at = min((d for d, _ in self._calls.values()), default=float("inf"))
+                timeout = None if self._wake_at == float("inf") else self._wake_at - now
+                self._cond.wait(timeout)
+
+
+def _shut_down(conn: psycopg2.extensions.connection) -> None:
+    with contextlib.suppress(OSError, psycopg2.Error):
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        with sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+_deadline: contextvars.ContextVar[tuple[float, bool] | None] = contextvars.ContextVar(
+    "mlops_db_deadline", default=None)
+
+
 class Database:
-    """A lazily-filled connection pool plus the schema-migration gate.
+    """A lazily-filled connection pool with deadlines, a circuit breaker and the schema gate.
 
     Create it inside the worker process (the app factory runs there), never
     before gunicorn forks: a libpq connection must not be shared across fork.
     """
 
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        # minconn=0: open nothing now (Postgres may be down at start-up) ...
-        self._pool = psycopg2.pool.ThreadedConnectionPool(
-            0,
-            settings.db_pool_size,
-            settings.database_url,
-            connect_timeout=settings.db_connect_timeout_seconds,
-            application_name="mlops-service",
-            keepalives=1,
-            keepalives_idle=30,
-        )
-        # ... then keep every returned connection: psycopg2 closes those beyond
-        # minconn on putconn, which would mean a new connection per request.
-        self._pool.minconn = settings.db_pool_size
-        self._schema_ready = False
+    def __init__(self, settings: Settings, *, breaker_seconds: float = 1.0) -> None:
+        self._dsn = settings.database_url
+        self._options = connect_options(settings)
+        self._migrations_dir = settings.migrations_dir
+        self._max = settings.db_pool_size
+        self._idle: list[psycopg2.extensions.connection] = []
+        self._open = 0
+        self._lock = threading.Lock()
+        self._connector: ThreadPoolExecutor | None = None
+        self._watchdog = _Watchdog()
+        self._breaker_seconds = breaker_seconds
+        self._down = threading.Event()  # set from a failed call until a call succeeds
+        self._prober: threading.Thread | None = None
+        self._schema_ready = migrate.is_current(settings.database_url, self._migrations_dir)
         self._schema_lock = threading.Lock()
         self.statement_timeout_ms = settings.db_statement_timeout_ms
+        # Default deadline of a call: a connect, then the statement.
+        self.default_timeout_ms = (settings.db_connect_timeout_seconds * 1000
+                                   + settings.db_statement_timeout_ms)
 
     @property
     def pool_size(self) -> int:
         """Maximum connections this process may open."""
-        return self._pool.maxconn
+        return self._max
 
     def pool_in_use(self) -> int:
         """Connections currently checked out of the pool."""
-        return len(self._pool._used)  # psycopg2 exposes no public counter
+        with self._lock:
+            return self._open - len(self._idle)
+
+    @contextlib.contextmanager
+    def deadline(self, timeout_ms: int, *, skip_if_down: bool = False) -> Iterator[None]:
+        """Bound every :meth:`run` inside the block to ``timeout_ms`` in all.
+
+        With ``skip_if_down``, a call made after a failure raises
+        :class:`DatabaseUnavailable` at once instead of trying, until some
+        call succeeds: while Postgres is away a request costs one spool
+        write, not a deadline's wait. A background probe pings every
+        ``breaker_seconds`` meanwhile, so the breaker closes on its own.
+        """
+        token = _deadline.set((time.monotonic() + timeout_ms / 1000, skip_if_down))
+        try:
+            yield
+        finally:
+            _deadline.reset(token)
 
     def run(self, work: Callable[[psycopg2.extensions.cursor], T]) -> T:
         """Run ``work(cursor)`` on a pooled connection and return its result.
 
-        A connection found broken (Neon closes idle ones when its compute
-        suspends) is discarded, not returned to the pool, and ``work`` is
-        retried once on a fresh connection. Raises :class:`DatabaseUnavailable`
-        or :class:`DatabaseMisconfigured`; other ``psycopg2.Error`` (a bug in
-        our SQL, a constraint) propagate unchanged.
+        The call ends by its deadline (see :meth:`deadline`; otherwise
+        ``default_timeout_ms``). A connection found broken (Neon closes idle
+        ones when its compute suspends) is discarded and ``work`` retried
+        once on a fresh connection if time is left. Raises
+        :class:`DatabaseUnavailable` or :class:`DatabaseMisconfigured`; other
+        ``psycopg2.Error`` (a bug in our SQL, a constraint) propagate unchanged.
         """
-        self._ensure_schema()
+        limit = _deadline.get()
+        if limit is None:
+            deadline, skip_if_down = time.monotonic() + self.default_timeout_ms / 1000, False
+        else:
+            deadline, skip_if_down = limit
+        if skip_if_down and self._down.is_set():
+            raise DatabaseUnavailable("skipped: the database failed its last call")
+        try:
+            result = self._run(work, deadline)
+        except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
+            self._trip(exc)
+            raise
+        self._down.clear()
+        return result
+
+    def _trip(self, exc: Exception) -> None:
+        """Open the breaker and make sure a probe is running to close it."""
+        with self._lock:
+            if self._down.is_set():
+                return
+            self._down.set()
+            log.warning("database unavailable", extra={"error": str(exc)})  # pragma: no mutate
+            if self._prober is None:
+                name = "db-probe"  # pragma: no mutate
+                self._prober = threading.Thread(target=self._probe, name=name, daemon=True)
+                self._prober.start()
+
+    def _probe(self) -> None:
+        while True:
+            with self._lock:
+                if not self._down.is_set() or not self._max:
+                    self._prober = None
+                    return
+            time.sleep(self._breaker_seconds)
+            with contextlib.suppress(DatabaseUnavailable, DatabaseMisconfigured):
+                self.ping()
+
+    def _run(self, work: Callable[[psycopg2.extensions.cursor], T], deadline: float) -> T:
+        self._ensure_schema(deadline)
         for attempt in (1, 2):
-            conn = self._getconn()
+            conn = self._acquire(deadline)
+            token = self._watchdog.watch(conn, deadline)
             try:
                 with conn.cursor() as cur:
                     result = work(cur)
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-                broken = bool(conn.closed)
-                self._pool.putconn(conn, close=broken)
-                if broken and attempt == 1:
-                    log.warning("database connection broke, retrying once",
-                                extra={"error": _first_line(exc)})
+                fired = self._watchdog.release(token)
+                self._release(conn)
+                if fired:
+                    raise DatabaseUnavailable(
+                        f"no answer within the deadline ({_first_line(exc)})") from exc
+                if conn.closed and attempt == 1 and time.monotonic() < deadline:
+                    log.warning("database connection broke, retrying once",  # pragma: no mutate
+                                extra={"error": _first_line(exc)})  # pragma: no mutate
                     continue
                 raise classify(exc) from exc
             except BaseException:
-                self._pool.putconn(conn, close=bool(conn.closed))
+                self._watchdog.release(token)
+                self._release(conn)
                 raise
-            self._pool.putconn(conn)
+            if self._watchdog.release(token):
+                conn.close()  # answered just in time, but its socket is shut down
+            self._release(conn)
             return result
         raise AssertionError("unreachable")
 
@@ -143,57 +302,119 @@ class Database:
         self.run(lambda cur: cur.execute(self.timeout_prefix() + "SELECT 1"))
 
     def close(self) -> None:
-        """Close every pooled connection (process shutdown)."""
-        self._pool.closeall()
+        """Close every idle connection; those in use close when given back."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            self._max = 0
+        for conn in idle:
+            conn.close()
+        if self._connector is not None:
+            self._connector.shutdown(wait=False, cancel_futures=True)
 
-    def _getconn(self) -> psycopg2.extensions.connection:
-        try:
-            conn = self._pool.getconn()
-        except psycopg2.pool.PoolError as exc:  # exhausted or closed
-            raise DatabaseUnavailable(f"connection pool: {exc}") from exc
-        except psycopg2.Error as exc:
-            raise classify(exc) from exc
-        if not conn.autocommit:
-            conn.autocommit = True
+    def _connect(self) -> psycopg2.extensions.connection:
+        conn = psycopg2.connect(self._dsn, **self._options)
+        conn.autocommit = True
         return conn
 
-    def _ensure_schema(self) -> None:
+    def _acquire(self, deadline: float) -> psycopg2.extensions.connection:
+        """An idle connection, or a new one if it is ready by ``deadline``."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            if self._open >= self._max:
+                raise DatabaseUnavailable(f"connection pool exhausted ({self._max} in use)")
+            self._open += 1
+            if self._connector is None:
+                self._connector = ThreadPoolExecutor(
+                    2, thread_name_prefix="db-connect")  # pragma: no mutate
+        future = self._connector.submit(self._connect)
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            future.add_done_callback(self._adopt)  # a late connection serves the next call
+            raise DatabaseUnavailable("no connection within the deadline") from None
+        except psycopg2.Error as exc:
+            self._forget()
+            raise classify(exc) from exc
+        except BaseException:
+            self._forget()
+            raise
+
+    def _adopt(self, future: Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self._forget()
+        else:
+            self._release(future.result())
+
+    def _forget(self) -> None:
+        with self._lock:
+            self._open -= 1
+
+    def _release(self, conn: psycopg2.extensions.connection) -> None:
+        """Give ``conn`` back; a closed or mid-transaction one is discarded."""
+        usable = not conn.closed and conn.info.transaction_status == \
+            psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        with self._lock:
+            if usable and self._open <= self._max:
+                self._idle.append(conn)
+                return
+            self._open -= 1
+        conn.close()
+
+    def _ensure_schema(self, deadline: float) -> None:
+        """Migrate before the first call if the start-up check could not (database was away)."""
         if self._schema_ready:
             return
         with self._schema_lock:
             if self._schema_ready:
                 return
-            conn = self._getconn()
+            conn = self._acquire(deadline)
+            token = self._watchdog.watch(conn, deadline)
             try:
-                migrate.apply(conn)
+                migrate.apply(conn, self._migrations_dir)
+            except migrate.MigrationFailed as exc:
+                log.error("migration failed; spooling until it is fixed",  # pragma: no mutate
+                          extra={"error": str(exc)})  # pragma: no mutate
+                raise DatabaseUnavailable(str(exc)) from exc
             except psycopg2.Error as exc:
-                self._pool.putconn(conn, close=True)
                 raise classify(exc) from exc
-            self._pool.putconn(conn)
+            finally:
+                self._watchdog.release(token)
+                self._release(conn)
             self._schema_ready = True
+            migrate.mark_current(self._dsn, self._migrations_dir)
+
+
+class MigrationError(Exception):
+    """A migration file failed at start; ``str(error)`` is one line naming it."""
 
 
 def check_at_start(settings: Settings) -> str:
-    """Connect once and migrate, as the start-up check of a server process.
+    """Connect once and apply pending migrations, as the start-up step of a server.
 
-    Returns ``"ready"``, or ``"unavailable: <reason>"`` for a transient
-    failure (the service starts anyway and spools until Postgres is back).
-    Raises :class:`DatabaseMisconfigured` for settings no retry will fix.
+    Runs in gunicorn's master before it forks (and in ``python app.py``), so
+    the workers find the schema current. Returns ``"ready"``, or
+    ``"unavailable: <reason>"`` when Postgres cannot be reached (the service
+    starts anyway, spools, and migrates before its first delivery). Raises
+    :class:`DatabaseMisconfigured` for settings no retry will fix and
+    :class:`MigrationError` naming a migration file that fails.
     """
     try:
-        conn = psycopg2.connect(
-            settings.database_url,
-            connect_timeout=settings.db_connect_timeout_seconds,
-            application_name="mlops-service",
-        )
-        try:
-            conn.autocommit = True
-            migrate.apply(conn)
-        finally:
-            conn.close()
+        conn = psycopg2.connect(settings.database_url, **connect_options(settings))
     except psycopg2.Error as exc:
         error = classify(exc)
         if isinstance(error, DatabaseMisconfigured):
             raise error from None
         return f"unavailable: {error}"
+    try:
+        conn.autocommit = True
+        migrate.apply(conn, settings.migrations_dir)
+    except migrate.MigrationFailed as exc:
+        raise MigrationError(str(exc)) from None
+    except psycopg2.Error as exc:
+        return f"unavailable: {classify(exc)}"
+    finally:
+        conn.close()
+    migrate.mark_current(settings.database_url, settings.migrations_dir)
     return "ready"

@@ -24,9 +24,11 @@ BACKUPS = 5
 access = logging.getLogger("mlops.access")
 
 
-def configure(log_dir: Path, level: str) -> None:
+def configure(log_dir: Path, level: str, lock_dir: Path | None = None) -> None:
     """Route the ``mlops`` logger tree to stdout and ``log_dir/mlops-service.log``.
 
+    The rotation lock file the workers share goes in ``lock_dir`` (the
+    service's ``SPOOL_DIR``), not among the user's logs; default: ``log_dir``.
     Idempotent: called again (tests build many apps) it replaces the handlers.
     """
     formatter = JsonFormatter(
@@ -49,7 +51,7 @@ def configure(log_dir: Path, level: str) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         handler = ConcurrentRotatingFileHandler(
             str(log_dir / LOG_FILE), maxBytes=MAX_BYTES, backupCount=BACKUPS,
-            encoding="utf-8")
+            encoding="utf-8", lock_file_directory=str(lock_dir) if lock_dir else None)
     except OSError as exc:
         root.warning("LOG_DIR is not writable; logging to stdout only",
                      extra={"log_dir": str(log_dir), "error": exc.strerror})

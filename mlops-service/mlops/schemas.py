@@ -13,11 +13,13 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
+import pydantic_core
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
 )
 
@@ -123,7 +125,15 @@ def parse_event(data: bytes | dict, prefix: tuple[str | int, ...] = ()) -> Metri
             event = MetricsEvent.model_validate(data)
     except ValidationError as exc:
         raise InvalidRequest(field_errors(exc, prefix)) from None
-    extra = event.model_extra or {}
+    _check_extra(event, prefix)
+    return event
+
+
+def _check_extra(event: MetricsEvent, prefix: tuple[str | int, ...]) -> None:
+    """Raise :class:`InvalidRequest` if the fields beyond the contract cannot be stored."""
+    extra = event.model_extra
+    if not extra:
+        return
     problems = []
     if len(extra) > MAX_EXTRA_FIELDS:
         problems.append({"field": ".".join(map(str, prefix)) or "body",
@@ -134,7 +144,53 @@ def parse_event(data: bytes | dict, prefix: tuple[str | int, ...] = ()) -> Metri
             problems.append({"field": ".".join(map(str, (*prefix, key[:64]))), "problem": problem})
     if problems:
         raise InvalidRequest(problems)
-    return event
+
+
+_BATCH = TypeAdapter(list[MetricsEvent])
+
+
+def parse_batch(body: bytes, limit: int) -> list[MetricsEvent | InvalidRequest]:
+    """Validate a JSON array of 1 to ``limit`` events; one result per item, in order.
+
+    Each result is the event, or the :class:`InvalidRequest` naming its bad
+    fields (prefixed by the item's index). The whole array is validated in
+    one pass (pydantic-core); only when some item fails are the items
+    validated one by one to tell which. Raises :class:`InvalidRequest` for
+    a body that is not JSON, not an array, or of the wrong length.
+    """
+    try:
+        events = _BATCH.validate_json(body)
+    except ValidationError:
+        events = None
+    else:
+        _check_length(len(events), limit)
+        try:
+            for index, event in enumerate(events):
+                _check_extra(event, (index,))
+        except InvalidRequest:
+            events = None
+    if events is not None:
+        return events
+    try:
+        items = pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise InvalidRequest([{"field": "body", "problem": f"Invalid JSON: {exc}"}]) from None
+    if not isinstance(items, list):
+        raise InvalidRequest([{"field": "body", "problem": "must be a JSON array of events"}])
+    _check_length(len(items), limit)
+    results: list[MetricsEvent | InvalidRequest] = []
+    for index, item in enumerate(items):
+        try:
+            results.append(parse_event(item, prefix=(index,)))
+        except InvalidRequest as exc:
+            results.append(exc)
+    return results
+
+
+def _check_length(count: int, limit: int) -> None:
+    if not 1 <= count <= limit:
+        raise InvalidRequest([{"field": "body",
+                               "problem": f"must hold 1 to {limit} events, got {count}"}])
 
 
 class RefreshRequest(BaseModel):

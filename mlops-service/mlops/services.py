@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # annotations only: the modules below import nothing from her
     from .config import Settings
     from .db import Database
     from .ingest import Ingestor
-    from .spool import Spool
+    from .outbox import Outbox
     from .telemetry import Telemetry
 
 _EXTENSION = "mlops"
@@ -29,7 +29,7 @@ class Services:
 
     settings: Settings
     db: Database
-    spool: Spool
+    outbox: Outbox
     telemetry: Telemetry
     ingestor: Ingestor
     started_at: float = field(default_factory=time.monotonic)  # time.monotonic()
@@ -40,9 +40,9 @@ class Services:
 
     def shutdown(self, drain_seconds: float = 3.0) -> int:
         """Drain the spool for up to ``drain_seconds``, close the pool; return events left."""
-        left = self.ingestor.flusher.stop(drain_seconds)
+        left = self.outbox.stop(drain_seconds)
         self.db.close()
-        self.spool.close()
+        self.outbox.spool.close()
         return left
 
 

@@ -23,6 +23,14 @@ CREATE TABLE IF NOT EXISTS spooled_events (
     received_at REAL NOT NULL,  -- Unix time, seconds
     payload     TEXT NOT NULL   -- the validated event as JSON
 )"""
+# Statements (SQL text: a change of case or spacing is no change, hence no mutation).
+_INSERT = ("INSERT INTO spooled_events (event_id, received_at, payload) "  # pragma: no mutate
+           "VALUES (?, ?, ?)")  # pragma: no mutate
+_COLUMNS = "seq, event_id, received_at, payload"  # pragma: no mutate
+_PEEK = f"SELECT {_COLUMNS} FROM spooled_events ORDER BY seq LIMIT ?"  # pragma: no mutate
+_DELETE = "DELETE FROM spooled_events WHERE seq = ?"  # pragma: no mutate
+_COUNT = "SELECT count(*) FROM spooled_events"  # pragma: no mutate
+_OLDEST = "SELECT received_at FROM spooled_events ORDER BY seq LIMIT 1"  # pragma: no mutate
 
 
 def _enable_wal(conn: sqlite3.Connection, timeout_seconds: float = 5.0) -> None:
@@ -35,7 +43,7 @@ def _enable_wal(conn: sqlite3.Connection, timeout_seconds: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_seconds
     while True:
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA journal_mode=WAL")  # pragma: no mutate
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -72,7 +80,7 @@ class Spool:
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
             _enable_wal(conn)
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA synchronous=FULL")  # pragma: no mutate
             self._local.conn = conn
         return conn
 
@@ -86,17 +94,13 @@ class Spool:
         if self.size_bytes() >= self.max_bytes:
             raise SpoolFull(f"spool holds {self.size_bytes()} bytes, cap {self.max_bytes}")
         with conn:  # BEGIN ... COMMIT, fsynced (synchronous=FULL)
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(
-                "INSERT INTO spooled_events (event_id, received_at, payload) VALUES (?, ?, ?)",
-                list(events),
-            )
+            conn.execute("BEGIN IMMEDIATE")  # pragma: no mutate
+            conn.executemany(_INSERT, list(events))
 
     def peek(self, limit: int) -> list[SpooledEvent]:
         """The oldest ``limit`` events, oldest first, without removing them."""
         rows = self._connect().execute(
-            "SELECT seq, event_id, received_at, payload FROM spooled_events "
-            "ORDER BY seq LIMIT ?",
+            _PEEK,
             (limit,),
         ).fetchall()
         return [SpooledEvent(*row) for row in rows]
@@ -105,26 +109,26 @@ class Spool:
         """Delete the given events (after Postgres committed them)."""
         conn = self._connect()
         with conn:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("DELETE FROM spooled_events WHERE seq = ?", [(s,) for s in seqs])
+            conn.execute("BEGIN IMMEDIATE")  # pragma: no mutate
+            conn.executemany(_DELETE, [(s,) for s in seqs])
 
     def depth(self) -> int:
         """Number of events waiting."""
-        return self._connect().execute("SELECT count(*) FROM spooled_events").fetchone()[0]
+        return self._connect().execute(_COUNT).fetchone()[0]
 
-    def oldest_age_seconds(self, now: float | None = None) -> float:
+    def oldest_age_seconds(self) -> float:
         """Seconds since the oldest waiting event was received; 0 when empty."""
         row = self._connect().execute(
-            "SELECT received_at FROM spooled_events ORDER BY seq LIMIT 1"
+            _OLDEST
         ).fetchone()
-        return max(0.0, (now or time.time()) - row[0]) if row else 0.0
+        return max(0.0, time.time() - row[0]) if row else 0.0
 
     def size_bytes(self) -> int:
         """Bytes in use by live pages of the database file (free pages excluded)."""
         conn = self._connect()
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]  # pragma: no mutate
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]  # pragma: no mutate
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]  # pragma: no mutate
         return (pages - free) * page_size
 
     def close(self) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Iterable
@@ -193,25 +192,40 @@ class LabelGuard:
 
 
 class Telemetry:
-    """Per-app telemetry state: label guards and the scrape-time collector."""
+    """Per-app telemetry state: label guards and the scrape-time collector.
+
+    ``max_label_values`` caps each of model, intent and response type on its
+    own (one :class:`LabelGuard` each); ``multiprocess`` says whether
+    gunicorn.conf.py set ``PROMETHEUS_MULTIPROC_DIR``.
+    """
 
     def __init__(self, db: Database, spool: Spool, *, max_businesses: int,
-                 max_label_values: int, cache_seconds: float, version: str) -> None:
+                 max_label_values: int, cache_seconds: float, version: str,
+                 multiprocess: bool = False) -> None:
         self.business = LabelGuard(max_businesses)
-        self.label = LabelGuard(max_label_values)
+        self.model = LabelGuard(max_label_values)
+        self.intent = LabelGuard(max_label_values)
+        self.response_type = LabelGuard(max_label_values)
+        self._multiprocess = multiprocess
         self.state = StateCollector(db, spool, max_businesses=max_businesses,
                                     cache_seconds=cache_seconds, version=version)
         self._state_registry = CollectorRegistry(auto_describe=False)
         self._state_registry.register(self.state)
 
-    def record_stored(self, records: Iterable[store.Record]) -> None:
-        """Count messages whose rows were just committed (call after the commit)."""
+    def record_stored(self, records: Iterable[store.Record], *, replayed: bool = False) -> None:
+        """Count events whose rows were just committed (call after the commit).
+
+        ``replayed``: they came from the spool (``mlops_events_replayed_total``),
+        else from a request (``mlops_events_stored_total``).
+        """
+        records = list(records)
+        (EVENTS_REPLAYED if replayed else EVENTS_STORED).inc(len(records))
         for record in records:
             e = record.event
             business = self.business(e.business_id)
-            model = self.label(e.model_name)
-            AI_REQUESTS.labels(business, self.label(e.response_type),
-                               self.label(e.intent_detected)).inc()
+            model = self.model(e.model_name)
+            AI_REQUESTS.labels(business, self.response_type(e.response_type),
+                               self.intent(e.intent_detected)).inc()
             AI_RESPONSE_TIME.observe(e.response_time_ms / 1000.0)
             AI_TOKENS.labels(business, model).inc(e.tokens_used)
             AI_COST.labels(business, model).inc(e.api_cost_usd)
@@ -226,7 +240,7 @@ class Telemetry:
 
     def render(self) -> tuple[bytes, str]:
         """The ``/metrics`` body and content type (Prometheus text format 0.0.4)."""
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if self._multiprocess:
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
         else:

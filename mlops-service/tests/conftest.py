@@ -19,24 +19,19 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from functools import cache
-from pathlib import Path
 
 import psycopg2
 import pytest
+from pgcluster import PgCluster, embedded_bin_dir
 from prometheus_client.parser import text_string_to_metric_families
+from servers import Gunicorn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pgcluster import PgCluster, embedded_bin_dir  # noqa: E402
-from servers import Gunicorn  # noqa: E402
-
-from mlops import create_app, migrate  # noqa: E402
-from mlops.config import Settings  # noqa: E402
-from mlops.services import get_services  # noqa: E402
+from mlops import create_app
+from mlops.config import Settings
+from mlops.db import check_at_start
+from mlops.services import get_services
 
 LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 # Chosen in pytest_configure: TEST_DATABASE_URL, LOCAL_URL or the embedded server's.
@@ -143,10 +138,7 @@ def database_url():
     name = f"mlops_test_{uuid.uuid4().hex[:12]}"
     _admin(f'CREATE DATABASE "{name}"')
     url = _with_dbname(ADMIN_URL, name)
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    migrate.apply(conn)
-    conn.close()
+    assert check_at_start(Settings.from_env({"DATABASE_URL": url})) == "ready"
     yield url
     _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

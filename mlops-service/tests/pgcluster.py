@@ -150,6 +150,12 @@ class PgCluster:
         self._run(self.bin / "pg_ctl", "-D", self.data, "-l", self.logfile, "-w", "-t", "30",
                   "start")
 
+    def start_if_stopped(self) -> None:
+        """Start unless running (a test that stopped it may have failed before restarting)."""
+        status = self._run(self.bin / "pg_ctl", "-D", self.data, "status", check=False)
+        if status.returncode != 0:
+            self.start()
+
     def stop(self, mode: str = "fast") -> None:
         """Stop (``fast`` disconnects clients, like a managed database restarting)."""
         self._run(self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "stop", check=False)

@@ -108,3 +108,40 @@ def test_a_wrong_password_fails_at_start(neon_like, tmp_path):
     with pytest.raises(RuntimeError, match="exited 1"):
         server.start()
     assert "password authentication failed" in server.log()
+
+
+@pytest.fixture
+def broken_migrations(tmp_path):
+    """A copy of the migrations folder plus a file whose SQL fails."""
+    from mlops import migrate
+
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    for _, path in migrate.pending_files():
+        (folder / path.name).write_text(path.read_text())
+    (folder / "9999_broken.sql").write_text("ALTER TABLE no_such_table ADD COLUMN x int;\n")
+    return folder
+
+
+def test_gunicorn_stops_on_a_failing_migration_naming_the_file(database_url, broken_migrations,
+                                                                tmp_path):
+    server = Gunicorn({"DATABASE_URL": database_url, "MIGRATIONS_DIR": str(broken_migrations),
+                       "LOG_DIR": str(tmp_path), "SPOOL_DIR": str(tmp_path)})
+    with pytest.raises(RuntimeError, match="exited 1"):
+        server.start()
+    assert "Traceback" not in server.log()
+    assert [line for line in server.log().splitlines() if "cannot start" in line] == [
+        "mlops-service: cannot start: migration 9999_broken.sql failed: "
+        'relation "no_such_table" does not exist']
+
+
+def test_python_app_py_stops_on_a_failing_migration_naming_the_file(database_url,
+                                                                     broken_migrations, tmp_path):
+    env = _clean_env(DATABASE_URL=database_url, MIGRATIONS_DIR=str(broken_migrations),
+                     LOG_DIR=str(tmp_path), SPOOL_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "app.py"], cwd=SERVICE_DIR, env=env,
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "mlops-service: cannot start: migration 9999_broken.sql failed: "
+        'relation "no_such_table" does not exist']

@@ -12,6 +12,8 @@ import pytest
 from conftest import metric_sum, metric_values, query
 from payloads import FAILURE, REQUIRED, SUCCESS, money, varied
 
+from mlops.version import __version__
+
 
 def metrics(client) -> dict:
     return metric_values(client.get("/metrics").get_data(as_text=True))
@@ -220,7 +222,8 @@ def test_health_endpoints(client):
     ready = client.get("/health/ready")
     assert ready.status_code == 200 and ready.get_json()["database"]["status"] == "up"
     detailed = client.get("/health/detailed").get_json()
-    assert detailed["version"] and detailed["uptime_seconds"] >= 0
+    assert detailed["version"] == __version__
+    assert 0 < detailed["uptime_seconds"] < 60
     assert detailed["pool"]["max_connections"] == 10
     assert detailed["spool"]["depth"] == 0
 
@@ -319,3 +322,8 @@ def test_costs_add_up_to_the_cent(client, pg):
                  business) == [(total,)]
     assert money(client.get(f"/analytics/{business}").get_json()["metrics"][
         "total_api_cost_usd"]) == total
+
+
+def test_the_log_folder_holds_only_logs(make_app, service_env):
+    make_app(LOG_LEVEL="INFO").test_client().get("/health")
+    assert sorted(p.name for p in Path(service_env["LOG_DIR"]).iterdir()) == ["mlops-service.log"]

@@ -8,18 +8,28 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, jsonify
 
-from .. import __version__, draining
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
+from ..draining import is_draining
 from ..services import get_services
+from ..version import __version__
 
 bp = Blueprint("health", __name__)
 
 
+# Milliseconds a health check waits for Postgres: inside Kubernetes' default
+# probe timeoutSeconds of 1, so a silent database reads as 503, not a timeout.
+PING_TIMEOUT_MS = 500
+
+
 def _database_status(services) -> dict:
-    """One real round trip: ``{"status": "up"|"down", "latency_ms", "error"?}``."""
+    """One real round trip: ``{"status": "up"|"down", "latency_ms", "error"?}``.
+
+    Bounded by ``PING_TIMEOUT_MS`` whatever state the database is in.
+    """
     started = time.perf_counter()
     try:
-        services.db.ping()
+        with services.db.deadline(PING_TIMEOUT_MS):
+            services.db.ping()
     except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
         return {"status": "down", "error": str(exc),
                 "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
@@ -27,7 +37,7 @@ def _database_status(services) -> dict:
 
 
 def _spool_status(services) -> dict:
-    spool = services.spool
+    spool = services.outbox.spool
     return {"depth": spool.depth(), "oldest_age_seconds": round(spool.oldest_age_seconds(), 3),
             "size_bytes": spool.size_bytes(), "max_bytes": spool.max_bytes}
 
@@ -58,7 +68,7 @@ def ready():
     "spool": {depth, oldest_age_seconds, ...}}``; on 503, ``reason`` says why.
     """
     services = get_services()
-    if draining.is_draining():
+    if is_draining():
         return jsonify({"status": "draining", "reason": "shutting down",
                         "spool": _spool_status(services)}), 503
     if not services.settings.readiness_checks_database:

@@ -1,4 +1,10 @@
-"""``GET /openapi.json``: OpenAPI 3.1, generated from the pydantic models that validate requests."""
+"""``GET /openapi.json``: the OpenAPI 3.1 document of the service.
+
+Request-body schemas are generated from the pydantic models that validate
+requests (so they cannot drift); the paths, responses and result shapes
+are written out here by hand and kept honest by schemathesis
+(tests/test_hostile.py), which checks every response against them.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,8 @@ from functools import cache
 from flask import Blueprint, jsonify
 from pydantic.json_schema import models_json_schema
 
-from .. import __version__
 from ..schemas import MetricsEvent, RefreshRequest
+from ..version import __version__
 
 bp = Blueprint("openapi", __name__)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import pydantic_core
 from flask import Blueprint, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import UnsupportedMediaType
@@ -12,7 +11,7 @@ from werkzeug.exceptions import UnsupportedMediaType
 from ..auth import require_scope
 from ..errors import error_response
 from ..limits import rate_limited
-from ..schemas import InvalidRequest, RefreshRequest, field_errors, parse_event
+from ..schemas import InvalidRequest, RefreshRequest, field_errors, parse_batch, parse_event
 from ..services import get_services
 from ..telemetry import EVENTS_REJECTED
 
@@ -79,38 +78,32 @@ def track_batch():
     """
     services = get_services()
     limit = services.settings.max_batch_events
-    body = _json_body(services.settings.max_body_bytes * limit)
-    try:
-        items = pydantic_core.from_json(body, allow_inf_nan=False)
-    except ValueError as exc:
-        raise InvalidRequest([{"field": "body", "problem": f"Invalid JSON: {exc}"}]) from None
-    if not isinstance(items, list):
-        raise InvalidRequest([{"field": "body", "problem": "must be a JSON array of events"}])
-    if not 1 <= len(items) <= limit:
-        raise InvalidRequest([{"field": "body",
-                               "problem": f"must hold 1 to {limit} events, got {len(items)}"}])
+    parsed = parse_batch(_json_body(services.settings.max_body_bytes * limit), limit)
 
-    results: list[dict] = [{} for _ in items]
+    results: list[dict] = [{} for _ in parsed]
     valid, positions = [], []
-    for index, item in enumerate(items):
-        try:
-            valid.append(parse_event(item, prefix=(index,)))
+    for index, item in enumerate(parsed):
+        if isinstance(item, InvalidRequest):
+            results[index] = {"index": index, "status": 422, "error": item.problems}
+        else:
+            valid.append(item)
             positions.append(index)
-        except InvalidRequest as exc:
-            results[index] = {"index": index, "status": 422, "error": exc.problems}
-    EVENTS_REJECTED.labels("invalid").inc(len(items) - len(valid))
+    EVENTS_REJECTED.labels("invalid").inc(len(parsed) - len(valid))
 
     storage = None
     if valid:
-        storage, records = services.ingestor.submit(valid)
+        # A batch is not the chat app's fire-and-forget call: it may take the
+        # statement timeout, not /track's short deadline.
+        storage, records = services.ingestor.submit(
+            valid, timeout_ms=services.settings.db_statement_timeout_ms)
         for index, record in zip(positions, records, strict=True):
             results[index] = {"index": index, "status": STATUS_FOR[storage],
                               "event_id": record.event_id}
     return jsonify({
-        "status": "success" if len(valid) == len(items) else "partial",
+        "status": "success" if len(valid) == len(parsed) else "partial",
         "storage": storage,
         "accepted": len(valid),
-        "rejected": len(items) - len(valid),
+        "rejected": len(parsed) - len(valid),
         "results": results,
     }), 207
 

@@ -1,0 +1,150 @@
+"""The outbox: events Postgres could not take yet, kept in the spool and delivered later.
+
+:meth:`Outbox.put` writes records durably (fsynced) to the spool, and owns
+their conversion to and from spool rows. One flusher thread per process
+runs in the background; the one holding an exclusive ``flock`` on
+``<spool>/flusher.lock`` is the leader and hands spooled events, oldest
+first, in batches, to the same delivery step a request uses, backing off
+exponentially while the database is away. Delivery is idempotent on
+``event_id``, so a crash between the Postgres commit and the spool delete
+replays the batch without storing anything twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from .db import DatabaseMisconfigured, DatabaseUnavailable
+from .schemas import MetricsEvent
+from .spool import Spool, SpooledEvent
+from .store import Record
+
+log = logging.getLogger(__name__)
+
+FLUSH_BATCH = 500
+BACKOFF_MIN_SECONDS = 0.5
+BACKOFF_MAX_SECONDS = 10.0
+# How often a follower checks whether it may lead, and the leader looks at an
+# empty spool without being woken: latency choices, not correctness.
+LEADER_POLL_SECONDS = 1.0  # pragma: no mutate
+IDLE_POLL_SECONDS = 0.5  # pragma: no mutate
+
+Deliver = Callable[..., set[str]]  # mlops.deliver.Delivery
+
+
+def to_row(record: Record) -> tuple[str, float, str]:
+    """A record as a spool row: ``(event_id, received_at as Unix seconds, event JSON)``."""
+    return record.event_id, record.received_at.timestamp(), record.event.model_dump_json()
+
+
+def from_row(item: SpooledEvent) -> Record:
+    """The record a spool row was made from (:func:`to_row`)."""
+    return Record(item.event_id, datetime.fromtimestamp(item.received_at, UTC),
+                  MetricsEvent.model_validate_json(item.payload))
+
+
+class Outbox:
+    """The spool plus its flusher thread, delivering through ``deliver``."""
+
+    def __init__(self, spool: Spool, deliver: Deliver, *, timeout_ms: int,
+                 backoff_seconds: tuple[float, float] = (BACKOFF_MIN_SECONDS,
+                                                         BACKOFF_MAX_SECONDS)) -> None:
+        self.spool = spool
+        self._deliver = deliver
+        self._timeout_ms = timeout_ms
+        self._backoff_min, self._backoff_max = backoff_seconds
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock_file = None
+        self._thread: threading.Thread | None = None
+        self._flush_lock = threading.Lock()
+
+    def put(self, records: Sequence[Record]) -> None:
+        """Append ``records`` durably and wake the flusher.
+
+        Raises :class:`mlops.spool.SpoolFull` (nothing written) at the cap.
+        """
+        self.spool.put(to_row(r) for r in records)
+        self._wake.set()
+
+    def flush_once(self) -> int:
+        """Deliver one batch (oldest first); return how many left the spool.
+
+        Raises the errors of the delivery step; then nothing left the spool.
+        """
+        with self._flush_lock:
+            batch = self.spool.peek(FLUSH_BATCH)
+            if not batch:
+                return 0
+            self._deliver([from_row(item) for item in batch], timeout_ms=self._timeout_ms,
+                          replayed=True)
+            self.spool.remove(item.seq for item in batch)
+        return len(batch)
+
+    def start(self) -> None:
+        """Start the flusher thread (idempotent). Call in the serving process, after fork."""
+        if self._thread is None:
+            name = "spool-flusher"  # pragma: no mutate
+            self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+            self._thread.start()
+
+    def _is_leader(self) -> bool:
+        if self._lock_file is not None:
+            return True
+        lock = self.spool.path.with_name("flusher.lock")  # pragma: no mutate
+        handle = open(lock, "a")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        self._lock_file = handle
+        return True
+
+    def _loop(self) -> None:
+        backoff = self._backoff_min
+        while not self._stop.is_set():
+            if not self._is_leader():
+                self._stop.wait(LEADER_POLL_SECONDS)
+                continue
+            try:
+                moved = self.flush_once()
+            except Exception as exc:  # keep the flusher alive whatever happens
+                if isinstance(exc, DatabaseUnavailable | DatabaseMisconfigured):
+                    log.warning("spool flush failed; retrying", extra={  # pragma: no mutate
+                        "error": str(exc), "retry_in_seconds": backoff})  # pragma: no mutate
+                else:
+                    log.exception("spool flush crashed; retrying")  # pragma: no mutate
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self._backoff_max)
+                continue
+            backoff = self._backoff_min
+            if not moved:
+                self._wake.wait(IDLE_POLL_SECONDS)
+                self._wake.clear()
+
+    def stop(self, drain_seconds: float) -> int:
+        """Stop the thread, then flush for up to ``drain_seconds``; return events left.
+
+        Whatever is left stays in the spool for the next start.
+        """
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=drain_seconds)
+        deadline = time.monotonic() + drain_seconds
+        while time.monotonic() < deadline and self._is_leader():
+            try:
+                if not self.flush_once():
+                    break
+            except (DatabaseUnavailable, DatabaseMisconfigured):
+                break
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+        return self.spool.depth()

@@ -1,0 +1,337 @@
+"""The database layer's guarantees, each against a real Postgres that misbehaves for real.
+
+The test database sits behind a TCP proxy that can stop forwarding (a
+silent server); ``pg_terminate_backend`` breaks a pooled connection the way
+Neon does when its compute suspends. Fast enough to run for every mutant
+of ``make mutation``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psycopg2
+import pytest
+from conftest import ADMIN_URL, _admin, _with_dbname
+from psycopg2.extensions import parse_dsn
+from tcpproxy import StallingProxy
+
+from mlops import migrate
+from mlops.config import Settings
+from mlops.db import (
+    Database,
+    DatabaseMisconfigured,
+    DatabaseUnavailable,
+    MigrationError,
+    check_at_start,
+)
+
+
+@pytest.fixture
+def proxy():
+    """A proxy in front of the test server; ``proxy.url(name)`` reaches database ``name``."""
+    p = StallingProxy(int(parse_dsn(ADMIN_URL).get("port", 5432)))
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def dbname(database_url) -> str:
+    return parse_dsn(database_url)["dbname"]
+
+
+@pytest.fixture
+def fresh_database():
+    """Factory: the name of a new, empty database (dropped after the test)."""
+    names = []
+
+    def make() -> str:
+        names.append(f"mlops_test_{uuid.uuid4().hex[:12]}")
+        _admin(f'CREATE DATABASE "{names[-1]}"')
+        return names[-1]
+
+    yield make
+    for name in names:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def psql(name: str, sql: str):
+    conn = psycopg2.connect(_with_dbname(ADMIN_URL, name))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        row = cur.fetchone() if cur.description else None
+    conn.close()
+    return row[0] if row else None
+
+
+@pytest.fixture
+def make_db(tmp_path):
+    made = []
+
+    def make(url: str, breaker_seconds: float = 0.5, **env) -> Database:
+        settings = Settings.from_env({"DATABASE_URL": url, "SPOOL_DIR": str(tmp_path),
+                                      "DB_CONNECT_TIMEOUT_SECONDS": "2",
+                                      **{k: str(v) for k, v in env.items()}})
+        db = Database(settings, breaker_seconds=breaker_seconds)
+        made.append(db)
+        return db
+
+    yield make
+    for db in made:
+        db.close()
+
+
+def select_one(cur) -> int:
+    cur.execute("SELECT 1")
+    return cur.fetchone()[0]
+
+
+def timed(call) -> tuple[float, BaseException | None]:
+    started = time.monotonic()
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - returned for the test to judge
+        return time.monotonic() - started, exc
+    return time.monotonic() - started, None
+
+
+def test_a_silent_server_cannot_hold_a_call_past_its_deadline(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname))
+    assert db.run(select_one) == 1  # a warm connection in the pool
+    proxy.stall()
+    threading.Timer(3.0, proxy.resume).start()  # without the deadline the call waits for this
+    with db.deadline(200):
+        elapsed, error = timed(lambda: db.run(select_one))
+    assert isinstance(error, DatabaseUnavailable), error
+    assert 0.15 < elapsed < 0.6, elapsed
+    assert db.pool_in_use() == 0
+    with db.deadline(200):  # a ping is a real round trip
+        assert isinstance(timed(db.ping)[1], DatabaseUnavailable)
+
+
+def test_a_connection_not_ready_by_the_deadline_joins_the_pool_later(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=60)  # no probe meanwhile
+    proxy.stall()
+    with db.deadline(200):
+        elapsed, error = timed(lambda: db.run(select_one))
+    assert isinstance(error, DatabaseUnavailable) and elapsed < 0.6, (elapsed, error)
+    proxy.resume()
+    deadline = time.monotonic() + 5
+    while not db._idle and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(db._idle) == 1
+    with db.deadline(200):
+        assert db.run(select_one) == 1
+
+
+def test_a_connection_failing_after_its_deadline_gives_its_slot_back(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=60, DB_POOL_SIZE=1)
+    proxy.stall()
+    with db.deadline(200):
+        assert isinstance(timed(lambda: db.run(select_one))[1], DatabaseUnavailable)
+    assert db.pool_in_use() == 1  # the connect goes on in the background
+    proxy.refuse()
+    deadline = time.monotonic() + 5
+    while db.pool_in_use() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert db.pool_in_use() == 0 and not db._idle
+
+
+def test_after_a_failure_calls_that_may_skip_do_not_wait(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname))
+    db.run(select_one)
+    proxy.stall()
+    with db.deadline(200, skip_if_down=True):
+        assert isinstance(timed(lambda: db.run(select_one))[1], DatabaseUnavailable)
+    with db.deadline(200, skip_if_down=True):
+        elapsed, error = timed(lambda: db.run(select_one))
+    assert isinstance(error, DatabaseUnavailable) and elapsed < 0.05, (elapsed, error)
+    proxy.resume()
+    # A call that may not skip (readiness, the flusher) still tries, and closes the breaker.
+    assert db.run(select_one) == 1
+    with db.deadline(200, skip_if_down=True):
+        assert db.run(select_one) == 1
+
+
+def test_a_background_probe_closes_the_breaker_once_the_database_answers(proxy, make_db,
+                                                                          dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=0.2)
+
+    def skipping_call_succeeds() -> bool:
+        with db.deadline(500, skip_if_down=True):
+            return timed(lambda: db.run(select_one))[1] is None
+
+    def wait_closed() -> None:
+        deadline = time.monotonic() + 10
+        while not skipping_call_succeeds():
+            assert time.monotonic() < deadline, "the breaker never closed"
+            time.sleep(0.05)
+
+    for _ in range(2):  # a second outage needs a new probe
+        db.run(select_one)
+        proxy.refuse()
+        with db.deadline(100, skip_if_down=True):
+            assert isinstance(timed(lambda: db.run(select_one))[1], DatabaseUnavailable)
+        time.sleep(0.7)  # several probes fail meanwhile; the probing goes on
+        assert not skipping_call_succeeds()
+        proxy.resume()
+        wait_closed()
+        deadline = time.monotonic() + 5
+        while db._prober is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert db._prober is None, "the probe goes on after the breaker closed"
+
+
+def test_a_broken_pooled_connection_is_retried_once_on_a_fresh_one(database_url, dbname,
+                                                                    make_db):
+    db = make_db(database_url, DB_POOL_SIZE=1)
+    assert db.run(select_one) == 1
+    assert psql(dbname, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = 'mlops-service' "
+                        "AND datname = current_database()") >= 1
+    assert db.run(select_one) == 1
+    assert db.pool_in_use() == 0
+
+
+def test_a_connection_that_breaks_twice_is_reported_unavailable(database_url, make_db):
+    db = make_db(database_url)
+
+    def always_break(cur):
+        cur.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+    elapsed, error = timed(lambda: db.run(always_break))
+    assert isinstance(error, DatabaseUnavailable), error
+    assert db.pool_in_use() == 0
+
+
+def test_a_refused_connection_is_unavailable_and_a_wrong_database_misconfigured(make_db):
+    refused = make_db("postgresql://postgres@127.0.0.1:1/postgres")
+    error = timed(refused.ping)[1]
+    assert isinstance(error, DatabaseUnavailable)
+    assert str(error).startswith('connection to server at "127.0.0.1", port 1 failed')
+    wrong = make_db(_with_dbname(ADMIN_URL, "no_such_database"))
+    error = timed(wrong.ping)[1]
+    assert isinstance(error, DatabaseMisconfigured)
+    assert str(error).endswith('database "no_such_database" does not exist')
+
+
+def test_the_start_up_check_tells_away_from_misconfigured():
+    away = Settings.from_env({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/postgres"})
+    assert check_at_start(away).startswith(
+        'unavailable: connection to server at "127.0.0.1", port 1 failed')
+    wrong = Settings.from_env({"DATABASE_URL": _with_dbname(ADMIN_URL, "no_such_database")})
+    with pytest.raises(DatabaseMisconfigured, match='"no_such_database" does not exist'):
+        check_at_start(wrong)
+
+
+def test_a_bug_in_the_sql_propagates_unchanged_and_keeps_the_connection(database_url,
+                                                                         make_db):
+    db = make_db(database_url)
+
+    def broken(cur):
+        cur.execute("SELEC 1")
+
+    with pytest.raises(psycopg2.errors.SyntaxError):
+        db.run(broken)
+    assert db.pool_in_use() == 0 and db.run(select_one) == 1
+
+
+def test_migrations_run_at_start_once_and_a_broken_file_is_named(fresh_database, tmp_path):
+    name = fresh_database()
+    url = _with_dbname(ADMIN_URL, name)
+    good = tmp_path / "good"
+    good.mkdir()
+    for _, path in migrate.pending_files():
+        (good / path.name).write_text(path.read_text())
+    settings = Settings.from_env({"DATABASE_URL": url, "MIGRATIONS_DIR": str(good)})
+    assert not migrate.is_current(url, good)
+    assert check_at_start(settings) == "ready"
+    assert migrate.is_current(url, good)
+    assert not migrate.is_current(url, tmp_path)
+    assert psql(name, "SELECT count(*) FROM mlops_schema_migrations") == len(
+        migrate.pending_files())
+    assert check_at_start(settings) == "ready"  # again: nothing left to apply
+    assert psql(name, "SELECT count(*) FROM mlops_schema_migrations") == len(
+        migrate.pending_files())
+
+    broken = tmp_path / "migrations"
+    broken.mkdir()
+    for _, path in migrate.pending_files():
+        (broken / path.name).write_text(path.read_text())
+    (broken / "9999_broken.sql").write_text("CREATE TABLE oops (;\n")
+    bad = Settings.from_env({"DATABASE_URL": url, "MIGRATIONS_DIR": str(broken)})
+    with pytest.raises(MigrationError, match=r"^migration 9999_broken\.sql failed: syntax error"):
+        check_at_start(bad)
+    assert psql(name, "SELECT to_regclass('oops') IS NULL") is True
+
+
+def test_a_database_away_at_start_is_migrated_before_its_first_use(fresh_database, proxy,
+                                                                    make_db):
+    name = fresh_database()
+    proxy.stall()
+    settings = Settings.from_env({"DATABASE_URL": proxy.url(name),
+                                  "DB_CONNECT_TIMEOUT_SECONDS": "1"})
+    assert check_at_start(settings).startswith("unavailable")
+    proxy.resume()
+    db = make_db(proxy.url(name))
+    assert db.run(lambda cur: cur.execute("SELECT count(*) FROM mlops_events")) is None
+    assert psql(name, "SELECT count(*) > 0 FROM mlops_schema_migrations") is True
+
+
+def test_a_migration_failing_later_keeps_the_service_spooling(fresh_database, make_db,
+                                                               tmp_path):
+    name = fresh_database()
+    broken = tmp_path / "migrations"
+    broken.mkdir()
+    (broken / "0001_broken.sql").write_text("SELEC 1;\n")
+    db = make_db(_with_dbname(ADMIN_URL, name), MIGRATIONS_DIR=broken)
+    elapsed, error = timed(db.ping)
+    assert isinstance(error, DatabaseUnavailable)
+    assert "0001_broken.sql" in str(error)
+
+
+def test_a_misnamed_migration_file_is_named(tmp_path):
+    (tmp_path / "first.sql").write_text("SELECT 1;\n")
+    with pytest.raises(migrate.MigrationFailed, match="first.sql"):
+        migrate.pending_files(Path(tmp_path))
+
+
+def test_apply_reports_what_it_applied_and_rolls_back_a_failing_file(fresh_database, tmp_path):
+    name = fresh_database()
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    (folder / "0001_first_table.sql").write_text("CREATE TABLE first_table (x int);\n")
+    (folder / "0002_second_table.sql").write_text("CREATE TABLE second_table (x int);\n")
+    conn = psycopg2.connect(_with_dbname(ADMIN_URL, name))
+    conn.autocommit = True
+    try:
+        assert migrate.apply(conn, folder) == [1, 2]
+        assert migrate.apply(conn, folder) == []
+        (folder / "0003_broken.sql").write_text("CREATE TABLE first_table (x int);\n")
+        with pytest.raises(migrate.MigrationFailed, match="^migration 0003_broken.sql failed"):
+            migrate.apply(conn, folder)
+        # Rolled back: the connection is usable and nothing of 0003 is recorded.
+        assert conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        with conn.cursor() as cur:
+            cur.execute("SELECT max(version) FROM mlops_schema_migrations")
+            assert cur.fetchone() == (2,)
+    finally:
+        conn.close()
+
+
+def test_close_gives_back_every_connection(database_url, dbname, make_db):
+    db = make_db(database_url)
+    db.run(select_one)
+
+    def ours() -> int:
+        return psql(dbname, "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                            "'mlops-service' AND datname = current_database()")
+
+    assert ours() >= 1
+    db.close()
+    assert db.pool_in_use() == 0 and db.pool_size == 0
+    assert ours() == 0

@@ -1,0 +1,369 @@
+"""The write path's parts, each built with the real parts it needs (Postgres, the spool).
+
+Fast tests of the subtle pieces: the outbox's (de)serialisation and its
+crash window, the request's fallback to the outbox, who flushes, and the
+per-label caps of the telemetry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from conftest import metric_sum, metric_values
+from payloads import SUCCESS, varied
+from prometheus_client import REGISTRY, generate_latest
+from psycopg2.extensions import parse_dsn
+from tcpproxy import StallingProxy
+
+from mlops import store
+from mlops.config import Settings
+from mlops.db import Database, DatabaseUnavailable
+from mlops.deliver import Delivery
+from mlops.ingest import Ingestor
+from mlops.outbox import Outbox, from_row, to_row
+from mlops.schemas import parse_event
+from mlops.spool import Spool, SpoolFull
+from mlops.telemetry import OVERFLOW_LABEL, Telemetry
+
+
+class Parts:
+    """A database, spool, telemetry, delivery step, outbox and ingestor, wired like the app."""
+
+    def __init__(self, url: str, spool_dir, *, max_label_values: int = 10,
+                 spool_max_bytes: int = 1 << 20,
+                 backoff_seconds: tuple[float, float] = (0.5, 10.0)) -> None:
+        settings = Settings.from_env({"DATABASE_URL": url, "DB_CONNECT_TIMEOUT_SECONDS": "1"})
+        self.db = Database(settings, breaker_seconds=0.2)
+        self.spool = Spool(spool_dir, spool_max_bytes)
+        self.telemetry = Telemetry(self.db, self.spool, max_businesses=10,
+                                   max_label_values=max_label_values, cache_seconds=10,
+                                   version="test")
+        self.deliver = Delivery(self.db, self.telemetry)
+        self.outbox = Outbox(self.spool, self.deliver, timeout_ms=2000,
+                             backoff_seconds=backoff_seconds)
+        self.ingestor = Ingestor(self.deliver, self.outbox, timeout_ms=500)
+
+    def close(self) -> None:
+        self.outbox.stop(0)
+        self.db.close()
+        self.spool.close()
+
+
+@pytest.fixture
+def parts(database_url, tmp_path):
+    made = []
+
+    def make(url: str = database_url, **kwargs) -> Parts:
+        p = Parts(url, tmp_path / f"spool-{len(made)}", **kwargs)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def events(n: int, business: str | None = None) -> list:
+    business = business or str(uuid.uuid4())
+    return [parse_event({**e, "event_id": str(uuid.uuid4())}) for e in varied(n, [business])]
+
+
+def scrape() -> dict:
+    return metric_values(generate_latest(REGISTRY).decode())
+
+
+def stored(pg, ids) -> list[str]:
+    with pg.cursor() as cur:
+        cur.execute("SELECT event_id FROM mlops_events WHERE event_id = ANY(%s)", (list(ids),))
+        return [row[0] for row in cur.fetchall()]
+
+
+def test_a_spool_row_gives_back_the_record_it_was_made_from(tmp_path):
+    event = parse_event({**SUCCESS, "event_id": "e-1", "locale": "de-DE", "nested": {"a": [1]}})
+    record = store.Record("e-1", datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), event)
+    spool = Spool(tmp_path, 1 << 20)
+    spool.put([to_row(record)])
+    (item,) = spool.peek(10)
+    assert from_row(item) == record
+    assert from_row(item).event.model_extra == {"locale": "de-DE", "nested": {"a": [1]}}
+
+
+def test_a_request_stores_directly_while_the_database_answers(parts, pg):
+    p = parts()
+    batch = events(3)
+    before = scrape()
+    storage, records = p.ingestor.submit(batch)
+    assert storage == "stored" and [r.event for r in records] == batch
+    assert sorted(stored(pg, [r.event_id for r in records])) == sorted(
+        r.event_id for r in records)
+    assert metric_sum(scrape(), "mlops_events_stored_total") - metric_sum(
+        before, "mlops_events_stored_total") == 3
+    assert p.spool.depth() == 0
+
+
+def test_events_without_an_id_get_one_and_a_utc_receive_time(parts):
+    p = parts()
+    event = parse_event(SUCCESS)
+    _, (record,) = p.ingestor.submit([event])
+    assert uuid.UUID(record.event_id)
+    assert record.received_at.utcoffset() == timedelta(0)
+
+
+def test_while_the_database_is_silent_only_the_first_request_waits(parts, database_url):
+    proxy = StallingProxy(int(parse_dsn(database_url).get("port", 5432)))
+    try:
+        p = parts(proxy.url(parse_dsn(database_url)["dbname"]))
+        assert p.ingestor.submit(events(1))[0] == "stored"  # a warm connection
+        proxy.stall()
+        started = time.monotonic()
+        assert p.ingestor.submit(events(1))[0] == "queued"
+        first = time.monotonic() - started
+        started = time.monotonic()
+        assert p.ingestor.submit(events(1))[0] == "queued"
+        second = time.monotonic() - started
+        assert 0.4 <= first < 1.0 and second < 0.05, (first, second)
+    finally:
+        proxy.close()
+
+
+def test_failed_connects_give_their_pool_slot_back(parts):
+    away = parts("postgresql://postgres@127.0.0.1:1/postgres")
+    for _ in range(3):
+        with pytest.raises(DatabaseUnavailable):
+            away.db.ping()
+    assert away.db.pool_in_use() == 0
+
+
+def test_a_request_spools_when_the_database_is_away_then_the_flusher_delivers(parts, pg):
+    away = parts("postgresql://postgres@127.0.0.1:1/postgres")
+    batch = events(5)
+    before = scrape()
+    storage, records = away.ingestor.submit(batch)
+    assert storage == "queued" and away.spool.depth() == 5
+    assert metric_sum(scrape(), "mlops_events_queued_total") - metric_sum(
+        before, "mlops_events_queued_total") == 5
+    # While the breaker is open the next request does not even try.
+    assert away.ingestor.submit(events(1))[0] == "queued"
+    assert stored(pg, [r.event_id for r in records]) == []
+
+
+def test_the_flusher_delivers_through_the_same_step_and_counts_once(parts, pg, tmp_path,
+                                                                    database_url):
+    p = parts()
+    batch = events(20)
+    records = [store.Record(e.event_id, datetime.now(UTC), e) for e in batch]
+    p.outbox.put(records)
+    # The crash window: Postgres committed half of them, the spool delete never happened.
+    assert len(store.insert_events(p.db, records[:10], 1000)) == 10
+    before = scrape()
+    assert p.outbox.flush_once() == 20
+    assert p.spool.depth() == 0 and p.outbox.flush_once() == 0
+    assert len(stored(pg, [r.event_id for r in records])) == 20
+    after = scrape()
+    assert metric_sum(after, "mlops_events_replayed_total") - metric_sum(
+        before, "mlops_events_replayed_total") == 10
+    business = batch[0].business_id
+    assert metric_sum(after, "ai_requests_total", business_id=business) - metric_sum(
+        before, "ai_requests_total", business_id=business) == 10
+
+
+def test_a_failed_flush_leaves_the_batch_in_the_spool(parts):
+    away = parts("postgresql://postgres@127.0.0.1:1/postgres")
+    batch = events(3)
+    away.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in batch])
+    with pytest.raises(DatabaseUnavailable):
+        away.outbox.flush_once()
+    assert away.spool.depth() == 3
+
+
+def test_only_one_process_leads_the_flush_and_stop_drains(parts, pg):
+    first, second = parts(), parts()
+    second.spool.close()
+    second.spool = second.outbox.spool = first.spool  # one spool file, two outboxes
+    assert first.outbox._is_leader() and not second.outbox._is_leader()
+    batch = events(4)
+    first.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in batch])
+    assert first.outbox.stop(drain_seconds=5) == 0
+    assert len(stored(pg, [e.event_id for e in batch])) == 4
+    assert second.outbox._is_leader()  # the lock is free once the leader stops
+
+
+def test_the_flusher_backs_off_exponentially_while_the_database_is_away(parts):
+    away = parts("postgresql://postgres@127.0.0.1:1/postgres", backoff_seconds=(0.01, 0.04))
+    away.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in events(1)])
+    waits: list[float] = []
+
+    class Waits(logging.Handler):
+        def emit(self, record):
+            waits.append(record.retry_in_seconds)
+
+    handler = Waits()
+    logger = logging.getLogger("mlops.outbox")
+    logger.addHandler(handler)
+    try:
+        away.outbox.start()
+        deadline = time.monotonic() + 10
+        while len(waits) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        away.outbox.stop(0)
+        logger.removeHandler(handler)
+    assert waits[:5] == [0.01, 0.02, 0.04, 0.04, 0.04]
+    assert away.spool.depth() == 1
+
+
+def test_the_background_flusher_empties_the_spool(parts, pg):
+    p = parts()
+    batch = events(7)
+    p.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in batch])
+    p.outbox.start()
+    p.outbox.start()  # idempotent
+    deadline = time.monotonic() + 10
+    while p.spool.depth() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert p.spool.depth() == 0 and len(stored(pg, [e.event_id for e in batch])) == 7
+
+
+def test_a_full_spool_refuses_and_keeps_nothing_of_the_refused_batch(parts):
+    away = parts("postgresql://postgres@127.0.0.1:1/postgres", spool_max_bytes=1 << 20)
+    with pytest.raises(SpoolFull):
+        for _ in range(200):
+            away.ingestor.submit(events(100))
+    depth = away.spool.depth()
+    with pytest.raises(SpoolFull, match=r"^spool holds \d+ bytes, cap 1048576$"):
+        away.ingestor.submit(events(1))
+    assert away.spool.depth() == depth
+
+
+def test_each_label_has_its_own_cap(parts):
+    p = parts(max_label_values=2)
+    business = str(uuid.uuid4())
+    two_each = [
+        {"model_name": "m1", "intent_detected": "i1", "response_type": "r1"},
+        {"model_name": "m2", "intent_detected": "i2", "response_type": "r2"},
+    ]
+    records = [store.Record(str(uuid.uuid4()), datetime.now(UTC),
+                            parse_event({**SUCCESS, "business_id": business, **labels}))
+               for labels in two_each]
+    p.telemetry.record_stored(records)
+    values = scrape()
+    assert metric_sum(values, "ai_tokens_used_total", business_id=business,
+                      model_name=OVERFLOW_LABEL) == 0
+    assert metric_sum(values, "ai_requests_total", business_id=business,
+                      intent=OVERFLOW_LABEL) == 0
+    assert metric_sum(values, "ai_requests_total", business_id=business,
+                      response_type=OVERFLOW_LABEL) == 0
+    for labels in two_each:
+        assert metric_sum(values, "ai_requests_total", business_id=business,
+                          intent=labels["intent_detected"],
+                          response_type=labels["response_type"]) == 1
+        assert metric_sum(values, "ai_tokens_used_total", business_id=business,
+                          model_name=labels["model_name"]) == SUCCESS["tokens_used"]
+    third = {"model_name": "m3", "intent_detected": "i3", "response_type": "r3"}
+    p.telemetry.record_stored([store.Record(
+        str(uuid.uuid4()), datetime.now(UTC),
+        parse_event({**SUCCESS, "business_id": business, **third}))])
+    values = scrape()
+    assert metric_sum(values, "ai_tokens_used_total", business_id=business,
+                      model_name=OVERFLOW_LABEL) == SUCCESS["tokens_used"]
+    assert metric_sum(values, "ai_requests_total", business_id=business,
+                      intent=OVERFLOW_LABEL, response_type=OVERFLOW_LABEL) == 1
+
+
+def test_the_flusher_delivers_while_requests_skip_the_database(parts, database_url):
+    """The breaker stops requests from waiting; it must not stop the flusher."""
+    proxy = StallingProxy(int(parse_dsn(database_url).get("port", 5432)))
+    try:
+        p = parts(proxy.url(parse_dsn(database_url)["dbname"]))
+        p.db._breaker_seconds = 60  # the probe stays out of the way
+        proxy.refuse()
+        assert p.ingestor.submit(events(3))[0] == "queued"
+        proxy.resume()
+        assert p.ingestor.submit(events(1))[0] == "queued"  # the breaker is open
+        assert p.outbox.flush_once() == 4
+    finally:
+        proxy.close()
+
+
+def test_a_follower_takes_over_when_the_leader_stops(parts, pg):
+    first, second = parts(), parts()
+    second.spool.close()
+    second.spool = second.outbox.spool = first.spool
+    first.outbox.start()
+    deadline = time.monotonic() + 5
+    while first.outbox._lock_file is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second.outbox.start()
+    time.sleep(0.2)  # the follower's first bid for the lock (nothing to observe) fails
+    first.outbox.stop(0)
+    batch = events(3)
+    first.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in batch])
+    deadline = time.monotonic() + 10
+    while first.spool.depth() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first.spool.depth() == 0 and len(stored(pg, [e.event_id for e in batch])) == 3
+
+
+def test_the_spool_is_a_wal_file_whose_size_counts_live_pages_only(tmp_path):
+    spool = Spool(tmp_path, 1 << 20)
+    assert spool._connect().execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    empty = spool.size_bytes()
+    spool.put([(str(i), 0.0, "x" * 1000) for i in range(200)])
+    full = spool.size_bytes()
+    assert full > empty + 200 * 1000
+    spool.remove(item.seq for item in spool.peek(200))
+    assert spool.size_bytes() < full / 4 and spool.depth() == 0
+    spool.close()
+    assert spool._local.conn is None
+    spool.close()  # idempotent
+
+
+def test_the_spool_file_keeps_its_name_and_one_connection_per_thread(tmp_path):
+    folder = tmp_path / "a" / "b"
+    spool = Spool(folder, 1 << 20)
+    assert spool.path == folder / "spool.sqlite3" and spool.path.exists()  # across upgrades
+    assert spool._connect() is spool._connect()
+    spool.close()
+
+
+def test_wal_mode_waits_for_a_spool_another_process_is_creating(tmp_path):
+    import sqlite3
+    import threading
+
+    from mlops.spool import _enable_wal
+
+    path = tmp_path / "spool.sqlite3"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    waiter = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+    errors: list[BaseException] = []
+
+    def enable():
+        try:
+            _enable_wal(waiter, timeout_seconds=5.0)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=enable)
+    thread.start()
+    time.sleep(0.1)  # the waiter retries while the lock is held
+    assert thread.is_alive()
+    holder.execute("COMMIT")
+    thread.join(5)
+    assert not thread.is_alive() and errors == []
+    assert waiter.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+    other = sqlite3.connect(tmp_path / "other.sqlite3", isolation_level=None)
+    other_holder = sqlite3.connect(tmp_path / "other.sqlite3", isolation_level=None)
+    other_holder.execute("BEGIN EXCLUSIVE")
+    started = time.monotonic()
+    other.execute("PRAGMA busy_timeout = 0")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _enable_wal(other, timeout_seconds=0.2)
+    assert 0.2 <= time.monotonic() - started < 1.0
+    for conn in (holder, waiter, other, other_holder):
+        conn.close()
