@@ -25,11 +25,11 @@ def create_app(settings=None) -> Flask:
     """
     from flask_cors import CORS
 
-    from . import errors, logs, telemetry
+    from . import errors, logs, retention, telemetry
     from .config import Settings
     from .db import Database
     from .ingest import Ingestor
-    from .routes import analytics, health, metrics, openapi, track
+    from .routes import analytics, erasure, health, metrics, openapi, track
     from .services import Services
     from .spool import Spool
 
@@ -56,10 +56,14 @@ def create_app(settings=None) -> Flask:
 
     for module in (track, health, metrics, analytics, openapi):
         app.register_blueprint(module.bp)
+    app.register_blueprint(erasure.bp)
     errors.init_app(app)
     logs.init_app(app)
     telemetry.init_app(app)
     ingestor.flusher.start()
+    maintenance = retention.Maintenance.from_settings(db, settings)
+    app.extensions["mlops.maintenance"] = maintenance
+    maintenance.start()
 
     log.debug("worker ready", extra={"version": __version__})
     return app

@@ -45,6 +45,11 @@ class Settings:
     db_connect_timeout_seconds: int = 3
     db_statement_timeout_ms: int = 3000
     db_insert_timeout_ms: int = 1000
+    retention_days: int | None = None
+    rollup_retention_days: int | None = None
+    maintenance_interval_seconds: int = 60
+    maintenance_batch_rows: int = 5000
+    erasure_timeout_ms: int = 20000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -80,6 +85,13 @@ class Settings:
             db_connect_timeout_seconds=_integer(env, "DB_CONNECT_TIMEOUT_SECONDS", 3, low=1),
             db_statement_timeout_ms=_integer(env, "DB_STATEMENT_TIMEOUT_MS", 3000, low=1),
             db_insert_timeout_ms=_integer(env, "DB_INSERT_TIMEOUT_MS", 1000, low=1),
+            retention_days=_optional_days(env, "RETENTION_DAYS"),
+            rollup_retention_days=_optional_days(env, "ROLLUP_RETENTION_DAYS"),
+            maintenance_interval_seconds=_integer(env, "MAINTENANCE_INTERVAL_SECONDS", 60,
+                                                  low=0, high=86400),
+            maintenance_batch_rows=_integer(env, "MAINTENANCE_BATCH_ROWS", 5000,
+                                            low=1, high=1_000_000),
+            erasure_timeout_ms=_integer(env, "ERASURE_TIMEOUT_MS", 20000, low=1),
         )
 
 
@@ -115,6 +127,13 @@ def _integer(env: Mapping[str, str], name: str, default: int, low: int = 0,
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise ConfigError(f"{name} must be {bounds}, got {value}")
     return value
+
+
+def _optional_days(env: Mapping[str, str], name: str) -> int | None:
+    """A number of days, or None (keep forever) when unset."""
+    if name not in env:
+        return None
+    return _integer(env, name, 0, low=1, high=36500)
 
 
 def _log_level(raw: str) -> str:

@@ -94,6 +94,7 @@ def service_env(database_url, tmp_path):
         "LOG_DIR": str(tmp_path / "logs"),
         "SPOOL_DIR": str(tmp_path / "spool"),
         "LOG_LEVEL": "WARNING",
+        "MAINTENANCE_INTERVAL_SECONDS": "0",  # tests run maintenance rounds themselves
     }
 
 
@@ -121,7 +122,8 @@ def _truncate(url: str) -> None:
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass('mlops_events') IS NOT NULL")
         if cur.fetchone()[0]:
-            cur.execute("TRUNCATE mlops_events")
+            cur.execute("TRUNCATE mlops_events, mlops_rollup_daily, mlops_rollup_latency, "
+                        "mlops_rollup_conversations")
     conn.close()
 
 
