@@ -14,7 +14,7 @@ Percentiles follow Postgres's ``percentile_cont`` (linear interpolation
 between the order statistics at ranks floor(q(n-1)) and ceil(q(n-1))), with
 each order statistic replaced by its bucket's midpoint; a convex combination
 of values each within 4.88% of the true ones is within 4.88% of the exact
-``percentile_cont``.
+``percentile_cont`` (plus at most 0.5 ms when values under 1 ms take part).
 """
 
 from __future__ import annotations
