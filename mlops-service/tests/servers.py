@@ -41,7 +41,7 @@ class Gunicorn:
             try:
                 if requests.get(self.url + wait_for, timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # busy machine
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"gunicorn not ready in {timeout}s:\n{self.log()}")
