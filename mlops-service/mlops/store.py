@@ -5,7 +5,8 @@ Every function takes a :class:`mlops.db.Database` and runs its SQL through
 rule and the error kinds. Most are one SQL string (one round trip).
 
 Rollups (migrations/0002_rollups.sql) summarise events per business x UTC
-day (x model, x response-time bucket, x conversation). ``insert_events``
+day (x model, x response-time bucket), and each conversation's first and last
+day of activity. ``insert_events``
 updates them in the same statement that inserts the events, for exactly the
 rows that statement inserted, so replays never count twice. Reads use only
 rollups, so their cost does not grow with the number of events stored.
@@ -133,10 +134,13 @@ rollup_latency AS (
     DO UPDATE SET messages = r.messages + EXCLUDED.messages
 ),
 rollup_conversations AS (
-    INSERT INTO mlops_rollup_conversations (business_id, day, conversation_id)
-    SELECT DISTINCT business_id, {_DAY}, conversation_id
-    FROM {source} WHERE conversation_id IS NOT NULL
-    ON CONFLICT DO NOTHING
+    INSERT INTO mlops_rollup_conversations AS r (business_id, conversation_id, first_day, last_day)
+    SELECT business_id, conversation_id, min({_DAY}), max({_DAY})
+    FROM {source} WHERE conversation_id IS NOT NULL GROUP BY 1, 2
+    ON CONFLICT (business_id, conversation_id) DO UPDATE
+    SET first_day = least(r.first_day, EXCLUDED.first_day),
+        last_day = greatest(r.last_day, EXCLUDED.last_day)
+    WHERE EXCLUDED.first_day < r.first_day OR EXCLUDED.last_day > r.last_day
 )"""
 
 
@@ -224,8 +228,8 @@ SELECT
         coalesce(sum(response_time_ms_sum), 0), coalesce(sum(success_rate_sum), 0),
         coalesce(sum(appointment_requests), 0), coalesce(sum(appointments_booked), 0),
         coalesce(sum(human_handoffs), 0)) FROM d),
-    (SELECT count(DISTINCT conversation_id) FROM mlops_rollup_conversations
-     WHERE business_id = %(business_id)s AND day >= {_WINDOW_START}),
+    (SELECT count(*) FROM mlops_rollup_conversations
+     WHERE business_id = %(business_id)s AND last_day >= {_WINDOW_START}),
     (SELECT coalesce(json_agg(json_build_array(bucket, n)), '[]'::json) FROM (
         SELECT bucket, sum(messages) AS n FROM mlops_rollup_latency
         WHERE business_id = %(business_id)s AND day >= {_WINDOW_START}
@@ -449,6 +453,9 @@ def delete_expired_events(db: Database, days: int, limit: int) -> int | None:
 
 
 _ROLLUP_TABLES = ("mlops_rollup_daily", "mlops_rollup_latency", "mlops_rollup_conversations")
+# The day column retention looks at, per rollup table.
+_ROLLUP_DAY = {"mlops_rollup_daily": "day", "mlops_rollup_latency": "day",
+               "mlops_rollup_conversations": "last_day"}
 
 
 def delete_expired_rollups(db: Database, days: int, limit: int) -> int | None:
@@ -461,7 +468,8 @@ def delete_expired_rollups(db: Database, days: int, limit: int) -> int | None:
         for table in _ROLLUP_TABLES:
             cur.execute(
                 f"DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
-                "WHERE day < (now() AT TIME ZONE 'UTC')::date - %(days)s LIMIT %(limit)s))",
+                f"WHERE {_ROLLUP_DAY[table]} < (now() AT TIME ZONE 'UTC')::date - %(days)s "
+                "LIMIT %(limit)s))",
                 {"days": days, "limit": limit})
             deleted += cur.rowcount
         return deleted
@@ -512,12 +520,12 @@ _SUBTRACT_LATENCY_SQL = _subtract_sql(
     ("messages",))
 
 _ERASE_CONVERSATION_STEPS = (
-    # The raw rows, found through the days the conversation was active ...
+    # The raw rows, found through its business and the days it was active ...
     """WITH gone AS (
         DELETE FROM mlops_events e USING mlops_rollup_conversations k
         WHERE k.conversation_id = %(id)s AND e.business_id = k.business_id
-          AND e.received_at >= (k.day::timestamp AT TIME ZONE 'UTC')
-          AND e.received_at < ((k.day + 1)::timestamp AT TIME ZONE 'UTC')
+          AND e.received_at >= (k.first_day::timestamp AT TIME ZONE 'UTC')
+          AND e.received_at < ((k.last_day + 1)::timestamp AT TIME ZONE 'UTC')
           AND e.conversation_id = %(id)s
         RETURNING e.*)
     INSERT INTO mlops_erased SELECT * FROM gone""",

@@ -62,7 +62,7 @@ def test_a_conversation_leaves_events_rollups_and_gauges(make_app, db, pg):
     assert response.status_code == 200
     removed = response.get_json()["removed"]
     assert removed["mlops_events"] == len(mine)
-    assert removed["mlops_rollup_conversations"] == 2  # active on two days
+    assert removed["mlops_rollup_conversations"] == 1
     assert removed["spooled_events"] == 0
     assert query(pg, "SELECT count(*) FROM mlops_events WHERE conversation_id = %s",
                  target) == [(0,)]

@@ -34,20 +34,25 @@ CREATE TABLE mlops_rollup_latency (
     PRIMARY KEY (business_id, day, bucket, shard)
 );
 
--- Which conversations were active per business x UTC day, so that
--- total_conversations (distinct over a window) stays exact.
+-- Each conversation's first and last UTC day of activity. Windows always end
+-- today, so a conversation has a message in the window exactly when its
+-- last_day falls in it: total_conversations is an exact count of index
+-- entries, with no DISTINCT over per-day rows.
 CREATE TABLE mlops_rollup_conversations (
     business_id     text NOT NULL,
-    day             date NOT NULL,
     conversation_id text NOT NULL,
-    PRIMARY KEY (business_id, day, conversation_id)
+    first_day       date NOT NULL,
+    last_day        date NOT NULL,
+    PRIMARY KEY (business_id, conversation_id)
 );
--- Erasure of one conversation finds its rows without knowing the business.
+CREATE INDEX mlops_rollup_conversations_last_day_idx
+    ON mlops_rollup_conversations (business_id, last_day);
+-- Erasure of one conversation finds it without knowing the business.
 CREATE INDEX mlops_rollup_conversations_conversation_idx
     ON mlops_rollup_conversations (conversation_id);
 -- No new index on mlops_events: building one would lock the table against
 -- inserts for as long as the build takes. Erasure finds a conversation's raw
--- rows through this table's (business_id, day) pairs instead.
+-- rows through its business and days in mlops_rollup_conversations instead.
 
 -- Backfill of events stored before this migration: rows with
 -- id <= high_water are summarised by the maintenance job in bounded
@@ -66,4 +71,4 @@ CREATE INDEX mlops_rollup_daily_unfolded_idx ON mlops_rollup_daily (day) WHERE s
 CREATE INDEX mlops_rollup_latency_unfolded_idx ON mlops_rollup_latency (day) WHERE shard <> 0;
 -- Rollup retention deletes by day.
 CREATE INDEX mlops_rollup_latency_day_idx ON mlops_rollup_latency (day);
-CREATE INDEX mlops_rollup_conversations_day_idx ON mlops_rollup_conversations (day);
+CREATE INDEX mlops_rollup_conversations_retention_idx ON mlops_rollup_conversations (last_day);
