@@ -5,11 +5,11 @@ Every function takes a :class:`mlops.db.Database` and runs its SQL through
 rule and the error kinds. Most are one SQL string (one round trip).
 
 Rollups (migrations/0002_rollups.sql) summarise events per business x UTC
-day (x model, x response-time bucket), and each conversation's first and last
-day of activity. ``insert_events``
-updates them in the same statement that inserts the events, for exactly the
-rows that statement inserted, so replays never count twice. Reads use only
-rollups, so their cost does not grow with the number of events stored.
+day (x model, x response-time bucket), plus each conversation's first and
+last day of activity. ``insert_events`` updates them in the same statement
+that inserts the events, for exactly the rows that statement inserted, so
+replays never count twice. Reads use only rollups, so their cost does not
+grow with the number of events stored.
 Windows are whole UTC days: ``days=N`` means today (UTC) and the N-1 days
 before it.
 """
