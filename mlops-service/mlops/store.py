@@ -134,13 +134,26 @@ rollup_latency AS (
     DO UPDATE SET messages = r.messages + EXCLUDED.messages
 ),
 rollup_conversations AS (
-    INSERT INTO mlops_rollup_conversations AS r (business_id, conversation_id, first_day, last_day)
-    SELECT business_id, conversation_id, min({_DAY}), max({_DAY})
+    SELECT business_id, conversation_id, min({_DAY}) AS first_day, max({_DAY}) AS last_day
     FROM {source} WHERE conversation_id IS NOT NULL GROUP BY 1, 2
-    ON CONFLICT (business_id, conversation_id) DO UPDATE
-    SET first_day = least(r.first_day, EXCLUDED.first_day),
-        last_day = greatest(r.last_day, EXCLUDED.last_day)
-    WHERE EXCLUDED.first_day < r.first_day OR EXCLUDED.last_day > r.last_day
+),
+-- A new conversation gets its row; a known one is touched only when its
+-- span grows (a new day, or a late replay of an earlier one). DO NOTHING and
+-- a filtered UPDATE leave the row unlocked otherwise, so concurrent messages
+-- of one conversation do not queue on it. (A conversation first stored by a
+-- concurrent, still uncommitted transaction is invisible to this UPDATE: if
+-- both span different days, the span may miss a day until its next message.)
+rollup_conversations_new AS (
+    INSERT INTO mlops_rollup_conversations (business_id, conversation_id, first_day, last_day)
+    SELECT * FROM rollup_conversations
+    ON CONFLICT (business_id, conversation_id) DO NOTHING
+),
+rollup_conversations_span AS (
+    UPDATE mlops_rollup_conversations r
+    SET first_day = least(r.first_day, c.first_day), last_day = greatest(r.last_day, c.last_day)
+    FROM rollup_conversations c
+    WHERE r.business_id = c.business_id AND r.conversation_id = c.conversation_id
+      AND (c.first_day < r.first_day OR c.last_day > r.last_day)
 )"""
 
 

@@ -262,3 +262,29 @@ def test_spooled_events_replayed_after_an_outage_roll_up_once(tmp_path):
         conn.close()
     finally:
         cluster.destroy()
+
+
+def test_messages_of_one_conversation_do_not_queue_on_its_row(client, database_url, pg):
+    """Only a new day of a conversation touches its row; other messages pass a held lock."""
+    business = str(uuid.uuid4())
+    event = {**SUCCESS, "business_id": business, "conversation_id": "busy"}
+    assert client.post("/track", json=event).status_code == 201
+    other = psycopg2.connect(database_url)
+    try:
+        with other.cursor() as cur:  # a concurrent writer holding the conversation's row
+            cur.execute("SELECT 1 FROM mlops_rollup_conversations WHERE business_id = %s "
+                        "FOR UPDATE", (business,))
+            # Stored (201), not spooled after the 1 s insert timeout (202).
+            assert client.post("/track", json=event).status_code == 201
+    finally:
+        other.rollback()
+        other.close()
+    assert store_totals(pg, business) == (2, 1)
+
+
+def store_totals(pg, business: str) -> tuple[int, int]:
+    (n,), = query(pg, "SELECT sum(messages) FROM mlops_rollup_daily WHERE business_id = %s",
+                  business)
+    (c,), = query(pg, "SELECT count(*) FROM mlops_rollup_conversations WHERE business_id = %s",
+                  business)
+    return int(n), c
