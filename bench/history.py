@@ -205,8 +205,12 @@ def serve(url: str, workdir: Path) -> tuple[subprocess.Popen, str]:
     return server, base
 
 
-def run() -> str:
-    """Load, measure at each size; return the markdown table (also printed)."""
+def run(track_rps: float | None = None) -> str:
+    """Load, measure at each size; return the markdown table (also printed).
+
+    ``track_rps``: the main benchmark's ``/track`` figure from the same run,
+    which the one-business and hundred-business figures are compared with.
+    """
     dbname = f"mlops_history_{uuid.uuid4().hex[:8]}"
     bench.admin(f'CREATE DATABASE "{dbname}"')
     url = bench.with_dbname(bench.ADMIN_URL, dbname)
@@ -270,7 +274,10 @@ def run() -> str:
         row("`mlops_rollup_daily` rows", lambda r: f"{r['rollup_rows']:,}"),
         "",
         f"`/track` with one business: {one['rps']:.0f} req/s; spread over 100 businesses: "
-        f"{many['rps']:.0f} req/s (ratio {one['rps'] / many['rps']:.2f}; target within 10%).",
+        f"{many['rps']:.0f} req/s (ratio {one['rps'] / many['rps']:.2f}; target within 10%)"
+        + (f"; the main `/track` figure of this run: {track_rps:.0f} req/s "
+           f"(ratios {one['rps'] / track_rps:.2f} and {many['rps'] / track_rps:.2f})."
+           if track_rps else "."),
         "",
     ])
     print(table)

@@ -290,7 +290,7 @@ def main() -> None:
         "",
     ])
     import history  # bench/history.py: the reads at 1M and 10M events stored
-    table += "\n" + history.run()
+    table += "\n" + history.run(track_rps=track["rps"])
     (ROOT / "bench" / "results.md").write_text(table)
     print()
     print(table)
