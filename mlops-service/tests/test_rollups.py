@@ -288,3 +288,14 @@ def store_totals(pg, business: str) -> tuple[int, int]:
     (c,), = query(pg, "SELECT count(*) FROM mlops_rollup_conversations WHERE business_id = %s",
                   business)
     return int(n), c
+
+
+def test_sums_past_the_bigint_range_still_store(db):
+    """The schema allows tokens_used up to 2^63-1; their sum must not overflow."""
+    business = str(uuid.uuid4())
+    huge = {**SUCCESS, "business_id": business, "tokens_used": 2**63 - 1}
+    store.insert_events(db, [record(huge)], 1000)
+    store.insert_events(db, [record(huge), record(huge)], 1000)
+    assert store.analytics(db, business, 1)["metrics"]["total_tokens"] == 3 * (2**63 - 1)
+    tokens = {b: t for b, _, t, _, _ in store.business_totals(db, 1)}
+    assert tokens[business] == 3 * (2**63 - 1)

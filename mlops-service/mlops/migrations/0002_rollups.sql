@@ -11,7 +11,7 @@ CREATE TABLE mlops_rollup_daily (
     model_name            text        NOT NULL,
     shard                 smallint    NOT NULL,
     messages              bigint      NOT NULL,
-    tokens                bigint      NOT NULL,
+    tokens                numeric     NOT NULL,  -- sums of bigints can pass 2^63
     api_cost_usd          numeric     NOT NULL,
     response_time_ms_sum  double precision NOT NULL,
     success_rate_sum      double precision NOT NULL,
