@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 import pytest
 import requests
-from conftest import query
+from conftest import _truncate, query
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from payloads import SUCCESS, varied
@@ -30,12 +30,13 @@ from mlops.retention import Maintenance
 from mlops.schemas import MetricsEvent
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def db(database_url):
-    """A store-level connection pool on the test database."""
+    """A store-level connection pool on the test database, emptied after the test."""
     database = Database(Settings.from_env({"DATABASE_URL": database_url}))
     yield database
     database.close()
+    _truncate(database_url)
 
 
 def record(event: dict, received_at: datetime | None = None, event_id: str | None = None):
