@@ -250,12 +250,12 @@ SELECT
     (SELECT coalesce(json_agg(m ORDER BY m.model_name), '[]'::json) FROM (
         SELECT model_name, sum(messages) AS messages, sum(tokens) AS tokens,
                sum(api_cost_usd) AS api_cost_usd,
-               sum(response_time_ms_sum) / sum(messages) AS avg_response_time_ms
+               sum(response_time_ms_sum)::numeric / sum(messages) AS avg_response_time_ms
         FROM d GROUP BY model_name) m),
     (SELECT coalesce(json_agg(x ORDER BY x.date), '[]'::json) FROM (
         SELECT to_char(day, 'YYYY-MM-DD') AS date, sum(messages) AS messages,
                sum(tokens) AS tokens, sum(api_cost_usd) AS api_cost_usd,
-               sum(response_time_ms_sum) / sum(messages) AS avg_response_time_ms,
+               sum(response_time_ms_sum)::numeric / sum(messages) AS avg_response_time_ms,
                sum(appointments_booked) AS appointments_booked
         FROM d GROUP BY day) x)
 """
@@ -300,8 +300,7 @@ def analytics(db: Database, business_id: str, days: int) -> dict:
 
 
 _BUSINESS_TOTALS_SQL = f"""
-SELECT business_id, sum(messages), sum(tokens), sum(api_cost_usd),
-       sum(success_rate_sum) / sum(messages)
+SELECT business_id, sum(messages), sum(tokens), sum(api_cost_usd), sum(success_rate_sum)
 FROM mlops_rollup_daily
 WHERE day >= {_WINDOW_START}
 GROUP BY business_id
@@ -317,7 +316,8 @@ def business_totals(db: Database, days: int = 30) -> list[tuple[str, int, int, f
     """
     def work(cur):
         cur.execute(db.timeout_prefix() + _BUSINESS_TOTALS_SQL, {"days": days})
-        return [(b, int(n), int(t), float(c), float(s)) for b, n, t, c, s in cur.fetchall()]
+        # Means divided here: Postgres raises "underflow" dividing a subnormal double.
+        return [(b, int(n), int(t), float(c), s / int(n)) for b, n, t, c, s in cur.fetchall()]
 
     return db.run(work)
 

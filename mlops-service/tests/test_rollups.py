@@ -300,3 +300,15 @@ def test_sums_past_the_bigint_range_still_store(db):
     assert store.analytics(db, business, 1)["metrics"]["total_tokens"] == 3 * (2**63 - 1)
     tokens = {b: t for b, _, t, _, _ in store.business_totals(db, 1)}
     assert tokens[business] == 3 * (2**63 - 1)
+
+
+def test_subnormal_values_do_not_break_the_reads(client, db):
+    """The schema accepts 5e-324; dividing it in Postgres raises "underflow"."""
+    business = str(uuid.uuid4())
+    tiny = {**SUCCESS, "business_id": business, "response_time_ms": 5e-324,
+            "success_rate": 5e-324}
+    assert client.post("/track/batch", json=[tiny, tiny]).status_code == 207
+    response = client.get(f"/analytics/{business}")
+    assert response.status_code == 200
+    assert response.get_json()["by_model"][0]["avg_response_time_ms"] < 1e-300
+    assert client.post("/refresh-metrics", json={}).get_json()["database_up"] is True
