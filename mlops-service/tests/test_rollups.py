@@ -74,6 +74,12 @@ def test_replayed_event_ids_count_once(client, pg, db):
     assert store.analytics(db, business, 30)["metrics"]["total_messages"] == 120
 
 
+def test_the_insert_function_migration_is_the_store_statement():
+    """migrations/0003 holds insert_sql as a function; regenerate it when the SQL changes."""
+    path = migrate.MIGRATIONS_DIR / "0003_insert_function.sql"
+    assert path.read_text() == store.insert_function_sql()
+
+
 def test_an_unknown_business_reads_zeros(db):
     result = store.analytics(db, str(uuid.uuid4()), 30)
     assert result["by_model"] == [] and result["daily"] == []
@@ -200,7 +206,7 @@ def test_the_migration_backfills_existing_rows_in_batches(tmp_path, monkeypatch,
                 f"VALUES ({', '.join(['%s'] * len(store._INSERT_COLUMNS))})",
                 [r.row() for r in old])
         monkeypatch.undo()
-        assert migrate.apply(conn) == [2]
+        assert migrate.apply(conn) == [2, 3]
         database = Database(Settings.from_env({"DATABASE_URL": url}))
         fresh = [record(e) for e in varied(30, [business], seed=22)]
         store.insert_events(database, fresh, 1000)  # new writes roll up at once
