@@ -367,6 +367,8 @@ def main() -> None:
         *(f"| {a} | {b} | {c} |" for a, b, c in rows),
         "",
     ])
+    import history  # bench/history.py: the reads at 1M and 10M events stored
+    table += "\n" + history.run(track_rps=track["rps"])
     (ROOT / "bench" / "results.md").write_text(table)
     print()
     print(table)

@@ -27,13 +27,13 @@ def create_app(settings=None) -> Flask:
     from flask_cors import CORS
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import auth, errors, limits, logs, telemetry
+    from . import auth, errors, limits, logs, retention, telemetry
     from .config import Settings
     from .db import Database
     from .deliver import Delivery
     from .ingest import Ingestor
     from .outbox import Outbox
-    from .routes import analytics, businesses, dashboard, health, metrics, openapi, track
+    from .routes import analytics, businesses, dashboard, erasure, health, metrics, openapi, track
     from .services import Services
     from .spool import Spool
 
@@ -58,13 +58,14 @@ def create_app(settings=None) -> Flask:
     deliver = Delivery(db, telem)
     outbox = Outbox(spool, deliver, timeout_ms=db.default_timeout_ms)
     ingestor = Ingestor(deliver, outbox, timeout_ms=settings.db_insert_timeout_ms)
-    Services(settings, db, outbox, telem, ingestor).install(app)
+    maintenance = retention.Maintenance.from_settings(db, settings)
+    Services(settings, db, outbox, telem, ingestor, maintenance).install(app)
 
     @app.before_request
     def _start_timer() -> None:  # read by the request log and the HTTP metrics
         g.request_started = time.perf_counter()
 
-    for module in (track, health, metrics, analytics, openapi, businesses, dashboard):
+    for module in (track, health, metrics, analytics, businesses, erasure, openapi, dashboard):
         app.register_blueprint(module.bp)
     errors.init_app(app)
     auth.init_app(app, settings)
@@ -72,6 +73,7 @@ def create_app(settings=None) -> Flask:
     logs.init_app(app)
     telemetry.init_app(app)
     outbox.start()
+    maintenance.start()
 
     log.debug("worker ready", extra={"version": __version__})
     return app

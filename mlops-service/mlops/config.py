@@ -82,6 +82,11 @@ class Settings:
     migrations_dir: Path = Path(__file__).with_name("migrations")
     prometheus_multiproc_dir: Path | None = None
     readiness_checks_database: bool = True
+    retention_days: int | None = None
+    rollup_retention_days: int | None = None
+    maintenance_interval_seconds: int = 60
+    maintenance_batch_rows: int = 5000
+    erasure_timeout_ms: int = 20000
 
     @property
     def api_key(self) -> str | None:
@@ -129,6 +134,13 @@ class Settings:
             prometheus_multiproc_dir=(Path(env["PROMETHEUS_MULTIPROC_DIR"])
                                       if "PROMETHEUS_MULTIPROC_DIR" in env else None),
             readiness_checks_database=_boolean(env, "READINESS_CHECKS_DATABASE", True),
+            retention_days=_optional_days(env, "RETENTION_DAYS"),
+            rollup_retention_days=_optional_days(env, "ROLLUP_RETENTION_DAYS"),
+            maintenance_interval_seconds=_integer(env, "MAINTENANCE_INTERVAL_SECONDS", 60,
+                                                  low=0, high=86400),
+            maintenance_batch_rows=_integer(env, "MAINTENANCE_BATCH_ROWS", 5000,
+                                            low=1, high=1_000_000),
+            erasure_timeout_ms=_integer(env, "ERASURE_TIMEOUT_MS", 20000, low=1),
         )
 
 
@@ -176,6 +188,13 @@ def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw.lower() in {"0", "false", "no"}:
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _optional_days(env: Mapping[str, str], name: str) -> int | None:
+    """A number of days, or None (keep forever) when unset."""
+    if name not in env:
+        return None
+    return _integer(env, name, 0, low=1, high=36500)
 
 
 def _log_level(raw: str) -> str:

@@ -72,6 +72,17 @@ class Outbox:
         self.spool.put(to_row(r) for r in records)
         self._wake.set()
 
+    def discard(self, field: str, value: str) -> int:
+        """Erase waiting events whose ``field`` (``business_id``, ``conversation_id``) is ``value``.
+
+        Returns how many left the spool. Holds the flush lock, so no batch of
+        this process is on its way to Postgres meanwhile: a batch taken
+        before has been delivered, and the caller's erasure in Postgres,
+        which comes after, removes it there.
+        """
+        with self._flush_lock:
+            return self.spool.discard(field, value)
+
     def flush_once(self) -> int:
         """Deliver one batch (oldest first); return how many left the spool.
 

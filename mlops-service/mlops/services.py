@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # annotations only: the modules below import nothing from her
     from .db import Database
     from .ingest import Ingestor
     from .outbox import Outbox
+    from .retention import Maintenance
     from .telemetry import Telemetry
 
 _EXTENSION = "mlops"
@@ -32,6 +33,7 @@ class Services:
     outbox: Outbox
     telemetry: Telemetry
     ingestor: Ingestor
+    maintenance: Maintenance
     started_at: float = field(default_factory=time.monotonic)  # time.monotonic()
 
     def install(self, app: Flask) -> None:
@@ -39,7 +41,11 @@ class Services:
         app.extensions[_EXTENSION] = self
 
     def shutdown(self, drain_seconds: float = 3.0) -> int:
-        """Drain the spool for up to ``drain_seconds``, close the pool; return events left."""
+        """Stop maintenance, drain the spool for up to ``drain_seconds``, close the pool.
+
+        Returns the events left in the spool.
+        """
+        self.maintenance.stop()
         left = self.outbox.stop(drain_seconds)
         self.db.close()
         self.outbox.spool.close()

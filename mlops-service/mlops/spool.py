@@ -112,6 +112,20 @@ class Spool:
             conn.execute("BEGIN IMMEDIATE")  # pragma: no mutate
             conn.executemany(_DELETE, [(s,) for s in seqs])
 
+    def discard(self, field: str, value: str) -> int:
+        """Delete every waiting event whose JSON ``field`` equals ``value``; return how many.
+
+        For erasure. ``field`` is a top-level key of the event (a fixed name
+        from the caller, never user input).
+        """
+        conn = self._connect()
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            cursor = conn.execute(
+                "DELETE FROM spooled_events WHERE json_extract(payload, ?) = ?",
+                (f"$.{field}", value))
+        return cursor.rowcount
+
     def depth(self) -> int:
         """Number of events waiting."""
         return self._connect().execute(_COUNT).fetchone()[0]

@@ -1,19 +1,38 @@
-"""What the service keeps in Postgres: writing events, and the analytics read back.
+"""What the service keeps in Postgres: events, their rollups, and every read.
 
-Every function takes a :class:`mlops.db.Database` and issues one SQL string
-(one round trip) through ``Database.run``, so it inherits the pool, the
-retry-once-on-broken-connection rule and the error kinds.
+Every function takes a :class:`mlops.db.Database` and runs its SQL through
+``Database.run``, so it inherits the pool, the retry-once-on-broken-connection
+rule and the error kinds. Most are one SQL string (one round trip).
+
+Rollups (migrations/0002_rollups.sql) summarise events per business x UTC
+day (x model, x response-time bucket), plus each conversation's first and
+last day of activity. ``insert_events`` updates them in the same statement
+that inserts the events, for exactly the rows that statement inserted, so
+replays never count twice. Reads use only rollups, so their cost does not
+grow with the number of events stored.
+Windows are whole UTC days: ``days=N`` means today (UTC) and the N-1 days
+before it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
-from psycopg2.extras import Json, execute_values
+import psycopg2
+from psycopg2.extras import Json
 
+from . import rollups
 from .db import Database
 from .schemas import MetricsEvent
+
+T = TypeVar("T")
 
 # The contract's fields, in column order (see migrations/0001_events.sql).
 CONTRACT_COLUMNS = (
@@ -43,105 +62,578 @@ class Record:
             Json(data.model_extra or {}),
         )
 
+    def copy_line(self) -> str:
+        """The row as one line of COPY text format (tab-separated, ``\\N`` for NULL)."""
+        data = self.event
+        values = [self.event_id, self.received_at.isoformat(),
+                  *(getattr(data, column) for column in CONTRACT_COLUMNS),
+                  json.dumps(data.model_extra or {})]
+        return "\t".join(_copy_text(v) for v in values) + "\n"
+
+
+def _copy_text(value) -> str:
+    if value is None:
+        return "\\N"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    text = value if isinstance(value, str) else str(value)
+    return (text.replace("\\", "\\\\").replace("\t", "\\t")
+            .replace("\n", "\\n").replace("\r", "\\r"))
+
+
+
+
+# --- writes -----------------------------------------------------------------
+
+# Concurrent writers for one business spread their rollup updates over this
+# many rows per (business, day, model), so they do not queue on one row lock
+# until each other's commit. Readers sum the shards; maintenance folds past
+# days into shard 0.
+SHARDS = 8
+# Batches at least this large go through COPY into a staging table.
+COPY_THRESHOLD = 64
+# pg_advisory_xact_lock key of the maintenance job and of erasure ("rollup").
+MAINTENANCE_LOCK_KEY = 0x726F6C6C7570
+
+_DAY = "(received_at AT TIME ZONE 'UTC')::date"
+_WINDOW_START = "(now() AT TIME ZONE 'UTC')::date - (%(days)s - 1)"
+_ROLLED_COLUMNS = (
+    "id, received_at, business_id, conversation_id, model_name, response_time_ms, "
+    "success_rate, tokens_used, api_cost_usd, appointment_requested, appointment_booked, "
+    "human_handoff_requested"
+)
+_DAILY_SUMS = (
+    ("messages", "count(*)"),
+    ("tokens", "sum(tokens_used)"),
+    ("api_cost_usd", "sum(api_cost_usd)"),
+    ("response_time_ms_sum", "sum(response_time_ms)"),
+    ("success_rate_sum", "sum(success_rate)"),
+    ("appointment_requests", "count(*) FILTER (WHERE appointment_requested)"),
+    ("appointments_booked", "count(*) FILTER (WHERE appointment_booked)"),
+    ("human_handoffs", "count(*) FILTER (WHERE human_handoff_requested)"),
+)
+_DAILY_NAMES = ", ".join(name for name, _ in _DAILY_SUMS)
+
+
+def _rollup_ctes(source: str, shard: int | str) -> str:
+    """CTEs adding the rows of relation ``source`` (events columns) to every rollup.
+
+    ``shard`` is a number, or the name of a SQL parameter holding one.
+    """
+    shard = str(int(shard)) if isinstance(shard, int) else shard
+    sums = ", ".join(expr for _, expr in _DAILY_SUMS)
+    adds = ", ".join(f"{name} = r.{name} + EXCLUDED.{name}" for name, _ in _DAILY_SUMS)
+    return f"""
+rollup_daily AS (
+    INSERT INTO mlops_rollup_daily AS r (business_id, day, model_name, shard, {_DAILY_NAMES})
+    SELECT business_id, {_DAY}, model_name, {shard}, {sums}
+    FROM {source} GROUP BY 1, 2, 3
+    ON CONFLICT (business_id, day, model_name, shard) DO UPDATE SET {adds}
+),
+rollup_latency AS (
+    INSERT INTO mlops_rollup_latency AS r (business_id, day, bucket, shard, messages)
+    SELECT business_id, {_DAY}, {rollups.BUCKET_SQL}, {shard}, count(*)
+    FROM {source} GROUP BY 1, 2, 3
+    ON CONFLICT (business_id, day, bucket, shard)
+    DO UPDATE SET messages = r.messages + EXCLUDED.messages
+),
+rollup_conversations AS (
+    SELECT business_id, conversation_id, min({_DAY}) AS first_day, max({_DAY}) AS last_day
+    FROM {source} WHERE conversation_id IS NOT NULL GROUP BY 1, 2
+),
+-- A new conversation gets its row; a known one is touched only when its
+-- span grows (a new day, or a late replay of an earlier one). DO NOTHING and
+-- a filtered UPDATE leave the row unlocked otherwise, so concurrent messages
+-- of one conversation do not queue on it. (A conversation first stored by a
+-- concurrent, still uncommitted transaction is invisible to this UPDATE: if
+-- both span different days, the span may miss a day until its next message.)
+rollup_conversations_new AS (
+    INSERT INTO mlops_rollup_conversations (business_id, conversation_id, first_day, last_day)
+    SELECT * FROM rollup_conversations
+    ON CONFLICT (business_id, conversation_id) DO NOTHING
+),
+rollup_conversations_span AS (
+    UPDATE mlops_rollup_conversations r
+    SET first_day = least(r.first_day, c.first_day), last_day = greatest(r.last_day, c.last_day)
+    FROM rollup_conversations c
+    WHERE r.business_id = c.business_id AND r.conversation_id = c.conversation_id
+      AND (c.first_day < r.first_day OR c.last_day > r.last_day)
+)"""
+
+
+def insert_sql(source: str, shard: int | str) -> str:
+    """One statement inserting the rows of ``source`` and rolling up those inserted.
+
+    ``source`` is a query yielding ``_INSERT_COLUMNS`` in order (``VALUES
+    %s``, a staging table, or a generator in the benchmark's loader). Returns
+    the inserted ``event_id``s. Rows whose ``event_id`` is already stored are
+    skipped and left out of the rollups (``RETURNING`` yields only new rows).
+    """
+    return f"""
+WITH ins AS (
+    INSERT INTO mlops_events ({', '.join(_INSERT_COLUMNS)})
+    {source}
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING {_ROLLED_COLUMNS}, event_id
+), {_rollup_ctes('ins', shard)}
+SELECT event_id FROM ins"""
+
+
+# Parameter types of mlops_insert_events: one array per column of _INSERT_COLUMNS.
+_ARRAY_TYPES = (
+    "text", "timestamptz", "text", "text", "text", "double precision", "double precision",
+    "double precision", "bigint", "bigint", "bigint", "numeric", "text", "text", "boolean",
+    "boolean", "boolean", "integer", "integer", "text", "jsonb",
+)
+
+
+def insert_function_sql() -> str:
+    """The text of migrations/0003_insert_function.sql (a test keeps the two equal).
+
+    ``mlops_insert_events`` runs :func:`insert_sql` over one array per
+    column. Being PL/pgSQL, its plan is cached per server connection, which
+    plain statements cannot be through PgBouncer (no prepared statements in
+    transaction mode); planning was about half of a one-event insert's cost.
+    """
+    params = ", ".join(f"p_{c} {t}[]" for c, t in zip(_INSERT_COLUMNS, _ARRAY_TYPES, strict=True))
+    arrays = ", ".join(f"p_{c}" for c in _INSERT_COLUMNS)
+    body = insert_sql(f"SELECT * FROM unnest({arrays})", "p_shard")
+    return (
+        "-- Generated by mlops.store.insert_function_sql(): the insert of insert_events\n"
+        "-- (events plus rollups) as a PL/pgSQL function, so its plan is cached.\n"
+        f"CREATE FUNCTION mlops_insert_events({params}, p_shard smallint)\n"
+        "RETURNS SETOF text LANGUAGE plpgsql AS $fn$\nBEGIN\nRETURN QUERY"
+        f"{body};\nEND\n$fn$;\n"
+    )
+
+
+_CALL_SQL = (
+    "SELECT mlops_insert_events("
+    + ", ".join(f"%s::{t}[]" for t in _ARRAY_TYPES) + ", %s::smallint)"
+)
+
 
 def insert_events(db: Database, records: list[Record], timeout_ms: int) -> set[str]:
-    """Insert ``records`` in one statement (one transaction); return the event ids stored.
+    """Insert ``records`` and update the rollups in one transaction; return the ids stored.
 
     Idempotent: an ``event_id`` already present is skipped (``ON CONFLICT DO
-    NOTHING``) and left out of the returned set. ``timeout_ms`` bounds the
-    statement. Raises the errors of ``Database.run``.
+    NOTHING``), left out of the returned set and out of the rollups.
+    ``timeout_ms`` bounds the transaction's statements. Up to
+    ``COPY_THRESHOLD - 1`` records go as one call of ``mlops_insert_events``
+    (one round trip, a cached plan); larger batches are COPYed into a
+    temporary table dropped at commit (no session state, so safe through
+    PgBouncer), then inserted from it.
+    Raises the errors of ``Database.run``.
     """
     if not records:
         return set()
-    sql = (
-        f"SET LOCAL statement_timeout = {int(timeout_ms)};"
-        f"INSERT INTO mlops_events ({', '.join(_INSERT_COLUMNS)}) VALUES %s "
-        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
-    )
-    rows = [r.row() for r in records]
+    shard = random.randrange(SHARDS)
+    if len(records) < COPY_THRESHOLD:
+        columns = [list(values) for values in zip(*(r.row() for r in records), strict=True)]
 
-    def work(cur) -> set[str]:
-        returned = execute_values(cur, sql, rows, page_size=len(rows), fetch=True)
-        return {row[0] for row in returned}
+        def work(cur) -> set[str]:
+            cur.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)};" + _CALL_SQL,
+                        (*columns, shard))
+            return {row[0] for row in cur.fetchall()}
 
-    return db.run(work)
+        return db.run(work)
+
+    data = "".join(r.copy_line() for r in records)
+
+    def copy_work(cur) -> set[str]:
+        cur.execute(
+            f"SET LOCAL statement_timeout = {int(timeout_ms)};"
+            "CREATE TEMP TABLE mlops_staging ON COMMIT DROP AS "
+            f"SELECT {', '.join(_INSERT_COLUMNS)} FROM mlops_events WITH NO DATA")
+        cur.copy_expert(f"COPY mlops_staging ({', '.join(_INSERT_COLUMNS)}) FROM STDIN",
+                        io.StringIO(data))
+        cur.execute(insert_sql(f"SELECT {', '.join(_INSERT_COLUMNS)} FROM mlops_staging", shard))
+        return {row[0] for row in cur.fetchall()}
+
+    return db.run(lambda cur: _transaction(cur, copy_work))
 
 
-_ANALYTICS_SQL = """
-WITH w AS (
-    SELECT * FROM mlops_events
-    WHERE business_id = %(business_id)s
-      AND received_at >= now() - make_interval(days => %(days)s)
+def _transaction(cur, work: Callable[[psycopg2.extensions.cursor], T]) -> T:
+    """Run ``work`` between BEGIN and COMMIT on an autocommit connection; roll back on error."""
+    cur.execute("BEGIN")
+    try:
+        result = work(cur)
+        cur.execute("COMMIT")
+    except BaseException:
+        if not cur.connection.closed:
+            with contextlib.suppress(psycopg2.Error):  # keep the original error
+                cur.execute("ROLLBACK")
+        raise
+    return result
+
+
+# --- reads (rollups only) ----------------------------------------------------
+
+_ANALYTICS_SQL = f"""
+WITH d AS (
+    SELECT * FROM mlops_rollup_daily
+    WHERE business_id = %(business_id)s AND day >= {_WINDOW_START}
 )
 SELECT
-    (SELECT row_to_json(t) FROM (
-        SELECT count(*)                                        AS total_messages,
-               count(DISTINCT conversation_id)                 AS total_conversations,
-               coalesce(avg(response_time_ms), 0)              AS avg_response_time_ms,
-               coalesce(avg(tokens_used), 0)                   AS avg_tokens_used,
-               coalesce(sum(tokens_used), 0)                   AS total_tokens,
-               coalesce(sum(api_cost_usd), 0)                  AS total_api_cost_usd,
-               count(*) FILTER (WHERE appointment_requested)   AS appointment_requests,
-               count(*) FILTER (WHERE appointment_booked)      AS appointments_booked,
-               count(*) FILTER (WHERE human_handoff_requested) AS human_handoffs,
-               coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY response_time_ms), 0)
-                                                               AS p50_response_time_ms,
-               coalesce(percentile_cont(0.95) WITHIN GROUP (ORDER BY response_time_ms), 0)
-                                                               AS p95_response_time_ms,
-               coalesce(avg(success_rate), 0)                  AS success_rate
-        FROM w) t),
+    (SELECT json_build_array(
+        coalesce(sum(messages), 0), coalesce(sum(tokens), 0), coalesce(sum(api_cost_usd), 0),
+        coalesce(sum(response_time_ms_sum), 0), coalesce(sum(success_rate_sum), 0),
+        coalesce(sum(appointment_requests), 0), coalesce(sum(appointments_booked), 0),
+        coalesce(sum(human_handoffs), 0)) FROM d),
+    (SELECT count(*) FROM mlops_rollup_conversations
+     WHERE business_id = %(business_id)s AND last_day >= {_WINDOW_START}),
+    (SELECT coalesce(json_agg(json_build_array(bucket, n)), '[]'::json) FROM (
+        SELECT bucket, sum(messages) AS n FROM mlops_rollup_latency
+        WHERE business_id = %(business_id)s AND day >= {_WINDOW_START}
+        GROUP BY bucket) h),
     (SELECT coalesce(json_agg(m ORDER BY m.model_name), '[]'::json) FROM (
-        SELECT model_name, count(*) AS messages, sum(tokens_used) AS tokens,
-               sum(api_cost_usd) AS api_cost_usd, avg(response_time_ms) AS avg_response_time_ms
-        FROM w GROUP BY model_name) m),
-    (SELECT coalesce(json_agg(d ORDER BY d.date), '[]'::json) FROM (
-        SELECT to_char(date_trunc('day', received_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD') AS date,
-               count(*) AS messages, sum(tokens_used) AS tokens,
-               sum(api_cost_usd) AS api_cost_usd, avg(response_time_ms) AS avg_response_time_ms,
-               count(*) FILTER (WHERE appointment_booked) AS appointments_booked
-        FROM w GROUP BY 1) d)
+        SELECT model_name, sum(messages) AS messages, sum(tokens) AS tokens,
+               sum(api_cost_usd) AS api_cost_usd,
+               sum(response_time_ms_sum)::numeric / sum(messages) AS avg_response_time_ms
+        FROM d GROUP BY model_name) m),
+    (SELECT coalesce(json_agg(x ORDER BY x.date), '[]'::json) FROM (
+        SELECT to_char(day, 'YYYY-MM-DD') AS date, sum(messages) AS messages,
+               sum(tokens) AS tokens, sum(api_cost_usd) AS api_cost_usd,
+               sum(response_time_ms_sum)::numeric / sum(messages) AS avg_response_time_ms,
+               sum(appointments_booked) AS appointments_booked
+        FROM d GROUP BY day) x)
 """
 
 
 def analytics(db: Database, business_id: str, days: int) -> dict:
-    """Aggregates for one business over the last ``days`` days (by server receive time).
+    """Aggregates for one business over the last ``days`` UTC days (today included).
 
-    Returns ``{"metrics": {...}, "by_model": [...], "daily": [...]}``; every
-    figure is computed by Postgres over the stored rows. Units: milliseconds,
-    tokens, USD. ``appointment_conversion_rate`` is booked / requested
-    (the course service's definition), 0 when nothing was requested. An
-    unknown business yields zeros and empty lists.
+    Returns ``{"metrics": {...}, "by_model": [...], "daily": [...]}``, read
+    from the rollups only. Units: milliseconds, tokens, USD. Counts, sums and
+    means are exact (``total_conversations`` counts distinct conversations
+    over the whole window); ``p50/p95_response_time_ms`` come from the
+    response-time histogram, within 4.9% of the exact ``percentile_cont``
+    (see :mod:`mlops.rollups`). ``appointment_conversion_rate`` is booked /
+    requested (the course service's definition), 0 when nothing was
+    requested. An unknown business yields zeros and empty lists.
     """
     def work(cur):
         cur.execute(db.timeout_prefix() + _ANALYTICS_SQL,
                     {"business_id": business_id, "days": days})
         return cur.fetchone()
 
-    totals, by_model, daily = db.run(work)
-    requests = totals["appointment_requests"]
-    totals["appointment_conversion_rate"] = (
-        totals["appointments_booked"] / requests if requests else 0.0
-    )
-    return {"metrics": totals, "by_model": by_model, "daily": daily}
+    totals, conversations, histogram, by_model, daily = db.run(work)
+    n, tokens, cost, rt_sum, sr_sum, requested, booked, handoffs = totals
+    histogram = [(int(b), int(c)) for b, c in histogram]
+    metrics = {
+        "total_messages": n,
+        "total_conversations": conversations,
+        "avg_response_time_ms": rt_sum / n if n else 0,
+        "avg_tokens_used": tokens / n if n else 0,
+        "total_tokens": tokens,
+        "total_api_cost_usd": cost,
+        "appointment_requests": requested,
+        "appointments_booked": booked,
+        "human_handoffs": handoffs,
+        "p50_response_time_ms": rollups.percentile(histogram, 0.5),
+        "p95_response_time_ms": rollups.percentile(histogram, 0.95),
+        "success_rate": sr_sum / n if n else 0,
+        "appointment_conversion_rate": booked / requested if requested else 0.0,
+    }
+    return {"metrics": metrics, "by_model": by_model, "daily": daily}
 
 
-_BUSINESS_TOTALS_SQL = """
-SELECT business_id, count(*), coalesce(sum(tokens_used), 0), coalesce(sum(api_cost_usd), 0),
-       coalesce(avg(success_rate), 0)
-FROM mlops_events
-WHERE received_at >= now() - make_interval(days => %(days)s)
+_BUSINESS_TOTALS_SQL = f"""
+SELECT business_id, sum(messages), sum(tokens), sum(api_cost_usd), sum(success_rate_sum)
+FROM mlops_rollup_daily
+WHERE day >= {_WINDOW_START}
 GROUP BY business_id
-ORDER BY count(*) DESC
+ORDER BY sum(messages) DESC, business_id
 """
 
 
 def business_totals(db: Database, days: int = 30) -> list[tuple[str, int, int, float, float]]:
-    """Per business over ``days``: ``(business_id, messages, tokens, cost_usd, success_rate)``.
+    """Per business over the last ``days`` UTC days (today included), from the rollups.
 
-    Busiest first. Feeds the per-business gauges on ``/metrics``.
+    ``(business_id, messages, tokens, cost_usd, success_rate)``, busiest
+    first (ties by id). Feeds the per-business gauges on ``/metrics``.
     """
     def work(cur):
         cur.execute(db.timeout_prefix() + _BUSINESS_TOTALS_SQL, {"days": days})
-        return [(b, int(n), int(t), float(c), float(s)) for b, n, t, c, s in cur.fetchall()]
+        # Means divided here: Postgres raises "underflow" dividing a subnormal double.
+        return [(b, int(n), int(t), float(c), s / int(n)) for b, n, t, c, s in cur.fetchall()]
 
     return db.run(work)
+
+
+def oldest_event_received_at(db: Database) -> float | None:
+    """Receive time (Unix seconds) of the oldest raw event still stored; None when none.
+
+    One index lookup on ``mlops_events (received_at)``.
+    """
+    def work(cur):
+        cur.execute(db.timeout_prefix()
+                    + "SELECT extract(epoch FROM min(received_at)) FROM mlops_events")
+        return cur.fetchone()[0]
+
+    oldest = db.run(work)
+    return float(oldest) if oldest is not None else None
+
+
+# --- maintenance: backfill, folding shards, retention ------------------------
+#
+# Each step is one short transaction under a transaction-level advisory lock
+# (safe through PgBouncer, which keeps no session state). The job's steps
+# try the lock and skip when another process holds it, so one runs at a time
+# across every worker and replica; erasure waits for it, so it never races
+# a backfill batch.
+
+def _locked(db: Database, work: Callable[[psycopg2.extensions.cursor], T], *, wait: bool,
+            timeout_ms: int | None = None) -> T | None:
+    """Run ``work`` in a transaction holding the maintenance lock.
+
+    ``wait=False`` returns None at once when another session holds it.
+    """
+    def locked(cur):
+        cur.execute(f"SET LOCAL statement_timeout = {int(timeout_ms or db.statement_timeout_ms)}")
+        if wait:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (MAINTENANCE_LOCK_KEY,))
+        else:
+            cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (MAINTENANCE_LOCK_KEY,))
+            if not cur.fetchone()[0]:
+                return None
+        return work(cur)
+
+    return db.run(lambda cur: _transaction(cur, locked))
+
+
+_BACKFILL_SQL = f"""
+WITH state AS (SELECT high_water, done_through FROM mlops_rollup_backfill),
+batch AS (
+    SELECT {_ROLLED_COLUMNS} FROM mlops_events
+    WHERE id > (SELECT done_through FROM state) AND id <= (SELECT high_water FROM state)
+    ORDER BY id LIMIT %(limit)s
+), {_rollup_ctes('batch', 0)},
+moved AS (
+    UPDATE mlops_rollup_backfill
+    SET done_through = CASE WHEN (SELECT count(*) FROM batch) < %(limit)s THEN high_water
+                            ELSE (SELECT max(id) FROM batch) END
+    RETURNING done_through, high_water
+)
+SELECT (SELECT count(*) FROM batch), done_through >= high_water FROM moved
+"""
+
+
+def backfill_batch(db: Database, limit: int) -> tuple[int, bool] | None:
+    """Roll up the next ``limit`` events stored before the rollups existed.
+
+    Returns ``(events rolled up, finished)``, or None when another process
+    holds the maintenance lock. Reads ``mlops_events`` by primary key range
+    only; takes no lock on it beyond the rows it reads.
+    """
+    def work(cur):
+        cur.execute(_BACKFILL_SQL, {"limit": limit})
+        n, finished = cur.fetchone()
+        return int(n), bool(finished)
+
+    return _locked(db, work, wait=False)
+
+
+def backfill_finished(db: Database) -> bool:
+    """Whether every event stored before the rollups existed has been rolled up."""
+    def work(cur):
+        cur.execute(db.timeout_prefix()
+                    + "SELECT done_through >= high_water FROM mlops_rollup_backfill")
+        return bool(cur.fetchone()[0])
+
+    return db.run(work)
+
+
+def _fold_sql(table: str, key: tuple[str, ...], sums: tuple[str, ...]) -> str:
+    keys = ", ".join(key)
+    adds = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c in sums)
+    return f"""
+WITH moved AS (
+    DELETE FROM {table} WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM {table}
+        WHERE shard <> 0 AND day < (now() AT TIME ZONE 'UTC')::date LIMIT %(limit)s))
+    RETURNING *
+), folded AS (
+    INSERT INTO {table} AS r ({keys}, shard, {', '.join(sums)})
+    SELECT {keys}, 0, {', '.join(f'sum({c})' for c in sums)} FROM moved GROUP BY {keys}
+    ON CONFLICT ({keys}, shard) DO UPDATE SET {adds}
+)
+SELECT count(*) FROM moved"""
+
+
+_FOLD_DAILY_SQL = _fold_sql("mlops_rollup_daily", ("business_id", "day", "model_name"),
+                            tuple(name for name, _ in _DAILY_SUMS))
+_FOLD_LATENCY_SQL = _fold_sql("mlops_rollup_latency", ("business_id", "day", "bucket"),
+                              ("messages",))
+
+
+def fold_shards(db: Database, limit: int) -> int | None:
+    """Merge up to ``limit`` shard rows of past UTC days (per table) into shard 0.
+
+    Today's shards stay, since writers still use them. Returns the rows
+    merged, or None when another process holds the maintenance lock.
+    """
+    def work(cur):
+        cur.execute(_FOLD_DAILY_SQL, {"limit": limit})
+        n = cur.fetchone()[0]
+        cur.execute(_FOLD_LATENCY_SQL, {"limit": limit})
+        return n + cur.fetchone()[0]
+
+    return _locked(db, work, wait=False)
+
+
+_EXPIRE_EVENTS_SQL = """
+DELETE FROM mlops_events WHERE id = ANY(ARRAY(
+    SELECT id FROM mlops_events
+    WHERE received_at < now() - make_interval(days => %(days)s)
+    ORDER BY received_at LIMIT %(limit)s))
+"""
+
+
+def delete_expired_events(db: Database, days: int, limit: int) -> int | None:
+    """Delete up to ``limit`` raw events received more than ``days`` days ago, oldest first.
+
+    Rollups keep summarising them. Returns the rows deleted, or None when
+    another process holds the maintenance lock. Call only once the backfill
+    has finished (otherwise rows not yet rolled up would be lost).
+    """
+    def work(cur):
+        cur.execute(_EXPIRE_EVENTS_SQL, {"days": days, "limit": limit})
+        return cur.rowcount
+
+    return _locked(db, work, wait=False)
+
+
+_ROLLUP_TABLES = ("mlops_rollup_daily", "mlops_rollup_latency", "mlops_rollup_conversations")
+# The day column retention looks at, per rollup table.
+_ROLLUP_DAY = {"mlops_rollup_daily": "day", "mlops_rollup_latency": "day",
+               "mlops_rollup_conversations": "last_day"}
+
+
+def delete_expired_rollups(db: Database, days: int, limit: int) -> int | None:
+    """Delete up to ``limit`` rows per rollup table for UTC days more than ``days`` ago.
+
+    Returns the rows deleted, or None when another process holds the lock.
+    """
+    def work(cur):
+        deleted = 0
+        for table in _ROLLUP_TABLES:
+            cur.execute(
+                f"DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
+                f"WHERE {_ROLLUP_DAY[table]} < (now() AT TIME ZONE 'UTC')::date - %(days)s "
+                "LIMIT %(limit)s))",
+                {"days": days, "limit": limit})
+            deleted += cur.rowcount
+        return deleted
+
+    return _locked(db, work, wait=False)
+
+
+# --- erasure -----------------------------------------------------------------
+
+# Rows of mlops_erased already counted in the rollups: all but those the
+# backfill has not reached yet.
+_ROLLED_UP = """NOT (id > (SELECT done_through FROM mlops_rollup_backfill)
+               AND id <= (SELECT high_water FROM mlops_rollup_backfill))"""
+
+
+def _subtract_sql(table: str, key: tuple[str, ...], contribution: str,
+                  sums: tuple[str, ...]) -> str:
+    """Replace the rows of ``table`` under each key of ``contribution`` by their
+    shard total minus ``contribution``'s (dropping those left empty)."""
+    keys = ", ".join(key)
+    match = " AND ".join(f"r.{k} = c.{k}" for k in key)
+    new_keys = ", ".join(f"total.{k}" for k in key)
+    new_sums = ", ".join(f"total.{s} - c.{s}" for s in sums)
+    return f"""
+WITH c AS ({contribution}),
+old AS (DELETE FROM {table} r USING c WHERE {match} RETURNING r.*),
+total AS (SELECT {keys}, {', '.join(f'sum({s}) AS {s}' for s in sums)} FROM old GROUP BY {keys}),
+put AS (
+    INSERT INTO {table} ({keys}, shard, {', '.join(sums)})
+    SELECT {new_keys}, 0, {new_sums}
+    FROM total JOIN c USING ({keys})
+    WHERE total.messages > c.messages
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM old), (SELECT count(*) FROM put)"""
+
+
+_SUBTRACT_DAILY_SQL = _subtract_sql(
+    "mlops_rollup_daily", ("business_id", "day", "model_name"),
+    f"SELECT business_id, {_DAY} AS day, model_name, "
+    + ", ".join(f"{expr} AS {name}" for name, expr in _DAILY_SUMS)
+    + f" FROM mlops_erased WHERE {_ROLLED_UP} GROUP BY 1, 2, 3",
+    tuple(name for name, _ in _DAILY_SUMS))
+_SUBTRACT_LATENCY_SQL = _subtract_sql(
+    "mlops_rollup_latency", ("business_id", "day", "bucket"),
+    f"SELECT business_id, {_DAY} AS day, ({rollups.BUCKET_SQL})::smallint AS bucket, "
+    f"count(*) AS messages FROM mlops_erased WHERE {_ROLLED_UP} GROUP BY 1, 2, 3",
+    ("messages",))
+
+_ERASE_CONVERSATION_STEPS = (
+    # The raw rows, found through its business and the days it was active ...
+    """WITH gone AS (
+        DELETE FROM mlops_events e USING mlops_rollup_conversations k
+        WHERE k.conversation_id = %(id)s AND e.business_id = k.business_id
+          AND e.received_at >= (k.first_day::timestamp AT TIME ZONE 'UTC')
+          AND e.received_at < ((k.last_day + 1)::timestamp AT TIME ZONE 'UTC')
+          AND e.conversation_id = %(id)s
+        RETURNING e.*)
+    INSERT INTO mlops_erased SELECT * FROM gone""",
+    # ... and among the rows the backfill has not reached yet.
+    """WITH gone AS (
+        DELETE FROM mlops_events e USING mlops_rollup_backfill b
+        WHERE e.id > b.done_through AND e.id <= b.high_water AND e.conversation_id = %(id)s
+        RETURNING e.*)
+    INSERT INTO mlops_erased SELECT * FROM gone""",
+)
+
+
+def erase_conversation(db: Database, conversation_id: str, timeout_ms: int) -> dict[str, int]:
+    """Delete one conversation's events and its share of every rollup, in one transaction.
+
+    Returns rows removed per table (``mlops_events``,
+    ``mlops_rollup_conversations``, and for ``mlops_rollup_daily`` /
+    ``mlops_rollup_latency`` the rows left empty) plus
+    ``rollup_rows_recomputed``: the rows rewritten as (shard total - the
+    conversation's share). Rollups of days whose raw rows retention already
+    deleted keep their anonymous counts; the conversation id goes from
+    every table. Zeros when nothing matches.
+    """
+    def work(cur):
+        cur.execute("CREATE TEMP TABLE mlops_erased ON COMMIT DROP AS "
+                    "SELECT * FROM mlops_events WITH NO DATA")
+        for step in _ERASE_CONVERSATION_STEPS:
+            cur.execute(step, {"id": conversation_id})
+        cur.execute("SELECT count(*) FROM mlops_erased")
+        counts = {"mlops_events": cur.fetchone()[0]}
+        recomputed = 0
+        for table, sql in (("mlops_rollup_daily", _SUBTRACT_DAILY_SQL),
+                           ("mlops_rollup_latency", _SUBTRACT_LATENCY_SQL)):
+            cur.execute(sql)
+            old, put = cur.fetchone()
+            counts[table] = old - put
+            recomputed += put
+        cur.execute("DELETE FROM mlops_rollup_conversations WHERE conversation_id = %s",
+                    (conversation_id,))
+        counts["mlops_rollup_conversations"] = cur.rowcount
+        counts["rollup_rows_recomputed"] = recomputed
+        return counts
+
+    return _locked(db, work, wait=True, timeout_ms=timeout_ms)
+
+
+def erase_business(db: Database, business_id: str, timeout_ms: int) -> dict[str, int]:
+    """Delete every event and rollup row of one business, in one transaction.
+
+    Returns rows removed per table; zeros when nothing matches.
+    """
+    def work(cur):
+        counts = {}
+        for table in ("mlops_events", *_ROLLUP_TABLES):
+            cur.execute(f"DELETE FROM {table} WHERE business_id = %s", (business_id,))
+            counts[table] = cur.rowcount
+        return counts
+
+    return _locked(db, work, wait=True, timeout_ms=timeout_ms)

@@ -293,6 +293,7 @@ class StateCollector:
         self._totals: list[tuple[str, int, int, float, float]] = []
         self._read_at = float("-inf")  # time.time() when the last read began
         self._db_up = False
+        self._oldest_event_at: float | None = None  # Unix seconds
 
     def request_refresh(self) -> dict:
         """Mark the Postgres-derived gauges stale and re-read them if this worker may.
@@ -322,6 +323,7 @@ class StateCollector:
             started = time.time()
             try:
                 self._totals = store.business_totals(self._db, WINDOW_DAYS)
+                self._oldest_event_at = store.oldest_event_received_at(self._db)
                 self._db_up = True
             except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
                 log.warning("metrics refresh failed", extra={"error": str(exc)})
@@ -350,6 +352,14 @@ class StateCollector:
         age.add_metric([], self._spool.oldest_age_seconds())
         yield depth
         yield age
+
+        oldest = GaugeMetricFamily(
+            "mlops_events_oldest_age_seconds",
+            "Age of the oldest raw event stored in Postgres (RETENTION_DAYS bounds it); "
+            "0 when none.")
+        oldest.add_metric([], max(0.0, time.time() - self._oldest_event_at)
+                          if self._oldest_event_at is not None else 0.0)
+        yield oldest
 
         labels = ["business_id"]
         messages = GaugeMetricFamily(

@@ -170,6 +170,7 @@ def service_env(database_url, tmp_path):
         # Load and property tests send far faster than a chat app from one
         # address; test_ratelimit.py and test_auth.py turn the limits back on.
         "RATE_LIMIT_ENABLED": "false",
+        "MAINTENANCE_INTERVAL_SECONDS": "0",  # tests run maintenance rounds themselves
     }
 
 
@@ -197,7 +198,8 @@ def _truncate(url: str) -> None:
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass('mlops_events') IS NOT NULL")
         if cur.fetchone()[0]:
-            cur.execute("TRUNCATE mlops_events")
+            cur.execute("TRUNCATE mlops_events, mlops_rollup_daily, mlops_rollup_latency, "
+                        "mlops_rollup_conversations")
     conn.close()
 
 

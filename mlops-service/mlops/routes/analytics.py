@@ -1,4 +1,4 @@
-"""``GET /analytics/<business_id>``: per-business aggregates computed in Postgres."""
+"""``GET /analytics/<business_id>``: per-business aggregates read from the rollups."""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ class AnalyticsQuery(BaseModel):
 @rate_limited("read")
 @require_scope("read")
 def analytics(business_id: str):
-    """Aggregates for ``business_id`` over the last ``days`` (query, default 30).
+    """Aggregates for ``business_id`` over the last ``days`` UTC days, today included.
+
+    ``days`` is a query parameter (default 30). Read from the rollups (see
+    ``store.analytics``): counts, sums and means exact, p50/p95 within 4.9%.
 
     Body: ``{"business_id", "period": "<N>_days", "days", "metrics": {the
     course's keys + total_messages, total_tokens, p50/p95_response_time_ms,

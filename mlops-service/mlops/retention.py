@@ -1,0 +1,121 @@
+"""The maintenance job: rollup backfill, shard folding, and retention.
+
+Every worker of every replica runs a :class:`Maintenance` thread, but each
+step is a short transaction that first tries a transaction-level advisory
+lock (``store.MAINTENANCE_LOCK_KEY``), so one process works at a time and
+the others skip the round. Transaction-level locks need no session state,
+so this holds through Neon's PgBouncer pooler too. Steps, in order:
+
+1. **Backfill**: roll up the events stored before the rollups existed, in
+   batches of ``MAINTENANCE_BATCH_ROWS`` read by primary-key range.
+2. **Fold**: merge the write shards of past UTC days into one row each.
+3. **Retention**: with ``RETENTION_DAYS`` set (and the backfill finished),
+   delete raw events older than that, oldest first, in batches; with
+   ``ROLLUP_RETENTION_DAYS`` set, delete rollup rows of older days.
+
+None of these lock what ``/track`` writes (new rows of today), so writes
+never wait for them. Each round stops after ``budget_seconds`` and resumes
+at the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+from . import store
+from .db import Database, DatabaseMisconfigured, DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Maintenance:
+    """One process's maintenance thread; :meth:`run_once` does one round."""
+
+    def __init__(self, db: Database, *, retention_days: int | None,
+                 rollup_retention_days: int | None, batch_rows: int,
+                 interval_seconds: float, budget_seconds: float = 10.0) -> None:
+        self._db = db
+        self.retention_days = retention_days
+        self.rollup_retention_days = rollup_retention_days
+        self.batch_rows = batch_rows
+        self.interval_seconds = interval_seconds
+        self.budget_seconds = budget_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_settings(cls, db: Database, settings) -> Maintenance:
+        """Built from ``RETENTION_DAYS``, ``ROLLUP_RETENTION_DAYS``, ``MAINTENANCE_*``."""
+        return cls(db, retention_days=settings.retention_days,
+                   rollup_retention_days=settings.rollup_retention_days,
+                   batch_rows=settings.maintenance_batch_rows,
+                   interval_seconds=settings.maintenance_interval_seconds)
+
+    def run_once(self) -> dict[str, int] | None:
+        """One round of every step; returns rows handled per step.
+
+        ``{"backfilled", "folded", "events_deleted", "rollups_deleted"}``, or
+        None when another process held the lock (this round is skipped).
+        Raises the errors of ``Database.run``.
+        """
+        deadline = time.monotonic() + self.budget_seconds
+        done = {"backfilled": 0, "folded": 0, "events_deleted": 0, "rollups_deleted": 0}
+
+        def repeat(key: str, step) -> bool:
+            """Run ``step`` until it handles less than a batch; False if locked out."""
+            while time.monotonic() < deadline and not self._stop.is_set():
+                n = step()
+                if n is None:
+                    return False
+                done[key] += n
+                if n < self.batch_rows:
+                    return True
+            return True
+
+        finished = store.backfill_finished(self._db)
+        while not finished and time.monotonic() < deadline and not self._stop.is_set():
+            result = store.backfill_batch(self._db, self.batch_rows)
+            if result is None:
+                return None
+            n, finished = result
+            done["backfilled"] += n
+        if not repeat("folded", lambda: store.fold_shards(self._db, self.batch_rows)):
+            return None
+        if finished and self.retention_days and not repeat(
+                "events_deleted", lambda: store.delete_expired_events(
+                    self._db, self.retention_days, self.batch_rows)):
+            return None
+        if self.rollup_retention_days and not repeat(
+                "rollups_deleted", lambda: store.delete_expired_rollups(
+                    self._db, self.rollup_retention_days, self.batch_rows)):
+            return None
+        return done
+
+    def start(self) -> None:
+        """Start the thread (idempotent; not when ``interval_seconds`` is 0)."""
+        if self._thread is None and self.interval_seconds > 0:
+            self._thread = threading.Thread(target=self._loop, name="maintenance", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to stop after its current batch."""
+        self._stop.set()
+
+    def _loop(self) -> None:
+        # A random first delay spreads the workers' rounds apart.
+        self._stop.wait(random.uniform(1.0, 5.0))
+        while not self._stop.is_set():
+            try:
+                done = self.run_once()
+            except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
+                log.warning("maintenance round failed; retrying next round",
+                            extra={"error": str(exc)})
+            except Exception:  # keep the thread alive whatever happens
+                log.exception("maintenance round crashed; retrying next round")
+            else:
+                if done and any(done.values()):
+                    log.info("maintenance round", extra=done)
+            self._stop.wait(self.interval_seconds)

@@ -1,0 +1,184 @@
+"""Erasure: a conversation's or a business's rows leave the events, the spool and every rollup."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from conftest import _truncate, metric_sum, metric_values, query
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from payloads import SUCCESS, varied
+from rollup_checks import assert_matches_raw, assert_totals_match_raw
+
+from mlops import store
+from mlops.config import Settings
+from mlops.db import Database
+from mlops.retention import Maintenance
+from mlops.schemas import MetricsEvent
+from mlops.services import get_services
+
+KEY = "erasure-test-key-0123456789"
+
+
+@pytest.fixture
+def db(database_url):
+    database = Database(Settings.from_env({"DATABASE_URL": database_url}))
+    yield database
+    database.close()
+    _truncate(database_url)
+
+
+def seed(db, events: list[dict], days_ago: int = 0) -> None:
+    at = datetime.now(UTC) - timedelta(days=days_ago)
+    store.insert_events(db, [store.Record(str(uuid.uuid4()), at, MetricsEvent.model_validate(e))
+                             for e in events], 5000)
+
+
+def audit_lines(app) -> list[dict]:
+    log = get_services(app).settings.log_dir / "mlops-service.log"
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    return [line for line in lines if line.get("logger") == "mlops.audit"]
+
+
+def test_a_conversation_leaves_events_rollups_and_gauges(make_app, db, pg):
+    app = make_app()
+    client = app.test_client()
+    business, other = str(uuid.uuid4()), str(uuid.uuid4())
+    events = varied(200, [business, other], seed=13)
+    seed(db, events[:120], days_ago=1)
+    seed(db, events[120:])
+    target = events[0]["conversation_id"]
+    mine = [e for e in events if e["conversation_id"] == target]
+    client.post("/refresh-metrics", json={})
+    before = metric_values(client.get("/metrics").get_data(as_text=True))
+
+    response = client.delete(f"/conversations/{target}")
+
+    assert response.status_code == 200
+    removed = response.get_json()["removed"]
+    assert removed["mlops_events"] == len(mine)
+    assert removed["mlops_rollup_conversations"] == 1
+    assert removed["spooled_events"] == 0
+    assert query(pg, "SELECT count(*) FROM mlops_events WHERE conversation_id = %s",
+                 target) == [(0,)]
+    assert query(pg, "SELECT count(*) FROM mlops_rollup_conversations "
+                     "WHERE conversation_id = %s", target) == [(0,)]
+    for b in (business, other):
+        assert_matches_raw(pg, client.get(f"/analytics/{b}?days=7").get_json(), b, 7)
+    assert_totals_match_raw(pg, store.business_totals(db, 30), 30)
+    client.post("/refresh-metrics", json={})
+    after = metric_values(client.get("/metrics").get_data(as_text=True))
+    assert metric_sum(after, "mlops_business_messages_30d", business_id=business) == \
+        metric_sum(before, "mlops_business_messages_30d", business_id=business) - len(mine)
+    (line,) = audit_lines(app)
+    assert line["erased"] == {"conversation_id": target}
+    assert line["removed"] == removed
+    assert line["key_id"] is None
+    assert "erased_at" in line
+
+
+def test_a_business_leaves_everything_and_a_repeat_answers_zeros(client, db, pg):
+    business = str(uuid.uuid4())
+    seed(db, varied(50, [business, "stays"], seed=2), days_ago=3)
+    seed(db, varied(10, [business], seed=3))
+
+    first = client.delete(f"/businesses/{business}")
+    again = client.delete(f"/businesses/{business}")
+
+    assert first.status_code == again.status_code == 200
+    assert first.get_json()["removed"]["mlops_events"] == 35
+    assert first.get_json()["removed"]["mlops_rollup_daily"] > 0
+    assert set(again.get_json()["removed"].values()) == {0}
+    for table in ("mlops_events", "mlops_rollup_daily", "mlops_rollup_latency",
+                  "mlops_rollup_conversations"):
+        assert query(pg, f"SELECT count(*) FROM {table} WHERE business_id = %s",
+                     business) == [(0,)]
+    assert client.get(f"/analytics/{business}").get_json()["metrics"]["total_messages"] == 0
+    assert_matches_raw(pg, store.analytics(db, "stays", 7), "stays", 7)
+
+
+def test_spooled_events_are_erased_too(client, app, db):
+    business = str(uuid.uuid4())
+    spool = get_services(app).spool
+    waiting = [{**SUCCESS, "business_id": business, "conversation_id": c}
+               for c in ("keep", "erase-me", "erase-me")]
+    spool.put((str(uuid.uuid4()), time.time(), MetricsEvent.model_validate(e).model_dump_json())
+              for e in waiting)
+    response = client.delete("/conversations/erase-me")
+    assert response.get_json()["removed"]["spooled_events"] == 2
+    assert [json.loads(e.payload)["conversation_id"] for e in spool.peek(10)] == ["keep"]
+    assert client.delete(f"/businesses/{business}").get_json()["removed"][
+        "spooled_events"] == 1
+    assert spool.depth() == 0
+
+
+@pytest.mark.parametrize("path", ["/conversations/c-1", "/businesses/b-1"])
+def test_erasure_needs_the_key_and_the_audit_names_it_by_hash(make_app, path):
+    app = make_app(MLOPS_API_KEY=KEY)
+    client = app.test_client()
+    assert client.delete(path).status_code == 401
+    assert client.delete(path, headers={"X-API-Key": "wrong"}).status_code == 403
+    assert client.delete(path, headers={"X-API-Key": KEY}).status_code == 200
+    (line,) = audit_lines(app)
+    assert line["key_id"] == hashlib.sha256(KEY.encode()).hexdigest()[:12]
+    log = (get_services(app).settings.log_dir / "mlops-service.log").read_text()
+    assert KEY not in log
+
+
+def test_an_over_long_id_is_refused_by_name(client):
+    response = client.delete("/conversations/" + "x" * 300)
+    assert response.status_code == 422
+    assert response.get_json()["errors"][0]["field"] == "conversation_id"
+
+
+def test_erasing_rows_the_backfill_has_not_reached(db, pg):
+    business = str(uuid.uuid4())
+    events = varied(60, [business], seed=17)
+    seed(db, events)
+    with pg.cursor() as cur:  # pretend the first 40 rows predate the rollups
+        cur.execute("SELECT min(id) FROM mlops_events WHERE business_id = %s", (business,))
+        first = cur.fetchone()[0]
+        cur.execute("SELECT done_through, high_water FROM mlops_rollup_backfill")
+        saved = cur.fetchone()
+        cur.execute("DELETE FROM mlops_rollup_daily WHERE business_id = %s", (business,))
+        cur.execute("DELETE FROM mlops_rollup_latency WHERE business_id = %s", (business,))
+        cur.execute("DELETE FROM mlops_rollup_conversations WHERE business_id = %s", (business,))
+        cur.execute("UPDATE mlops_rollup_backfill SET done_through = %s, high_water = %s",
+                    (first - 1, first + 39))
+        cur.execute("DELETE FROM mlops_events WHERE id > %s", (first + 39,))
+    try:
+        seed(db, events[40:])  # the last 20, rolled up as they are written
+        target = events[1]["conversation_id"]
+        removed = store.erase_conversation(db, target, 5000)
+        assert removed["mlops_events"] == sum(e["conversation_id"] == target for e in events)
+        Maintenance(db, retention_days=None, rollup_retention_days=None, batch_rows=7,
+                    interval_seconds=0).run_once()
+        assert store.backfill_finished(db)
+        assert_matches_raw(pg, store.analytics(db, business, 7), business, 7)
+    finally:
+        with pg.cursor() as cur:
+            cur.execute("UPDATE mlops_rollup_backfill SET done_through = %s, high_water = %s",
+                        saved)
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed_=st.integers(0, 10**6), erase=st.lists(st.integers(0, 9), max_size=4),
+       days=st.sampled_from([1, 2, 7]))
+def test_random_erasures_leave_rollups_equal_to_raw(db, pg, seed_, erase, days):
+    business = f"b-{uuid.uuid4()}"
+    events = varied(60, [business], seed=seed_)
+    conversations = sorted({e["conversation_id"] for e in events})
+    for i, event in enumerate(events):
+        event["conversation_id"] = f"{business}-{conversations.index(event['conversation_id'])}"
+        event["response_time_ms"] = 1 + (seed_ + i) % 5000
+    seed(db, events[:30], days_ago=1)
+    seed(db, events[30:])
+    for index in erase:
+        store.erase_conversation(db, f"{business}-{index}", 5000)
+    assert_matches_raw(pg, store.analytics(db, business, days), business, days)
