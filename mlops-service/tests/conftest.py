@@ -189,17 +189,22 @@ def make_app(service_env, database_url):
     yield make
     for app in apps:
         get_services(app).shutdown(drain_seconds=0)
-    _truncate(database_url)
+    empty_tables(database_url)
 
 
-def _truncate(url: str) -> None:
+# Every table the service writes events into: emptied together so that the
+# rollups always summarise exactly the events that are left.
+EMPTY_TABLES_SQL = ("DO $$ BEGIN IF to_regclass('mlops_events') IS NOT NULL THEN "
+                    "TRUNCATE mlops_events, mlops_rollup_daily, mlops_rollup_latency, "
+                    "mlops_rollup_conversations; END IF; END $$")
+
+
+def empty_tables(url: str) -> None:
+    """Empty the events and their rollups in the database at ``url`` (if migrated)."""
     conn = psycopg2.connect(url)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('mlops_events') IS NOT NULL")
-        if cur.fetchone()[0]:
-            cur.execute("TRUNCATE mlops_events, mlops_rollup_daily, mlops_rollup_latency, "
-                        "mlops_rollup_conversations")
+        cur.execute(EMPTY_TABLES_SQL)
     conn.close()
 
 
@@ -228,7 +233,7 @@ def gunicorn(service_env, database_url):
     yield start
     for server in servers:
         server.stop()
-    _truncate(database_url)
+    empty_tables(database_url)
 
 
 def metric_values(text: str) -> dict[tuple[str, tuple], float]:

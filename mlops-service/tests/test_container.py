@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import query
+from conftest import EMPTY_TABLES_SQL, query
 from payloads import FAILURE, SUCCESS
 from pgcluster import free_port
 from servers import SERVICE_DIR
@@ -131,7 +131,7 @@ def test_docker_run_serves_stores_and_stops_gracefully(image, database_url, pg):
         assert "Shutting down" in docker("logs", name).stderr + docker("logs", name).stdout
     finally:
         docker("rm", "-f", name, check=False)
-        pg.cursor().execute("TRUNCATE mlops_events")
+        pg.cursor().execute(EMPTY_TABLES_SQL)
 
 
 @pytest.fixture

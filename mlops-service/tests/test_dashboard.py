@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 import requests
-from conftest import ADMIN_URL, _truncate, _with_dbname
+from conftest import ADMIN_URL, _with_dbname, empty_tables
 from payloads import varied
 from pgcluster import PgCluster
 from selenium import webdriver
@@ -63,11 +63,11 @@ def _server(database_url: str, folder: Path, **env) -> Gunicorn:
 @pytest.fixture(scope="module")
 def server(database_url, service_dirs):
     """gunicorn on the test database, no key: the page and its data are open."""
-    _truncate(database_url)
+    empty_tables(database_url)
     srv = _server(database_url, service_dirs / "open")
     yield srv
     srv.stop()
-    _truncate(database_url)
+    empty_tables(database_url)
 
 
 @pytest.fixture(scope="module")

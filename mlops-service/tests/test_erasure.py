@@ -104,7 +104,7 @@ def test_a_business_leaves_everything_and_a_repeat_answers_zeros(client, db, pg)
 
 def test_spooled_events_are_erased_too(client, app, db):
     business = str(uuid.uuid4())
-    spool = get_services(app).spool
+    spool = get_services(app).outbox.spool
     waiting = [{**SUCCESS, "business_id": business, "conversation_id": c}
                for c in ("keep", "erase-me", "erase-me")]
     spool.put((str(uuid.uuid4()), time.time(), MetricsEvent.model_validate(e).model_dump_json())

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import psycopg2
 import pytest
 import requests
+from conftest import EMPTY_TABLES_SQL
 from payloads import SUCCESS, varied
 from pgcluster import PgCluster
 from tcpproxy import StallingProxy
@@ -37,8 +38,7 @@ def cluster(shared_cluster):
     """The module's cluster, running; emptied of events after the test."""
     yield shared_cluster
     shared_cluster.start_if_stopped()
-    shared_cluster.psql("DO $$ BEGIN IF to_regclass('mlops_events') IS NOT NULL THEN "
-                        "TRUNCATE mlops_events; END IF; END $$")
+    shared_cluster.psql(EMPTY_TABLES_SQL)
 
 
 def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:

@@ -36,6 +36,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 import requests
+from conftest import empty_tables
 from payloads import varied
 from pgcluster import free_port
 from servers import Gunicorn
@@ -285,11 +286,7 @@ def servers(service_env, tmp_path, database_url):
     yield make
     for server in started:
         server.stop(signal.SIGQUIT)  # gunicorn's quick stop: no drain pause in teardown
-    conn = psycopg2.connect(database_url)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("TRUNCATE mlops_events")
-    conn.close()
+    empty_tables(database_url)
 
 
 @pytest.fixture

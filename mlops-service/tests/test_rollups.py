@@ -195,8 +195,7 @@ def test_the_migration_backfills_existing_rows_in_batches(tmp_path, monkeypatch,
         shutil.copy(migrate.MIGRATIONS_DIR / "0001_events.sql", only_first)
         conn = psycopg2.connect(url)
         conn.autocommit = True
-        monkeypatch.setattr(migrate, "MIGRATIONS_DIR", only_first)
-        migrate.apply(conn)
+        migrate.apply(conn, only_first)
         business = str(uuid.uuid4())
         old = [record(e, received_at=datetime.now(UTC) - timedelta(days=i % 3))
                for i, e in enumerate(varied(250, [business, "other"], seed=21))]
@@ -205,7 +204,6 @@ def test_the_migration_backfills_existing_rows_in_batches(tmp_path, monkeypatch,
                 f"INSERT INTO mlops_events ({', '.join(store._INSERT_COLUMNS)}) "
                 f"VALUES ({', '.join(['%s'] * len(store._INSERT_COLUMNS))})",
                 [r.row() for r in old])
-        monkeypatch.undo()
         assert migrate.apply(conn) == [2, 3]
         database = Database(Settings.from_env({"DATABASE_URL": url}))
         fresh = [record(e) for e in varied(30, [business], seed=22)]
