@@ -102,8 +102,8 @@ def announce(settings, database: str, embedded_pgdata=None) -> None:
                                     "stopped on exit (for trying and developing only)")
     log.info("mlops-service starting", extra=extra)
     if settings.auth_mode == "off":
-        log.warning("MLOPS_API_KEY is not set: /track, /track/batch and the read endpoints are "
-                    "open to anyone who can reach this port")
+        log.warning("MLOPS_API_KEY is not set: /track, /track/batch, the read endpoints and "
+                    "erasure (DELETE) are open to anyone who can reach this port")
     elif settings.auth_mode == "warn":
         log.warning("MLOPS_AUTH_MODE=warn: writes without a valid X-API-Key are stored and "
                     "counted in mlops_auth_failures_total; set MLOPS_AUTH_MODE=enforce once "

@@ -38,6 +38,8 @@ ENDPOINTS = {
     "batch": ("post", "/track/batch", [SUCCESS], "write", 207),
     "analytics": ("get", "/analytics/acme", None, "read", 200),
     "businesses": ("get", "/businesses", None, "read", 200),
+    "erase_conversation": ("delete", "/conversations/conv-1", None, "erase", 200),
+    "erase_business": ("delete", "/businesses/acme", None, "erase", 200),
     "refresh": ("post", "/refresh-metrics", {"trigger": "new_metrics"}, None, 200),
     "metrics": ("get", "/metrics", None, None, 200),
     "health": ("get", "/health", None, None, 200),
@@ -93,7 +95,7 @@ def test_every_scope_on_every_endpoint(make_app, pg, endpoint, credential):
 @pytest.mark.parametrize("credential", CREDENTIALS)
 @pytest.mark.parametrize("scope", ["write", "read", "erase"])
 def test_the_scope_table_including_erase(make_app, scope, credential):
-    """``erase`` has no route on this branch yet: check the guard the DELETE routes will use."""
+    """The guard itself, for every scope (the routes are covered above)."""
     app = make_app(**KEYS)
     key = CREDENTIALS[credential]
     with app.test_request_context("/", headers={"X-API-Key": key} if key else {}):

@@ -27,6 +27,7 @@ def _json(schema: dict, description: str) -> dict:
 
 def _errors(*codes: int) -> dict:
     text = {401: "Missing X-API-Key", 403: "Wrong X-API-Key, or a key without this scope",
+            404: "No such route: an id holding a line break cannot be routed",
             413: "Body too large", 415: "Content-Type is not application/json",
             422: "Invalid fields, each named", 429: "Rate limit exceeded; see Retry-After",
             503: "Database unavailable (and, for writes, spool full)"}
@@ -70,8 +71,8 @@ def document() -> dict:
     event = {"$ref": "#/components/schemas/MetricsEvent"}
     security = [{"ApiKey": []}]
     json_object = {"type": "object"}
-    business = {"name": "business_id", "in": "path", "required": True,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
+    path_id = {"type": "string", "minLength": 1, "maxLength": 255}
+    business = {"name": "business_id", "in": "path", "required": True, "schema": path_id}
     return {
         "openapi": "3.1.0",
         "info": {"title": "mlops-service", "version": __version__,
@@ -111,7 +112,19 @@ def document() -> dict:
                     "schema": {"type": "integer", "minimum": 1, "maximum": 3650,
                                "default": 30}}],
                 "responses": {"200": _json(json_object, "Analytics"),
-                              **_errors(401, 403, 422, 429, 503)}}},
+                              **_errors(401, 403, 404, 422, 429, 503)}}},
+            "/conversations/{conversation_id}": {"delete": {
+                "summary": "Erase one conversation: its events, spooled events and rollup share",
+                "security": security,
+                "parameters": [{"name": "conversation_id", "in": "path", "required": True,
+                                "schema": path_id}],
+                "responses": {"200": _json(json_object, "Erased (zeros when nothing matched)"),
+                              **_errors(401, 403, 404, 422, 429, 503)}}},
+            "/businesses/{business_id}": {"delete": {
+                "summary": "Erase one business: its events, spooled events and rollups",
+                "security": security, "parameters": [business],
+                "responses": {"200": _json(json_object, "Erased (zeros when nothing matched)"),
+                              **_errors(401, 403, 404, 422, 429, 503)}}},
             "/businesses": {"get": {
                 "summary": "Each business's messages, tokens and cost over a window, "
                            "busiest first", "security": security,
