@@ -109,7 +109,13 @@ def test_a_silent_server_cannot_hold_a_call_past_its_deadline(proxy, make_db, db
     assert isinstance(error, DatabaseUnavailable), error
     assert 0.15 < elapsed < 0.6, elapsed
     assert db.pool_in_use() == 0
-    with db.deadline(200):  # a ping is a real round trip
+
+
+def test_a_ping_is_a_real_round_trip(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=60)
+    assert db.run(select_one) == 1  # a warm connection in the pool
+    proxy.stall()
+    with db.deadline(200):
         assert isinstance(timed(db.ping)[1], DatabaseUnavailable)
 
 
