@@ -101,7 +101,9 @@ def timed(call) -> tuple[float, BaseException | None]:
 
 def test_a_silent_server_cannot_hold_a_call_past_its_deadline(proxy, make_db, dbname):
     db = make_db(proxy.url(dbname))
-    assert db.run(select_one) == 1  # a warm connection in the pool
+    with db.deadline(100):
+        assert db.run(select_one) == 1  # a warm connection in the pool
+    time.sleep(0.2)  # past that call's deadline: the watchdog wakes with nothing to watch
     proxy.stall()
     threading.Timer(3.0, proxy.resume).start()  # without the deadline the call waits for this
     with db.deadline(200):
