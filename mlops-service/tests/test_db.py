@@ -101,15 +101,55 @@ def timed(call) -> tuple[float, BaseException | None]:
 
 def test_a_silent_server_cannot_hold_a_call_past_its_deadline(proxy, make_db, dbname):
     db = make_db(proxy.url(dbname))
-    assert db.run(select_one) == 1  # a warm connection in the pool
+    with db.deadline(100):
+        assert db.run(select_one) == 1  # a warm connection in the pool
+    time.sleep(0.2)  # past that call's deadline: the watchdog wakes with nothing to watch
     proxy.stall()
     threading.Timer(3.0, proxy.resume).start()  # without the deadline the call waits for this
     with db.deadline(200):
         elapsed, error = timed(lambda: db.run(select_one))
     assert isinstance(error, DatabaseUnavailable), error
+    assert str(error).startswith("no answer within the deadline")
     assert 0.15 < elapsed < 0.6, elapsed
     assert db.pool_in_use() == 0
-    with db.deadline(200):  # a ping is a real round trip
+
+
+def test_concurrent_calls_each_keep_their_own_deadline(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=60)
+    barrier = threading.Barrier(3)
+
+    def hold_one(cur):
+        barrier.wait(5)  # three connections checked out at once
+        return select_one(cur)
+
+    threads = [threading.Thread(target=db.run, args=(hold_one,)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(db._idle) == 3 and not db._watchdog._calls  # finished calls are not watched
+    proxy.stall()
+    threading.Timer(3.0, proxy.resume).start()
+    results: list[tuple[float, BaseException | None]] = []
+
+    def call():
+        with db.deadline(200):
+            results.append(timed(lambda: db.run(select_one)))
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(results) == 3
+    assert all(isinstance(e, DatabaseUnavailable) and t < 0.6 for t, e in results), results
+
+
+def test_a_ping_is_a_real_round_trip(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=60)
+    assert db.run(select_one) == 1  # a warm connection in the pool
+    proxy.stall()
+    with db.deadline(200):
         assert isinstance(timed(db.ping)[1], DatabaseUnavailable)
 
 
