@@ -9,7 +9,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import _truncate, metric_sum, metric_values, query
+from conftest import empty_tables, metric_sum, metric_values, query
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from payloads import SUCCESS, varied
@@ -30,7 +30,7 @@ def db(database_url):
     database = Database(Settings.from_env({"DATABASE_URL": database_url}))
     yield database
     database.close()
-    _truncate(database_url)
+    empty_tables(database_url)
 
 
 def seed(db, events: list[dict], days_ago: int = 0) -> None:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 import pytest
 import requests
-from conftest import _truncate, metric_values, query
+from conftest import empty_tables, metric_values, query
 from payloads import varied
 from rollup_checks import assert_matches_raw
 
@@ -25,7 +25,7 @@ def db(database_url):
     database = Database(Settings.from_env({"DATABASE_URL": database_url}))
     yield database
     database.close()
-    _truncate(database_url)
+    empty_tables(database_url)
 
 
 def seed(db, business: str, ages_days: list[int]) -> None:

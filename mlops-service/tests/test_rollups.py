@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 import pytest
 import requests
-from conftest import _truncate, query
+from conftest import empty_tables, query
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from payloads import SUCCESS, varied
@@ -36,7 +36,7 @@ def db(database_url):
     database = Database(Settings.from_env({"DATABASE_URL": database_url}))
     yield database
     database.close()
-    _truncate(database_url)
+    empty_tables(database_url)
 
 
 def record(event: dict, received_at: datetime | None = None, event_id: str | None = None):
