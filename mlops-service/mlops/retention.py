@@ -7,7 +7,8 @@ the others skip the round. Transaction-level locks need no session state,
 so this holds through Neon's PgBouncer pooler too. Steps, in order:
 
 1. **Backfill**: roll up the events stored before the rollups existed, in
-   batches of ``MAINTENANCE_BATCH_ROWS`` read by primary-key range.
+   batches of ``MAINTENANCE_BATCH_ROWS`` read by primary-key range (two
+   backfills: migration 0002's rollups, and 0004's intent rollup).
 2. **Fold**: merge the write shards of past UTC days into one row each.
 3. **Retention**: with ``RETENTION_DAYS`` set (and the backfill finished),
    delete raw events older than that, oldest first, in batches; with

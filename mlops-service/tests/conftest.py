@@ -196,7 +196,7 @@ def make_app(service_env, database_url):
 # rollups always summarise exactly the events that are left.
 EMPTY_TABLES_SQL = ("DO $$ BEGIN IF to_regclass('mlops_events') IS NOT NULL THEN "
                     "TRUNCATE mlops_events, mlops_rollup_daily, mlops_rollup_latency, "
-                    "mlops_rollup_conversations; END IF; END $$")
+                    "mlops_rollup_conversations, mlops_rollup_intents; END IF; END $$")
 
 
 def empty_tables(url: str) -> None:

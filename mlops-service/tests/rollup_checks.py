@@ -33,9 +33,17 @@ GROUP BY 1 ORDER BY 1
 RAW_DAILY = f"""
 SELECT to_char((received_at AT TIME ZONE 'UTC')::date, 'YYYY-MM-DD'), count(*),
        sum(tokens_used), sum(api_cost_usd), avg(response_time_ms),
-       count(*) FILTER (WHERE appointment_booked)
+       count(*) FILTER (WHERE appointment_booked),
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY response_time_ms),
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY response_time_ms),
+       min(response_time_ms)
 FROM mlops_events WHERE business_id = %(business)s AND received_at >= {_START}
 GROUP BY 1 ORDER BY 1
+"""
+RAW_BY_INTENT = f"""
+SELECT intent_detected, count(*)
+FROM mlops_events WHERE business_id = %(business)s AND received_at >= {_START}
+GROUP BY 1 ORDER BY 2 DESC, 1
 """
 RAW_BUSINESS_TOTALS = f"""
 SELECT business_id, count(*), sum(tokens_used), sum(api_cost_usd), avg(success_rate)
@@ -71,23 +79,33 @@ def assert_matches_raw(pg, result: dict, business: str, days: int) -> None:
     assert m["avg_tokens_used"] == pytest.approx(tokens / n if n else 0)
     assert m["success_rate"] == pytest.approx(sr or 0)
     assert m["appointment_conversion_rate"] == pytest.approx(booked / requested if requested else 0)
-    # Relative error bound, plus 0.5 ms if a value under 1 ms took part.
-    slack = 0.5 if low is not None and low < 1 else 0.0
-    for estimate, exact in ((m["p50_response_time_ms"], p50), (m["p95_response_time_ms"], p95)):
-        if exact is None:
-            assert estimate == 0
-        else:
-            assert abs(estimate - exact) <= rollups.RELATIVE_ERROR * exact * (1 + 1e-9) + slack
+    _assert_percentiles(m, p50, p95, low)
     by_model = [(x["model_name"], x["messages"], x["tokens"], _cost(x["api_cost_usd"]),
                  pytest.approx(x["avg_response_time_ms"])) for x in result["by_model"]]
     assert by_model == [(a, b, c, _cost(d), e) for a, b, c, d, e in
                         _rows(pg, RAW_BY_MODEL, business=business, days=days)]
     assert all(isinstance(x["tokens"], int) for x in result["by_model"])
+    raw_daily = _rows(pg, RAW_DAILY, business=business, days=days)
     daily = [(x["date"], x["messages"], x["tokens"], _cost(x["api_cost_usd"]),
               pytest.approx(x["avg_response_time_ms"]), x["appointments_booked"])
              for x in result["daily"]]
-    assert daily == [(a, b, c, _cost(d), e, f) for a, b, c, d, e, f in
-                     _rows(pg, RAW_DAILY, business=business, days=days)]
+    assert daily == [(a, b, c, _cost(d), e, f) for a, b, c, d, e, f, *_ in raw_daily]
+    for row, (*_, p50, p95, low) in zip(result["daily"], raw_daily, strict=True):
+        _assert_percentiles(row, p50, p95, low)
+    assert [(x["intent_detected"], x["messages"]) for x in result["by_intent"]] == \
+        _rows(pg, RAW_BY_INTENT, business=business, days=days)
+
+
+def _assert_percentiles(row: dict, p50, p95, low) -> None:
+    """``row``'s p50/p95 are within the histogram's bound of the exact ``percentile_cont``."""
+    # Relative error bound, plus 0.5 ms if a value under 1 ms took part.
+    slack = 0.5 if low is not None and low < 1 else 0.0
+    for estimate, exact in ((row["p50_response_time_ms"], p50),
+                            (row["p95_response_time_ms"], p95)):
+        if exact is None:
+            assert estimate == 0
+        else:
+            assert abs(estimate - exact) <= rollups.RELATIVE_ERROR * exact * (1 + 1e-9) + slack
 
 
 def assert_totals_match_raw(pg, totals: list[tuple], days: int) -> None:

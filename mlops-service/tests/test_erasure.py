@@ -95,7 +95,7 @@ def test_a_business_leaves_everything_and_a_repeat_answers_zeros(client, db, pg)
     assert first.get_json()["removed"]["mlops_rollup_daily"] > 0
     assert set(again.get_json()["removed"].values()) == {0}
     for table in ("mlops_events", "mlops_rollup_daily", "mlops_rollup_latency",
-                  "mlops_rollup_conversations"):
+                  "mlops_rollup_intents", "mlops_rollup_conversations"):
         assert query(pg, f"SELECT count(*) FROM {table} WHERE business_id = %s",
                      business) == [(0,)]
     assert client.get(f"/analytics/{business}").get_json()["metrics"]["total_messages"] == 0
@@ -136,21 +136,32 @@ def test_an_over_long_id_is_refused_by_name(client):
     assert response.get_json()["errors"][0]["field"] == "conversation_id"
 
 
-def test_erasing_rows_the_backfill_has_not_reached(db, pg):
+# The backfills' progress tables (migrations 0002 and 0004), and the rollups each fills.
+STATES = {"mlops_rollup_backfill": ("mlops_rollup_daily", "mlops_rollup_latency",
+                                    "mlops_rollup_conversations"),
+          "mlops_rollup_intents_backfill": ("mlops_rollup_intents",)}
+
+
+@pytest.mark.parametrize("pending", [tuple(STATES), ("mlops_rollup_intents_backfill",)],
+                         ids=["every-rollup", "intents-only"])
+def test_erasing_rows_the_backfill_has_not_reached(db, pg, pending):
     business = str(uuid.uuid4())
     events = varied(60, [business], seed=17)
-    seed(db, events)
-    with pg.cursor() as cur:  # pretend the first 40 rows predate the rollups
-        cur.execute("SELECT min(id) FROM mlops_events WHERE business_id = %s", (business,))
-        first = cur.fetchone()[0]
-        cur.execute("SELECT done_through, high_water FROM mlops_rollup_backfill")
-        saved = cur.fetchone()
-        cur.execute("DELETE FROM mlops_rollup_daily WHERE business_id = %s", (business,))
-        cur.execute("DELETE FROM mlops_rollup_latency WHERE business_id = %s", (business,))
-        cur.execute("DELETE FROM mlops_rollup_conversations WHERE business_id = %s", (business,))
-        cur.execute("UPDATE mlops_rollup_backfill SET done_through = %s, high_water = %s",
-                    (first - 1, first + 39))
-        cur.execute("DELETE FROM mlops_events WHERE id > %s", (first + 39,))
+    seed(db, events[:40])
+    with pg.cursor() as cur:  # pretend the first 40 rows predate the (pending) rollups
+        cur.execute("SELECT min(id), max(id) FROM mlops_events WHERE business_id = %s",
+                    (business,))
+        first, last = cur.fetchone()
+        assert last == first + 39
+        saved = {}
+        for state in STATES:
+            cur.execute(f"SELECT done_through, high_water FROM {state}")
+            saved[state] = cur.fetchone()
+        for state in pending:
+            for table in STATES[state]:
+                cur.execute(f"DELETE FROM {table} WHERE business_id = %s", (business,))
+            cur.execute(f"UPDATE {state} SET done_through = %s, high_water = %s",
+                        (first - 1, first + 39))
     try:
         seed(db, events[40:])  # the last 20, rolled up as they are written
         target = events[1]["conversation_id"]
@@ -162,8 +173,9 @@ def test_erasing_rows_the_backfill_has_not_reached(db, pg):
         assert_matches_raw(pg, store.analytics(db, business, 7), business, 7)
     finally:
         with pg.cursor() as cur:
-            cur.execute("UPDATE mlops_rollup_backfill SET done_through = %s, high_water = %s",
-                        saved)
+            for state in STATES:
+                cur.execute(f"UPDATE {state} SET done_through = %s, high_water = %s",
+                            saved[state])
 
 
 @settings(max_examples=15, deadline=None,

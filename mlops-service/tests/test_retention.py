@@ -67,7 +67,11 @@ def test_rollup_retention_drops_old_days(db, pg):
     seed(db, business, [400, 200, 20, 0])
     done = job(db, rollup_retention_days=100).run_once()
     assert done["rollups_deleted"] > 0
-    assert store.analytics(db, business, 3650)["metrics"]["total_messages"] == 2
+    after = store.analytics(db, business, 3650)
+    assert after["metrics"]["total_messages"] == 2
+    assert sum(i["messages"] for i in after["by_intent"]) == 2
+    assert query(pg, "SELECT count(*) FROM mlops_rollup_intents WHERE business_id = %s "
+                     "AND day < (now() AT TIME ZONE 'UTC')::date - 100", business) == [(0,)]
     assert query(pg, "SELECT count(*) FROM mlops_events WHERE business_id = %s",
                  business) == [(4,)]  # raw rows are RETENTION_DAYS's business
 
@@ -86,13 +90,14 @@ def test_one_runner_at_a_time(db, database_url, pg):
     assert job(db, retention_days=30).run_once()["events_deleted"] == 2
 
 
-def test_retention_waits_for_the_backfill(db, pg):
+@pytest.mark.parametrize("state", ["mlops_rollup_backfill", "mlops_rollup_intents_backfill"])
+def test_retention_waits_for_the_backfill(db, pg, state):
     business = str(uuid.uuid4())
     seed(db, business, [90, 90, 0])
-    with pg.cursor() as cur:  # pretend these rows predate the rollups
-        cur.execute("SELECT done_through, high_water FROM mlops_rollup_backfill")
+    with pg.cursor() as cur:  # pretend these rows predate the rollups (or the intents one)
+        cur.execute(f"SELECT done_through, high_water FROM {state}")
         saved = cur.fetchone()
-        cur.execute("UPDATE mlops_rollup_backfill SET done_through = 0, "
+        cur.execute(f"UPDATE {state} SET done_through = 0, "
                     "high_water = (SELECT max(id) FROM mlops_events)")
     try:
         maintenance = job(db, retention_days=30)
@@ -102,8 +107,7 @@ def test_retention_waits_for_the_backfill(db, pg):
                      business) == [(3,)]
     finally:
         with pg.cursor() as cur:
-            cur.execute("UPDATE mlops_rollup_backfill SET done_through = %s, high_water = %s",
-                        saved)
+            cur.execute(f"UPDATE {state} SET done_through = %s, high_water = %s", saved)
 
 
 def test_track_never_waits_for_a_retention_batch(make_app, db, database_url):

@@ -75,9 +75,15 @@ def test_replayed_event_ids_count_once(client, pg, db):
 
 
 def test_the_insert_function_migration_is_the_store_statement():
-    """migrations/0003 holds insert_sql as a function; regenerate it when the SQL changes."""
-    path = migrate.MIGRATIONS_DIR / "0003_insert_function.sql"
+    """The newest insert-function migration holds insert_sql as a function.
+
+    When the SQL changes, add a migration holding the new insert_function_sql()
+    and point store.INSERT_FUNCTION_MIGRATION at it.
+    """
+    path = migrate.MIGRATIONS_DIR / store.INSERT_FUNCTION_MIGRATION
     assert path.read_text() == store.insert_function_sql()
+    newest = max(p.name for p in migrate.MIGRATIONS_DIR.glob("*_insert_function*.sql"))
+    assert newest == store.INSERT_FUNCTION_MIGRATION
 
 
 def test_an_unknown_business_reads_zeros(db):
@@ -95,6 +101,7 @@ _events = st.lists(
         st.floats(0, 120_000, allow_nan=False, allow_subnormal=False),
         st.booleans(), st.booleans(), st.booleans(),
         st.integers(0, 5000), st.integers(0, 10**6),
+        st.sampled_from(["booking", "pricing", "general"]),
     ),
     min_size=1, max_size=150)
 
@@ -107,13 +114,14 @@ def test_random_streams_match_raw(pg, db, rows, split, replay, days):
     business = str(uuid.uuid4())
     now = datetime.now(UTC)
     records = []
-    for ago, model, conversation, rt, requested, booked, handoff, tokens, micro in rows:
+    for ago, model, conversation, rt, requested, booked, handoff, tokens, micro, intent in rows:
         records.append(record({
             **SUCCESS, "business_id": business, "model_name": model,
             "conversation_id": conversation, "response_time_ms": rt,
             "appointment_requested": requested, "appointment_booked": booked,
             "human_handoff_requested": handoff, "tokens_used": tokens,
             "api_cost_usd": micro / 1e6, "success_rate": (micro % 101) / 100,
+            "intent_detected": intent,
         }, received_at=now - timedelta(days=ago, seconds=ago)))
     for start in range(0, len(records), split):
         store.insert_events(db, records[start:start + split], 5000)
@@ -169,16 +177,20 @@ def test_past_days_fold_into_one_row_without_changing_figures(pg, db):
     for event in varied(60, [business], seed=9):
         store.insert_events(db, [record(event, received_at=yesterday)], 1000)
     before = store.analytics(db, business, 7)
-    assert query(pg, "SELECT count(DISTINCT shard) > 1 FROM mlops_rollup_daily "
-                     "WHERE business_id = %s", business) == [(True,)]
+    tables = ("mlops_rollup_daily", "mlops_rollup_latency", "mlops_rollup_intents")
+    for table in tables:
+        assert query(pg, f"SELECT count(DISTINCT shard) > 1 FROM {table} "
+                         "WHERE business_id = %s", business) == [(True,)]
     Maintenance(db, retention_days=None, rollup_retention_days=None, batch_rows=7,
                 interval_seconds=0).run_once()
-    assert query(pg, "SELECT DISTINCT shard FROM mlops_rollup_daily WHERE business_id = %s",
-                 business) == [(0,)]
-    assert query(pg, "SELECT DISTINCT shard FROM mlops_rollup_latency WHERE business_id = %s",
-                 business) == [(0,)]
+    for table in tables:
+        assert query(pg, f"SELECT DISTINCT shard FROM {table} WHERE business_id = %s",
+                     business) == [(0,)]
     after = store.analytics(db, business, 7)
     assert after["metrics"] == pytest.approx(before["metrics"])
+    assert after["by_intent"] == before["by_intent"]
+    assert [(d["p50_response_time_ms"], d["p95_response_time_ms"]) for d in after["daily"]] == \
+        [(d["p50_response_time_ms"], d["p95_response_time_ms"]) for d in before["daily"]]
     assert_matches_raw(pg, after, business, 7)
 
 
@@ -204,7 +216,7 @@ def test_the_migration_backfills_existing_rows_in_batches(tmp_path, monkeypatch,
                 f"INSERT INTO mlops_events ({', '.join(store._INSERT_COLUMNS)}) "
                 f"VALUES ({', '.join(['%s'] * len(store._INSERT_COLUMNS))})",
                 [r.row() for r in old])
-        assert migrate.apply(conn) == [2, 3]
+        assert migrate.apply(conn) == [2, 3, 4, 5]
         database = Database(Settings.from_env({"DATABASE_URL": url}))
         fresh = [record(e) for e in varied(30, [business], seed=22)]
         store.insert_events(database, fresh, 1000)  # new writes roll up at once
@@ -216,8 +228,9 @@ def test_the_migration_backfills_existing_rows_in_batches(tmp_path, monkeypatch,
             job.run_once()
             rounds += 1
         assert rounds == 1  # one round runs batches until done (within its budget)
-        assert query(conn, "SELECT done_through, high_water FROM mlops_rollup_backfill") == \
-            query(conn, "SELECT max(id), max(id) FROM mlops_events WHERE id <= 250")
+        for state in ("mlops_rollup_backfill", "mlops_rollup_intents_backfill"):
+            assert query(conn, f"SELECT done_through, high_water FROM {state}") == \
+                query(conn, "SELECT max(id), max(id) FROM mlops_events WHERE id <= 250")
         for b in (business, "other"):
             assert_matches_raw(conn, store.analytics(database, b, 7), b, 7)
         assert job.run_once()["backfilled"] == 0  # idempotent once finished

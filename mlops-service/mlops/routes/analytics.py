@@ -37,9 +37,12 @@ def analytics(business_id: str):
 
     Body: ``{"business_id", "period": "<N>_days", "days", "metrics": {the
     course's keys + total_messages, total_tokens, p50/p95_response_time_ms,
-    success_rate}, "by_model": [...], "daily": [...], "timestamp"}``. An
-    unknown business gets zeros. Errors: 401/403 (API key, ``read`` scope),
-    422 (bad ``days``), 429 (``RATE_LIMIT_READ``), 503 (database).
+    success_rate}, "by_model": [...], "daily": [{date, messages, tokens,
+    api_cost_usd, avg/p50/p95_response_time_ms, appointments_booked}],
+    "by_intent": [{"intent_detected", "messages"}] (busiest first, ties by
+    name), "timestamp"}``. An unknown business gets zeros and empty lists.
+    Errors: 401/403 (API key, ``read`` scope), 422 (bad ``days``), 429
+    (``RATE_LIMIT_READ``), 503 (database).
     """
     try:
         query = AnalyticsQuery.model_validate(
