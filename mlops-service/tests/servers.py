@@ -21,7 +21,10 @@ class Gunicorn:
     def __init__(self, env: dict[str, str], workers: int = 3) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **env, "SERVICE_PORT": str(self.port),
+        # Tests send far faster than a chat app from one address: limits are off
+        # unless a test turns them on (test_ratelimit.py, test_auth.py).
+        self.env = {**os.environ, "RATE_LIMIT_ENABLED": "false", **env,
+                    "SERVICE_PORT": str(self.port),
                     "WEB_CONCURRENCY": str(workers)}
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.proc: subprocess.Popen | None = None
