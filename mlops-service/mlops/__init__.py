@@ -59,7 +59,8 @@ def create_app(settings=None) -> Flask:
     outbox = Outbox(spool, deliver, timeout_ms=db.default_timeout_ms)
     ingestor = Ingestor(deliver, outbox, timeout_ms=settings.db_insert_timeout_ms)
     maintenance = retention.Maintenance.from_settings(db, settings)
-    Services(settings, db, outbox, telem, ingestor, maintenance).install(app)
+    Services(settings, db, outbox, telem, ingestor, maintenance,
+             auth.Auth(settings)).install(app)
 
     @app.before_request
     def _start_timer() -> None:  # read by the request log and the HTTP metrics
@@ -68,7 +69,7 @@ def create_app(settings=None) -> Flask:
     for module in (track, health, metrics, analytics, businesses, erasure, openapi, dashboard):
         app.register_blueprint(module.bp)
     errors.init_app(app)
-    auth.init_app(app, settings)
+    auth.init_app(app)
     limits.init_app(app, settings)
     logs.init_app(app)
     telemetry.init_app(app)

@@ -41,9 +41,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import wraps
 
-from flask import Flask, current_app, g, request
+from flask import Flask, g, request
 
 from .errors import error_response
+from .services import get_services
 from .telemetry import AUTH_FAILURES
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ SCOPES = ("write", "read", "erase")
 FULL_ACCESS = frozenset(SCOPES)
 READ_ONLY = frozenset({"read"})
 FAILURE_LOG_INTERVAL_SECONDS = 60.0
-_EXTENSION = "mlops.auth"
 
 
 def key_id(key: str) -> str:
@@ -197,7 +197,7 @@ class Auth:
 
 def get_auth(app: Flask | None = None) -> Auth:
     """The :class:`Auth` of ``app`` (default: the app handling this request)."""
-    return (app or current_app).extensions[_EXTENSION]
+    return get_services(app).auth
 
 
 def require_scope(scope: str):
@@ -222,10 +222,6 @@ def require_scope(scope: str):
     return decorate
 
 
-#: The full-access (``write``) scope, under the name routes used before scopes existed.
-require_api_key = require_scope("write")
-
-
 def require_metrics_token(view):
     """Decorator for ``/metrics``: ``Authorization: Bearer <MLOPS_METRICS_TOKEN>`` when set."""
 
@@ -240,19 +236,15 @@ def require_metrics_token(view):
 DATA_MIMETYPES = frozenset({"application/json", "text/plain", "application/openmetrics-text"})
 
 
-def init_app(app: Flask, settings) -> Auth:
-    """Attach an :class:`Auth` for ``settings`` and mark data responses ``no-store``.
+def init_app(app: Flask) -> None:
+    """Mark data responses ``no-store``.
 
     ``Cache-Control: no-store`` goes on every JSON or metrics-text response
     that does not set its own, so no shared cache keeps data fetched with a key.
     """
-    auth = Auth(settings)
-    app.extensions[_EXTENSION] = auth
 
     @app.after_request
     def _no_store(response):
         if response.mimetype in DATA_MIMETYPES and "Cache-Control" not in response.headers:
             response.headers["Cache-Control"] = "no-store"
         return response
-
-    return auth

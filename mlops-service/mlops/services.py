@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from flask import Flask, current_app
 
-if TYPE_CHECKING:  # annotations only: the modules below import nothing from here
+if TYPE_CHECKING:  # annotations only
+    from .auth import Auth
     from .config import Settings
     from .db import Database
     from .ingest import Ingestor
@@ -34,6 +35,7 @@ class Services:
     telemetry: Telemetry
     ingestor: Ingestor
     maintenance: Maintenance
+    auth: Auth
     started_at: float = field(default_factory=time.monotonic)  # time.monotonic()
 
     def install(self, app: Flask) -> None:

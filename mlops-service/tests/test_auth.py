@@ -220,13 +220,6 @@ def test_data_responses_are_not_stored_by_caches(make_app):
     assert client.get("/nope").headers["Cache-Control"] == "no-store"
 
 
-def test_require_api_key_is_the_write_scope():
-    """Routes written before scopes existed keep importing ``require_api_key``."""
-    from mlops.auth import require_api_key
-
-    assert require_api_key(lambda: None).auth_scope == "write"
-
-
 def test_key_id_is_a_short_sha256_that_hides_the_key():
     assert key_id("abc") == "ba7816bf8f01"
     assert len(key_id(FULL_A)) == 12 and key_id(FULL_A) not in FULL_A
