@@ -40,7 +40,7 @@ _database_choice = ""
 _embedded_cluster: PgCluster | None = None
 
 
-def _with_dbname(url: str, dbname: str) -> str:
+def with_dbname(url: str, dbname: str) -> str:
     base, _, query = url.partition("?")
     base = base.rsplit("/", 1)[0] + "/" + dbname
     return base + (f"?{query}" if query else "")
@@ -124,7 +124,8 @@ def pytest_terminal_summary(terminalreporter):
             "run them with `make test-container` where Docker runs", yellow=True, bold=True)
 
 
-def _admin(sql: str) -> None:
+def admin(sql: str) -> None:
+    """Run ``sql`` on the admin database (autocommit): create and drop test databases."""
     conn = psycopg2.connect(ADMIN_URL, connect_timeout=3)
     conn.autocommit = True
     with conn.cursor() as cur:
@@ -136,11 +137,11 @@ def _admin(sql: str) -> None:
 def database_url():
     """URL of a database created for this test run and dropped after it."""
     name = f"mlops_test_{uuid.uuid4().hex[:12]}"
-    _admin(f'CREATE DATABASE "{name}"')
-    url = _with_dbname(ADMIN_URL, name)
+    admin(f'CREATE DATABASE "{name}"')
+    url = with_dbname(ADMIN_URL, name)
     assert check_at_start(Settings.from_env({"DATABASE_URL": url})) == "ready"
     yield url
-    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

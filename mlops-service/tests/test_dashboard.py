@@ -16,10 +16,9 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import psycopg2
 import pytest
 import requests
-from conftest import ADMIN_URL, _with_dbname, empty_tables
+from conftest import ADMIN_URL, admin, empty_tables, with_dbname
 from payloads import varied
 from pgcluster import PgCluster
 from selenium import webdriver
@@ -74,19 +73,11 @@ def server(database_url, service_dirs):
 def empty_server(service_dirs):
     """gunicorn on a database of its own that nothing is ever tracked into."""
     name = f"mlops_test_empty_{uuid.uuid4().hex[:12]}"
-    _admin(f'CREATE DATABASE "{name}"')
-    srv = _server(_with_dbname(ADMIN_URL, name), service_dirs / "empty")  # migrates at start
+    admin(f'CREATE DATABASE "{name}"')
+    srv = _server(with_dbname(ADMIN_URL, name), service_dirs / "empty")  # migrates at start
     yield srv
     srv.stop()
-    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _admin(sql: str) -> None:
-    conn = psycopg2.connect(ADMIN_URL, connect_timeout=3)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(sql)
-    conn.close()
+    admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")

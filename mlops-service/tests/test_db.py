@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
-from conftest import ADMIN_URL, _admin, _with_dbname
+from conftest import ADMIN_URL, admin, with_dbname
 from psycopg2.extensions import parse_dsn
 from tcpproxy import StallingProxy
 
@@ -50,16 +50,16 @@ def fresh_database():
 
     def make() -> str:
         names.append(f"mlops_test_{uuid.uuid4().hex[:12]}")
-        _admin(f'CREATE DATABASE "{names[-1]}"')
+        admin(f'CREATE DATABASE "{names[-1]}"')
         return names[-1]
 
     yield make
     for name in names:
-        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def psql(name: str, sql: str):
-    conn = psycopg2.connect(_with_dbname(ADMIN_URL, name))
+    conn = psycopg2.connect(with_dbname(ADMIN_URL, name))
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(sql)
@@ -253,7 +253,7 @@ def test_a_refused_connection_is_unavailable_and_a_wrong_database_misconfigured(
     error = timed(refused.ping)[1]
     assert isinstance(error, DatabaseUnavailable)
     assert str(error).startswith('connection to server at "127.0.0.1", port 1 failed')
-    wrong = make_db(_with_dbname(ADMIN_URL, "no_such_database"))
+    wrong = make_db(with_dbname(ADMIN_URL, "no_such_database"))
     error = timed(wrong.ping)[1]
     assert isinstance(error, DatabaseMisconfigured)
     assert str(error).endswith('database "no_such_database" does not exist')
@@ -263,7 +263,7 @@ def test_the_start_up_check_tells_away_from_misconfigured():
     away = Settings.from_env({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/postgres"})
     assert check_at_start(away).startswith(
         'unavailable: connection to server at "127.0.0.1", port 1 failed')
-    wrong = Settings.from_env({"DATABASE_URL": _with_dbname(ADMIN_URL, "no_such_database")})
+    wrong = Settings.from_env({"DATABASE_URL": with_dbname(ADMIN_URL, "no_such_database")})
     with pytest.raises(DatabaseMisconfigured, match='"no_such_database" does not exist'):
         check_at_start(wrong)
 
@@ -282,7 +282,7 @@ def test_a_bug_in_the_sql_propagates_unchanged_and_keeps_the_connection(database
 
 def test_migrations_run_at_start_once_and_a_broken_file_is_named(fresh_database, tmp_path):
     name = fresh_database()
-    url = _with_dbname(ADMIN_URL, name)
+    url = with_dbname(ADMIN_URL, name)
     good = tmp_path / "good"
     good.mkdir()
     for _, path in migrate.pending_files():
@@ -328,7 +328,7 @@ def test_a_migration_failing_later_keeps_the_service_spooling(fresh_database, ma
     broken = tmp_path / "migrations"
     broken.mkdir()
     (broken / "0001_broken.sql").write_text("SELEC 1;\n")
-    db = make_db(_with_dbname(ADMIN_URL, name), MIGRATIONS_DIR=broken)
+    db = make_db(with_dbname(ADMIN_URL, name), MIGRATIONS_DIR=broken)
     elapsed, error = timed(db.ping)
     assert isinstance(error, DatabaseUnavailable)
     assert "0001_broken.sql" in str(error)
@@ -346,7 +346,7 @@ def test_apply_reports_what_it_applied_and_rolls_back_a_failing_file(fresh_datab
     folder.mkdir()
     (folder / "0001_first_table.sql").write_text("CREATE TABLE first_table (x int);\n")
     (folder / "0002_second_table.sql").write_text("CREATE TABLE second_table (x int);\n")
-    conn = psycopg2.connect(_with_dbname(ADMIN_URL, name))
+    conn = psycopg2.connect(with_dbname(ADMIN_URL, name))
     conn.autocommit = True
     try:
         assert migrate.apply(conn, folder) == [1, 2]
