@@ -64,6 +64,16 @@
     element.dataset.value = String(number);
   }
 
+  // A table row whose first cell is its header (<th scope="row">label</th>).
+  function headedRow(label) {
+    const row = document.createElement("tr");
+    const th = document.createElement("th");
+    th.scope = "row";
+    th.textContent = label;
+    row.append(th);
+    return row;
+  }
+
   function cell(row, value, kind) {
     const td = row.insertCell();
     if (kind) {
@@ -297,11 +307,7 @@
 
     const body = $("#daily-table tbody");
     const rows = daily.slice().reverse().map((d) => {
-      const row = document.createElement("tr");
-      const th = document.createElement("th");
-      th.scope = "row";
-      th.textContent = d.date;
-      row.append(th);
+      const row = headedRow(d.date);
       cell(row, d.messages, "count");
       cell(row, d.tokens, "count");
       cell(row, d.api_cost_usd, "usd");
@@ -369,11 +375,7 @@
   function renderModels(byModel) {
     const body = $("#model-table tbody");
     const rows = byModel.slice().sort((a, b) => b.messages - a.messages).map((m) => {
-      const row = document.createElement("tr");
-      const th = document.createElement("th");
-      th.scope = "row";
-      th.textContent = m.model_name;
-      row.append(th);
+      const row = headedRow(m.model_name);
       cell(row, m.messages, "count");
       cell(row, m.tokens, "count");
       cell(row, m.api_cost_usd, "usd");
@@ -393,11 +395,7 @@
     if (!present) return;
     const total = byIntent.reduce((sum, i) => sum + Number(i.messages), 0);
     const rows = byIntent.slice().sort((a, b) => b.messages - a.messages).map((i) => {
-      const row = document.createElement("tr");
-      const th = document.createElement("th");
-      th.scope = "row";
-      th.textContent = i.intent_detected;
-      row.append(th);
+      const row = headedRow(i.intent_detected);
       cell(row, i.messages, "count");
       const share = total ? i.messages / total : 0;
       const td = cell(row, share, "rate");
