@@ -85,12 +85,11 @@ def when_ready(server):
 
 def worker_exit(server, worker):
     """Worker, after its last request: let the spool flusher drain for a moment."""
+    from mlops.gunicorn_worker import exit_now_if_clean
     from mlops.services import get_services
 
     if worker.wsgi is not None:  # None if the app failed to load
         get_services(worker.wsgi).shutdown(drain_seconds=3.0)
-    from mlops.gunicorn_worker import exit_now_if_clean
-
     exit_now_if_clean(SystemExit)
 
 
@@ -104,10 +103,9 @@ def child_exit(server, worker):
 def on_exit(server):
     """Master, last: stop the embedded PostgreSQL if it runs one; remove the metrics directory."""
     from mlops import embedded
+    from mlops.gunicorn_worker import exit_now_if_clean
 
     embedded.stop()
     if _own_prometheus_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
-    from mlops.gunicorn_worker import exit_now_if_clean
-
     exit_now_if_clean(StopIteration)
