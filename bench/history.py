@@ -195,7 +195,8 @@ def serve(url: str, workdir: Path) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "DATABASE_URL": url, "SERVICE_PORT": str(port),
            "WEB_CONCURRENCY": str(bench.WORKERS), "LOG_DIR": str(workdir / "logs"),
            "SPOOL_DIR": str(workdir / "spool"), "LOG_LEVEL": "WARNING",
-           "METRICS_CACHE_SECONDS": "0", "MAINTENANCE_INTERVAL_SECONDS": "0"}
+           "METRICS_CACHE_SECONDS": "0", "MAINTENANCE_INTERVAL_SECONDS": "0",
+           **bench.NEVER_REFUSE}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],

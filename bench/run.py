@@ -40,6 +40,10 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNECTIONS = 32
 BATCH_SIZE = 1000
 SERIES_BUSINESSES, SERIES_MODELS = 700, 4  # about 10,000 series with the gauges
+# wrk loads from one address far past a chat app's rate: the limiter still
+# runs on every route (its cost is measured) but never refuses.
+NEVER_REFUSE = {f"RATE_LIMIT_{group}": "1000000/second"
+                for group in ("TRACK", "BATCH", "REFRESH", "READ", "ERASE")}
 REPEATS = 3  # throughput runs; the median is reported (this VM is noisy)
 
 
@@ -257,9 +261,7 @@ def main() -> None:
            "WEB_CONCURRENCY": str(WORKERS), "LOG_DIR": str(workdir / "logs"),
            "SPOOL_DIR": str(workdir / "spool"), "LOG_LEVEL": "WARNING",
            "METRICS_MAX_BUSINESSES": str(2 * SERIES_BUSINESSES),
-           # wrk loads from one address far past a chat app's rate: the
-           # limiter still runs (its cost is measured) but never refuses.
-           "RATE_LIMIT_TRACK": "1000000/second", "RATE_LIMIT_BATCH": "1000000/second"}
+           **NEVER_REFUSE}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     threads = env.get("GUNICORN_THREADS", "4")
 
