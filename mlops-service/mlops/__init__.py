@@ -30,7 +30,7 @@ def create_app(settings=None) -> Flask:
     from . import auth, errors, limits, logs, retention, telemetry
     from .config import Settings
     from .db import Database
-    from .deliver import Delivery
+    from .deliver import Delivery, GroupCommit
     from .ingest import Ingestor
     from .outbox import Outbox
     from .routes import analytics, businesses, dashboard, erasure, health, metrics, openapi, track
@@ -57,7 +57,7 @@ def create_app(settings=None) -> Flask:
         multiprocess=settings.prometheus_multiproc_dir is not None)
     deliver = Delivery(db, telem)
     outbox = Outbox(spool, deliver, timeout_ms=db.default_timeout_ms)
-    ingestor = Ingestor(deliver, outbox, timeout_ms=settings.db_insert_timeout_ms)
+    ingestor = Ingestor(GroupCommit(deliver), outbox, timeout_ms=settings.db_insert_timeout_ms)
     maintenance = retention.Maintenance.from_settings(db, settings)
     Services(settings, db, outbox, telem, ingestor, maintenance,
              auth.Auth(settings)).install(app)

@@ -9,10 +9,13 @@ once whichever writer commits it.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 
 from . import store
-from .db import Database
+from .db import Database, DatabaseUnavailable
 from .telemetry import Telemetry
 
 
@@ -39,3 +42,121 @@ class Delivery:
         self.telemetry.record_stored([r for r in records if r.event_id in inserted],
                                      replayed=replayed)
         return inserted
+
+
+class _Waiting:
+    """One request's records waiting in :class:`GroupCommit`, and their outcome."""
+
+    __slots__ = ("records", "deadline", "done", "inserted", "error")
+
+    def __init__(self, records: Sequence[store.Record], deadline: float) -> None:
+        self.records = records
+        self.deadline = deadline  # time.monotonic()
+        self.done = threading.Event()
+        self.inserted: set[str] = set()
+        self.error: BaseException | None = None
+
+
+class GroupCommit:
+    """Delivers the records of concurrent requests of one process in shared transactions.
+
+    Callers hand their records to :meth:`__call__` and wait; one committer
+    thread takes everything waiting (up to ``max_records``) and delivers it
+    as one ``Delivery`` call: one round trip, one commit, one rollup update
+    per (business, day, model) for the whole group. The more requests
+    arrive together, the more share a commit; a lone request waits for
+    no one. (Postgres itself batches the WAL flushes of concurrent commits;
+    this also shares the statement, its rollup upserts and the round trip.)
+
+    Every call keeps its own deadline: the group's database call is bounded
+    by the earliest deadline in it, and a caller whose deadline passes
+    before its group committed gets ``DatabaseUnavailable`` (its request
+    then goes to the outbox). An abandoned group may still commit; event ids
+    make the outbox's replay skip it, and the committer counts what was
+    newly stored either way, so nothing is stored or counted twice.
+    """
+
+    def __init__(self, deliver: Delivery, *, max_records: int = store.COPY_THRESHOLD - 1) -> None:
+        self._deliver = deliver
+        self._max_records = max_records
+        self._lock = threading.Condition(threading.Lock())
+        self._waiting: deque[_Waiting] = deque()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def __call__(self, records: Sequence[store.Record], *, timeout_ms: int) -> set[str]:
+        """Deliver ``records`` within ``timeout_ms`` (in all); return the event ids newly stored.
+
+        Fails at once while the database's breaker is open. Batches of more
+        than ``max_records`` are delivered alone, in the caller's thread.
+        Raises ``DatabaseUnavailable`` (also when the deadline passes first,
+        or after :meth:`stop`) or ``DatabaseMisconfigured``.
+        """
+        if len(records) > self._max_records:
+            return self._deliver(records, timeout_ms=timeout_ms, skip_if_down=True)
+        me = _Waiting(records, time.monotonic() + timeout_ms / 1000)
+        with self._lock:
+            if self._stopped:
+                raise DatabaseUnavailable("the service is stopping")
+            if self._thread is None:  # started here, so each forked worker has its own
+                self._thread = threading.Thread(target=self._commit_forever,
+                                                name="group-commit", daemon=True)
+                self._thread.start()
+            self._waiting.append(me)
+            self._lock.notify()
+        if not me.done.wait(max(0.0, me.deadline - time.monotonic())):
+            with self._lock:
+                if me in self._waiting:  # not taken yet: it never reaches Postgres
+                    self._waiting.remove(me)
+            if not me.done.is_set():
+                raise DatabaseUnavailable("deadline passed waiting for the group commit")
+        if me.error is not None:
+            raise me.error
+        return me.inserted
+
+    def waiting(self) -> int:
+        """Callers queued for the next group (the one in flight not counted)."""
+        with self._lock:
+            return len(self._waiting)
+
+    def stop(self) -> None:
+        """Fail whatever waits, and every later call (the callers spool instead)."""
+        with self._lock:
+            self._stopped = True
+            self._lock.notify()
+
+    def _take(self) -> list[_Waiting]:
+        """Wait for callers; return the next group, oldest first (empty once stopped)."""
+        with self._lock:
+            while not self._waiting and not self._stopped:
+                self._lock.wait()
+            if self._stopped:
+                group, self._waiting = list(self._waiting), deque()
+                for waiting in group:
+                    waiting.error = DatabaseUnavailable("the service is stopping")
+                    waiting.done.set()
+                return []
+            group, n = [], 0
+            while self._waiting and n + len(self._waiting[0].records) <= self._max_records:
+                waiting = self._waiting.popleft()
+                group.append(waiting)
+                n += len(waiting.records)
+            return group
+
+    def _commit_forever(self) -> None:
+        while group := self._take():
+            records = [r for waiting in group for r in waiting.records]
+            timeout_ms = (min(w.deadline for w in group) - time.monotonic()) * 1000
+            try:
+                if timeout_ms <= 0:
+                    raise DatabaseUnavailable("deadline passed waiting for the group commit")
+                inserted = self._deliver(records, timeout_ms=max(1, int(timeout_ms)),
+                                         skip_if_down=True)
+            except BaseException as exc:  # each caller raises it in its own thread
+                for waiting in group:
+                    waiting.error = exc
+                    waiting.done.set()
+                continue
+            for waiting in group:
+                waiting.inserted = {r.event_id for r in waiting.records} & inserted
+                waiting.done.set()

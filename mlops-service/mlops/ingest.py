@@ -2,7 +2,9 @@
 
 :meth:`Ingestor.submit` stamps each event (its ``event_id`` and the server
 receive time), then tries the delivery step within the request's deadline
-(``DB_INSERT_TIMEOUT_MS``, enforced on the client side). If Postgres is
+(``DB_INSERT_TIMEOUT_MS``, enforced on the client side), sharing one
+transaction with the concurrent requests of its process
+(:class:`mlops.deliver.GroupCommit`). If Postgres is
 unavailable, silent or slow, the records go to the fsynced outbox instead
 and the answer is ``"queued"``; while the database's breaker is open the
 request goes straight to the outbox. Nothing here calls back: the outbox
@@ -16,7 +18,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from .db import DatabaseMisconfigured, DatabaseUnavailable
-from .outbox import Deliver, Outbox
+from .deliver import GroupCommit
+from .outbox import Outbox
 from .schemas import MetricsEvent
 from .store import Record
 from .telemetry import EVENTS_QUEUED
@@ -25,8 +28,8 @@ from .telemetry import EVENTS_QUEUED
 class Ingestor:
     """The write path shared by ``/track`` and ``/track/batch``."""
 
-    def __init__(self, deliver: Deliver, outbox: Outbox, *, timeout_ms: int) -> None:
-        self._deliver = deliver
+    def __init__(self, commit: GroupCommit, outbox: Outbox, *, timeout_ms: int) -> None:
+        self._commit = commit
         self._outbox = outbox
         self._timeout_ms = timeout_ms
 
@@ -43,9 +46,13 @@ class Ingestor:
         now = datetime.now(UTC)
         records = [Record(e.event_id or str(uuid.uuid4()), now, e) for e in events]
         try:
-            self._deliver(records, timeout_ms=timeout_ms or self._timeout_ms, skip_if_down=True)
+            self._commit(records, timeout_ms=timeout_ms or self._timeout_ms)
         except (DatabaseUnavailable, DatabaseMisconfigured):
             self._outbox.put(records)
             EVENTS_QUEUED.inc(len(records))
             return "queued", records
         return "stored", records
+
+    def stop(self) -> None:
+        """From now on, every request goes to the outbox (at shutdown)."""
+        self._commit.stop()

@@ -43,11 +43,12 @@ class Services:
         app.extensions[_EXTENSION] = self
 
     def shutdown(self, drain_seconds: float = 3.0) -> int:
-        """Stop maintenance, drain the spool for up to ``drain_seconds``, close the pool.
+        """Stop maintenance and group commits, drain the spool for up to ``drain_seconds``, close the pool.
 
         Returns the events left in the spool.
         """
         self.maintenance.stop()
+        self.ingestor.stop()
         left = self.outbox.stop(drain_seconds)
         self.db.close()
         self.outbox.spool.close()

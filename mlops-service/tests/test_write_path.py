@@ -7,13 +7,16 @@ per-label caps of the telemetry.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
+import psycopg2
 import pytest
-from conftest import metric_sum, metric_values
+from conftest import empty_tables, metric_sum, metric_values, query
 from payloads import SUCCESS, varied
 from prometheus_client import REGISTRY, generate_latest
 from psycopg2.extensions import parse_dsn
@@ -22,7 +25,7 @@ from tcpproxy import StallingProxy
 from mlops import store
 from mlops.config import Settings
 from mlops.db import Database, DatabaseUnavailable
-from mlops.deliver import Delivery
+from mlops.deliver import Delivery, GroupCommit
 from mlops.ingest import Ingestor
 from mlops.outbox import Outbox, from_row, to_row
 from mlops.schemas import parse_event
@@ -45,9 +48,11 @@ class Parts:
         self.deliver = Delivery(self.db, self.telemetry)
         self.outbox = Outbox(self.spool, self.deliver, timeout_ms=2000,
                              backoff_seconds=backoff_seconds)
-        self.ingestor = Ingestor(self.deliver, self.outbox, timeout_ms=500)
+        self.commit = GroupCommit(self.deliver)
+        self.ingestor = Ingestor(self.commit, self.outbox, timeout_ms=500)
 
     def close(self) -> None:
+        self.ingestor.stop()
         self.outbox.stop(0)
         self.db.close()
         self.spool.close()
@@ -65,6 +70,7 @@ def parts(database_url, tmp_path):
     yield make
     for p in made:
         p.close()
+    empty_tables(database_url)
 
 
 def events(n: int, business: str | None = None) -> list:
@@ -74,6 +80,10 @@ def events(n: int, business: str | None = None) -> list:
 
 def scrape() -> dict:
     return metric_values(generate_latest(REGISTRY).decode())
+
+
+def records_of(batch) -> list[store.Record]:
+    return [store.Record(e.event_id, datetime.now(UTC), e) for e in batch]
 
 
 def stored(pg, ids) -> list[str]:
@@ -367,3 +377,102 @@ def test_wal_mode_waits_for_a_spool_another_process_is_creating(tmp_path):
     assert 0.2 <= time.monotonic() - started < 1.0
     for conn in (holder, waiter, other, other_holder):
         conn.close()
+
+
+# --- group commit --------------------------------------------------------------
+
+@contextlib.contextmanager
+def rollups_locked(database_url):
+    """Hold a lock that makes every insert wait (its rollup upsert), until the block ends."""
+    conn = psycopg2.connect(database_url)
+    with conn.cursor() as cur:
+        cur.execute("LOCK TABLE mlops_rollup_daily IN EXCLUSIVE MODE")
+    try:
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def await_(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.005)
+
+
+def inserts_waiting_on_a_lock(pg) -> int:
+    return query(pg, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                     "AND query LIKE '%%mlops_insert_events%%'")[0][0]
+
+
+def commits_holding(pg, ids) -> int:
+    """How many transactions stored the events ``ids`` (rows of one share an xmin)."""
+    return query(pg, "SELECT count(DISTINCT xmin::text) FROM mlops_events "
+                     "WHERE event_id = ANY(%s)", list(ids))[0][0]
+
+
+def test_concurrent_requests_share_commits_of_at_most_max_records(parts, pg, database_url):
+    p = parts()
+    commit = GroupCommit(p.deliver, max_records=4)
+    calls = [[r] for r in records_of(events(11))]
+    with ThreadPoolExecutor(len(calls)) as pool, rollups_locked(database_url):
+        first = pool.submit(commit, calls[0], timeout_ms=10_000)
+        await_(lambda: inserts_waiting_on_a_lock(pg) == 1)
+        rest = [pool.submit(commit, call, timeout_ms=10_000) for call in calls[1:]]
+        await_(lambda: commit.waiting() == 10)
+    answers = [first.result(), *(f.result() for f in rest)]
+    assert answers == [{call[0].event_id} for call in calls]  # each caller, its own ids
+    ids = [call[0].event_id for call in calls]
+    assert sorted(stored(pg, ids)) == sorted(ids)
+    # One commit for the first call, then 4 + 4 + 2 for the ten queued behind it.
+    assert commits_holding(pg, ids) == 4
+    commit.stop()
+
+
+def test_each_caller_is_told_only_its_own_new_events(parts, pg):
+    p = parts()
+    commit = GroupCommit(p.deliver)
+    (old,), (new,) = records_of(events(1)), records_of(events(1))
+    assert commit([old], timeout_ms=2000) == {old.event_id}
+    assert commit([old, new], timeout_ms=2000) == {new.event_id}  # a replay is not new
+    commit.stop()
+
+
+def test_a_caller_past_its_deadline_while_queued_spools_and_is_stored_once(
+        parts, pg, database_url):
+    p = parts()
+    blocked = records_of(events(1))
+    with ThreadPoolExecutor(1) as pool, rollups_locked(database_url):
+        first = pool.submit(p.ingestor.submit, [r.event for r in blocked], timeout_ms=10_000)
+        await_(lambda: inserts_waiting_on_a_lock(pg) == 1)
+        started = time.monotonic()
+        storage, (late,) = p.ingestor.submit(events(1), timeout_ms=150)
+        waited = time.monotonic() - started
+        assert storage == "queued" and 0.14 <= waited < 1.0, (storage, waited)
+        assert p.spool.depth() == 1
+        # Never taken into a group: it is not in the transaction waiting on the lock.
+        assert p.commit.waiting() == 0
+    assert first.result()[0] == "stored"
+    assert stored(pg, [late.event_id]) == []
+    p.outbox.start()
+    await_(lambda: p.spool.depth() == 0)
+    assert stored(pg, [late.event_id]) == [late.event_id]
+
+
+def test_after_stop_every_request_goes_to_the_outbox(parts):
+    p = parts()
+    assert p.ingestor.submit(events(1))[0] == "stored"
+    p.ingestor.stop()
+    assert p.ingestor.submit(events(1))[0] == "queued"
+    assert p.spool.depth() == 1
+
+
+def test_a_batch_larger_than_a_group_is_delivered_in_the_callers_thread(parts, pg):
+    p = parts()
+    commit = GroupCommit(p.deliver, max_records=4)
+    records = records_of(events(5))
+    assert commit(records, timeout_ms=2000) == {r.event_id for r in records}
+    assert commits_holding(pg, [r.event_id for r in records]) == 1
+    assert commit.waiting() == 0 and commit._thread is None  # no committer was needed
+    commit.stop()
