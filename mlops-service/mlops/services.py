@@ -43,7 +43,7 @@ class Services:
         app.extensions[_EXTENSION] = self
 
     def shutdown(self, drain_seconds: float = 3.0) -> int:
-        """Stop maintenance and group commits, drain the spool for ``drain_seconds``, close the pool.
+        """Stop maintenance and group commits, drain the spool (``drain_seconds``), close the pool.
 
         Returns the events left in the spool.
         """
