@@ -24,6 +24,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import TypeVar
 
 import psycopg2
@@ -97,6 +98,11 @@ COPY_THRESHOLD = 64
 MAINTENANCE_LOCK_KEY = 0x726F6C6C7570
 
 _DAY = "(received_at AT TIME ZONE 'UTC')::date"
+# Days before this one are "settled": writes to them bump mlops_rollup_epoch
+# (migrations/0006_rollup_epoch.sql). Yesterday is not, so a transaction in
+# flight across midnight never changes a settled day unannounced.
+_SETTLED_BEFORE = "(now() AT TIME ZONE 'UTC')::date - 1"
+_BUMP_EPOCH_SQL = "UPDATE mlops_rollup_epoch SET changes = changes + 1"
 _WINDOW_START = "(now() AT TIME ZONE 'UTC')::date - (%(days)s - 1)"
 _ROLLED_COLUMNS = (
     "id, received_at, business_id, conversation_id, model_name, response_time_ms, "
@@ -153,6 +159,10 @@ rollup_latency AS (
     DO UPDATE SET messages = r.messages + EXCLUDED.messages
 ),
 {_intents_cte(source, shard) + ',' if intents else ''}
+rollup_epoch AS (
+    UPDATE mlops_rollup_epoch SET changes = changes + 1
+    WHERE EXISTS (SELECT FROM {source} WHERE {_DAY} < {_SETTLED_BEFORE})
+),
 rollup_conversations AS (
     SELECT business_id, conversation_id, min({_DAY}) AS first_day, max({_DAY}) AS last_day
     FROM {source} WHERE conversation_id IS NOT NULL GROUP BY 1, 2
@@ -204,8 +214,8 @@ _ARRAY_TYPES = (
 
 
 # The migration holding the current insert_function_sql(); 0003 held the
-# first version, before mlops_rollup_intents.
-INSERT_FUNCTION_MIGRATION = "0005_insert_function_intents.sql"
+# first version, 0005 the one before mlops_rollup_epoch.
+INSERT_FUNCTION_MIGRATION = "0007_insert_function_epoch.sql"
 
 
 def insert_function_sql() -> str:
@@ -403,6 +413,72 @@ def business_totals(db: Database, days: int = 30) -> list[tuple[str, int, int, f
     return db.run(work)
 
 
+_RECENT_AND_SETTLED_SQL = f"""
+WITH k AS (
+    SELECT (now() AT TIME ZONE 'UTC')::date AS today, changes,
+           (now() AT TIME ZONE 'UTC')::date IS DISTINCT FROM %(today)s::date
+           OR changes IS DISTINCT FROM %(changes)s AS settled_stale
+    FROM mlops_rollup_epoch
+)
+SELECT k.today, k.changes, k.settled_stale,
+    (SELECT array_agg(ARRAY[business_id, n::text, t::text, c::text, s::text]) FROM (
+        SELECT business_id, sum(messages) n, sum(tokens) t, sum(api_cost_usd) c,
+               sum(success_rate_sum) s
+        FROM mlops_rollup_daily WHERE day >= {_SETTLED_BEFORE} AND day >= {_WINDOW_START}
+        GROUP BY 1) r),
+    (SELECT array_agg(ARRAY[business_id, n::text, t::text, c::text, s::text]) FROM (
+        SELECT business_id, sum(messages) n, sum(tokens) t, sum(api_cost_usd) c,
+               sum(success_rate_sum) s
+        FROM mlops_rollup_daily
+        WHERE k.settled_stale AND day >= {_WINDOW_START} AND day < {_SETTLED_BEFORE}
+        GROUP BY 1) p)
+FROM k
+"""
+
+# business: (messages, tokens, cost in USD, sum of success_rate)
+_Sums = dict[str, tuple[int, int, Decimal, float]]
+
+
+def _sums(rows) -> _Sums:
+    return {b: (int(n), int(t), Decimal(c), float(s)) for b, n, t, c, s in rows or ()}
+
+
+class BusinessTotals:
+    """:func:`business_totals` for a fixed window, re-reading only what may have changed.
+
+    The settled days of the window (before yesterday, UTC) change only by
+    the writes that bump ``mlops_rollup_epoch`` (late inserts, erasure,
+    rollup retention, the backfill). This keeps their per-business sums and
+    re-reads them when the date or that counter moved; yesterday and today
+    are read every time. One statement, one snapshot, so the two parts
+    always agree. Not thread-safe: its caller serialises :meth:`read`.
+    """
+
+    def __init__(self, days: int) -> None:
+        self.days = days
+        self._key: tuple[object, int] | None = None  # (UTC date, changes) of _settled
+        self._settled: _Sums = {}
+
+    def read(self, db: Database) -> list[tuple[str, int, int, float, float]]:
+        """The rows of ``business_totals(db, days)``; raises what ``Database.run`` raises."""
+        today, changes = self._key or (None, None)
+
+        def work(cur):
+            cur.execute(db.timeout_prefix() + _RECENT_AND_SETTLED_SQL,
+                        {"days": self.days, "today": today, "changes": changes})
+            return cur.fetchone()
+
+        today, changes, stale, recent, settled = db.run(work)
+        if stale:
+            self._settled, self._key = _sums(settled), (today, changes)
+        totals = dict(self._settled)
+        for business, sums in _sums(recent).items():
+            old = totals.get(business, (0, 0, Decimal(0), 0.0))
+            totals[business] = tuple(a + b for a, b in zip(old, sums, strict=True))
+        return sorted(((b, n, t, float(c), s / n) for b, (n, t, c, s) in totals.items() if n),
+                      key=lambda row: (-row[1], row[0]))
+
+
 def oldest_event_received_at(db: Database) -> float | None:
     """Receive time (Unix seconds) of the oldest raw event still stored; None when none.
 
@@ -589,6 +665,8 @@ def delete_expired_rollups(db: Database, days: int, limit: int) -> int | None:
                 "LIMIT %(limit)s))",
                 {"days": days, "limit": limit})
             deleted += cur.rowcount
+        if deleted:
+            cur.execute(_BUMP_EPOCH_SQL)
         return deleted
 
     return _locked(db, work, wait=False)
@@ -694,6 +772,7 @@ def erase_conversation(db: Database, conversation_id: str, timeout_ms: int) -> d
                     (conversation_id,))
         counts["mlops_rollup_conversations"] = cur.rowcount
         counts["rollup_rows_recomputed"] = recomputed
+        cur.execute(_BUMP_EPOCH_SQL)
         return counts
 
     return _locked(db, work, wait=True, timeout_ms=timeout_ms)
@@ -709,6 +788,7 @@ def erase_business(db: Database, business_id: str, timeout_ms: int) -> dict[str,
         for table in ("mlops_events", *_ROLLUP_TABLES):
             cur.execute(f"DELETE FROM {table} WHERE business_id = %s", (business_id,))
             counts[table] = cur.rowcount
+        cur.execute(_BUMP_EPOCH_SQL)
         return counts
 
     return _locked(db, work, wait=True, timeout_ms=timeout_ms)

@@ -270,7 +270,7 @@ def _record_gen_ai(event: MetricsEvent, model: str) -> None:
 class StateCollector:
     """Gauges read at scrape time from Postgres and the spool.
 
-    Per-business 30-day totals come from one ``GROUP BY`` query, cached for
+    Per-business 30-day totals come from ``store.BusinessTotals``, cached for
     ``cache_seconds`` so frequent scrapes stay cheap. ``request_refresh()``
     (``POST /refresh-metrics``) marks them stale for every worker, through the
     modification time of a marker file beside the spool, and re-reads them
@@ -290,6 +290,7 @@ class StateCollector:
         self._cache_seconds = cache_seconds
         self._version = version
         self._lock = threading.Lock()
+        self._window = store.BusinessTotals(WINDOW_DAYS)  # used under _lock
         self._totals: list[tuple[str, int, int, float, float]] = []
         self._read_at = float("-inf")  # time.time() when the last read began
         self._db_up = False
@@ -322,7 +323,7 @@ class StateCollector:
         with self._lock:
             started = time.time()
             try:
-                self._totals = store.business_totals(self._db, WINDOW_DAYS)
+                self._totals = self._window.read(self._db)
                 self._oldest_event_at = store.oldest_event_received_at(self._db)
                 self._db_up = True
             except (DatabaseUnavailable, DatabaseMisconfigured) as exc:

@@ -216,7 +216,7 @@ def test_the_migration_backfills_existing_rows_in_batches(tmp_path, monkeypatch,
                 f"INSERT INTO mlops_events ({', '.join(store._INSERT_COLUMNS)}) "
                 f"VALUES ({', '.join(['%s'] * len(store._INSERT_COLUMNS))})",
                 [r.row() for r in old])
-        assert migrate.apply(conn) == [2, 3, 4, 5]
+        assert migrate.apply(conn) == [2, 3, 4, 5, 6, 7]
         database = Database(Settings.from_env({"DATABASE_URL": url}))
         fresh = [record(e) for e in varied(30, [business], seed=22)]
         store.insert_events(database, fresh, 1000)  # new writes roll up at once
@@ -330,3 +330,44 @@ def test_subnormal_values_do_not_break_the_reads(client, db):
     assert response.status_code == 200
     assert response.get_json()["by_model"][0]["avg_response_time_ms"] <= 5e-324
     assert client.post("/refresh-metrics", json={}).get_json()["database_up"] is True
+
+
+def test_window_totals_reread_settled_days_only_when_they_change(db, pg):
+    """store.BusinessTotals (the /metrics gauges) keeps the days before yesterday
+    until a late insert, an erasure or rollup retention changes them."""
+    window = store.BusinessTotals(30)
+    business, leaving = str(uuid.uuid4()), str(uuid.uuid4())
+    now = datetime.now(UTC)
+
+    def put(days_ago: int, biz: str = business) -> list[store.Record]:
+        records = [record(e, now - timedelta(days=days_ago))
+                   for e in varied(4, [biz], seed=days_ago)]
+        store.insert_events(db, records, 5000)
+        return records
+
+    def agrees() -> list[tuple]:
+        totals = window.read(db)
+        assert_totals_match_raw(pg, totals, 30)
+        return totals
+
+    put(0), put(5), put(40), put(5, leaving)
+    agrees()
+    put(1)  # yesterday and today are read every time
+    agrees()
+    (late, *_) = put(3)  # a settled day: the insert bumps the epoch
+    agrees()
+    store.erase_conversation(db, late.event.conversation_id, 5000)
+    agrees()
+    store.erase_business(db, leaving, 5000)
+    assert [b for b, *_ in agrees()] == [business]
+
+    # The settled part really is kept: a change nothing announced stays unseen ...
+    (before,) = window.read(db)
+    query(pg, "UPDATE mlops_rollup_daily SET messages = messages + 100 "
+              "WHERE day = (now() AT TIME ZONE 'UTC')::date - 5 RETURNING 1")
+    assert window.read(db) == [before]
+    assert store.business_totals(db, 30)[0][1] > before[1]
+    # ... until the epoch moves, as rollup retention moves it.
+    assert store.delete_expired_rollups(db, 4, 1000) > 0
+    (reread,) = window.read(db)
+    assert reread[:4] == store.business_totals(db, 30)[0][:4] and reread[1] < before[1]
