@@ -414,13 +414,16 @@ def business_totals(db: Database, days: int = 30) -> list[tuple[str, int, int, f
 
 
 _RECENT_AND_SETTLED_SQL = f"""
-WITH k AS (
+WITH k AS MATERIALIZED (
     SELECT (now() AT TIME ZONE 'UTC')::date AS today, changes,
            (now() AT TIME ZONE 'UTC')::date IS DISTINCT FROM %(today)s::date
            OR changes IS DISTINCT FROM %(changes)s AS settled_stale
     FROM mlops_rollup_epoch
 )
-SELECT k.today, k.changes, k.settled_stale,
+-- Only uncorrelated subqueries: each runs once (a correlated one over the
+-- small epoch table is costed as if it ran thousands of times, enough to
+-- start the JIT compiler, which takes longer than the query).
+SELECT (SELECT today FROM k), (SELECT changes FROM k), (SELECT settled_stale FROM k),
     (SELECT array_agg(ARRAY[business_id, n::text, t::text, c::text, s::text]) FROM (
         SELECT business_id, sum(messages) n, sum(tokens) t, sum(api_cost_usd) c,
                sum(success_rate_sum) s
@@ -430,9 +433,9 @@ SELECT k.today, k.changes, k.settled_stale,
         SELECT business_id, sum(messages) n, sum(tokens) t, sum(api_cost_usd) c,
                sum(success_rate_sum) s
         FROM mlops_rollup_daily
-        WHERE k.settled_stale AND day >= {_WINDOW_START} AND day < {_SETTLED_BEFORE}
+        WHERE (SELECT settled_stale FROM k) AND day >= {_WINDOW_START}
+          AND day < {_SETTLED_BEFORE}
         GROUP BY 1) p)
-FROM k
 """
 
 # business: (messages, tokens, cost in USD, sum of success_rate)
