@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import operator
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ CONTRACT_COLUMNS = (
     "appointment_booked", "user_message_length", "ai_response_length", "response_type",
 )
 _INSERT_COLUMNS = ("event_id", "received_at", *CONTRACT_COLUMNS, "extra")
+# An event's values of CONTRACT_COLUMNS, as a tuple.
+_contract_values = operator.attrgetter(*CONTRACT_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -60,29 +63,27 @@ class Record:
         return (
             self.event_id,
             self.received_at,
-            *(getattr(data, column) for column in CONTRACT_COLUMNS),
+            *_contract_values(data),
             Json(data.model_extra or {}),
         )
 
     def copy_line(self) -> str:
         """The row as one line of COPY text format (tab-separated, ``\\N`` for NULL)."""
         data = self.event
-        values = [self.event_id, self.received_at.isoformat(),
-                  *(getattr(data, column) for column in CONTRACT_COLUMNS),
-                  json.dumps(data.model_extra or {})]
-        return "\t".join(_copy_text(v) for v in values) + "\n"
+        values = [self.event_id, self.received_at.isoformat(), *_contract_values(data),
+                  json.dumps(data.model_extra) if data.model_extra else "{}"]
+        return "\t".join(map(_copy_text, values)) + "\n"
 
 
 def _copy_text(value) -> str:
+    if isinstance(value, str):
+        return (value.replace("\\", "\\\\").replace("\t", "\\t")
+                .replace("\n", "\\n").replace("\r", "\\r"))
     if value is None:
         return "\\N"
-    if isinstance(value, bool):
+    if value is True or value is False:
         return "t" if value else "f"
-    text = value if isinstance(value, str) else str(value)
-    return (text.replace("\\", "\\\\").replace("\t", "\\t")
-            .replace("\n", "\\n").replace("\r", "\\r"))
-
-
+    return str(value)  # a number: nothing to escape
 
 
 # --- writes -----------------------------------------------------------------

@@ -14,6 +14,7 @@ existing dashboards and queries keep working.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import threading
@@ -220,23 +221,28 @@ class Telemetry:
         """
         records = list(records)
         (EVENTS_REPLAYED if replayed else EVENTS_STORED).inc(len(records))
+        # Counter increments summed per series first: one update per series
+        # and group, not per event (each costs a lock and an mmap write).
+        increments: collections.Counter = collections.Counter()
         for record in records:
             e = record.event
             business = self.business(e.business_id)
             model = self.model(e.model_name)
-            AI_REQUESTS.labels(business, self.response_type(e.response_type),
-                               self.intent(e.intent_detected)).inc()
-            AI_RESPONSE_TIME.observe(e.response_time_ms / 1000.0)
-            AI_TOKENS.labels(business, model).inc(e.tokens_used)
-            AI_COST.labels(business, model).inc(e.api_cost_usd)
+            increments[AI_REQUESTS, (business, self.response_type(e.response_type),
+                                     self.intent(e.intent_detected))] += 1
+            increments[AI_TOKENS, (business, model)] += e.tokens_used
+            increments[AI_COST, (business, model)] += e.api_cost_usd
             if e.appointment_requested:
-                APPOINTMENTS_REQUESTED.labels(business).inc()
+                increments[APPOINTMENTS_REQUESTED, (business,)] += 1
             if e.appointment_booked:
-                APPOINTMENTS_BOOKED.labels(business).inc()
+                increments[APPOINTMENTS_BOOKED, (business,)] += 1
             if e.human_handoff_requested:
                 reason = "error" if e.response_type == "error" else "complex_query"
-                HUMAN_HANDOFFS.labels(business, reason).inc()
+                increments[HUMAN_HANDOFFS, (business, reason)] += 1
+            AI_RESPONSE_TIME.observe(e.response_time_ms / 1000.0)
             _record_gen_ai(e, model)
+        for (counter, labels), amount in increments.items():
+            counter.labels(*labels).inc(amount)
 
     def render(self) -> tuple[bytes, str]:
         """The ``/metrics`` body and content type (Prometheus text format 0.0.4)."""
