@@ -66,7 +66,7 @@ SELECT 'hist-' || g,
        now() - make_interval(
            secs => ((g / 10) * 7919) %% {SECONDS_PER_60_DAYS} + 600 - (g %% 10) * 45),
        b.id, b.id || '-c' || (g / 10), 'sess-' || (g / 10),
-       200 + (g * 37) %% 9000, CASE WHEN g %% 20 = 0 THEN 0 ELSE 1 END, NULL,
+       200 + (g * 37) %% 9000, CASE WHEN g %% 20 = 0 THEN 0 ELSE 1 END, NULL::double precision,
        100 + g %% 800, 80 + g %% 600, 20 + g %% 200, (g %% 5000) / 1e6,
        (ARRAY['gemini-1.5-flash', 'gemini-1.5-pro', 'gpt-4o-mini'])[g %% 3 + 1], 'general',
        g %% 7 = 0, g %% 31 = 0, CASE WHEN g %% 7 = 0 THEN g %% 2 = 0 END,

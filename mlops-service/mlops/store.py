@@ -191,15 +191,25 @@ rollup_conversations_span AS (
 def insert_sql(source: str, shard: int | str) -> str:
     """One statement inserting the rows of ``source`` and rolling up those inserted.
 
-    ``source`` is a query yielding ``_INSERT_COLUMNS`` in order (``VALUES
-    %s``, a staging table, or a generator in the benchmark's loader). Returns
-    the inserted ``event_id``s. Rows whose ``event_id`` is already stored are
-    skipped and left out of the rollups (``RETURNING`` yields only new rows).
+    ``source`` is a query yielding ``_INSERT_COLUMNS`` in order, each typed
+    (``unnest`` of typed arrays, a staging table, or a generator in the
+    benchmark's loader). Returns the inserted ``event_id``s. Rows whose
+    ``event_id`` is already stored are skipped and left out of the rollups
+    (``RETURNING`` yields only new rows); so are rows received before an
+    erasure of their conversation or business (``mlops_erasures``), such as
+    a copy of an erased event still in some replica's spool.
     """
+    columns = ", ".join(_INSERT_COLUMNS)
     return f"""
 WITH ins AS (
-    INSERT INTO mlops_events ({', '.join(_INSERT_COLUMNS)})
-    {source}
+    INSERT INTO mlops_events ({columns})
+    SELECT * FROM ({source}) AS s ({columns})
+    WHERE NOT EXISTS (
+        SELECT FROM mlops_erasures x WHERE x.erased = 'conversation_id'
+          AND x.id = s.conversation_id AND s.received_at <= x.erased_at)
+      AND NOT EXISTS (
+        SELECT FROM mlops_erasures x WHERE x.erased = 'business_id'
+          AND x.id = s.business_id AND s.received_at <= x.erased_at)
     ON CONFLICT (event_id) DO NOTHING
     RETURNING {_ROLLED_COLUMNS}, event_id
 ), {_rollup_ctes('ins', shard)}
@@ -215,8 +225,9 @@ _ARRAY_TYPES = (
 
 
 # The migration holding the current insert_function_sql(); 0003 held the
-# first version, 0005 the one before mlops_rollup_epoch.
-INSERT_FUNCTION_MIGRATION = "0007_insert_function_epoch.sql"
+# first version, 0005 the one before mlops_rollup_epoch, 0007 the one before
+# mlops_erasures.
+INSERT_FUNCTION_MIGRATION = "0009_insert_function_erasures.sql"
 
 
 def insert_function_sql() -> str:
@@ -746,6 +757,12 @@ _ERASE_CONVERSATION_STEPS = (
 )
 
 
+# Events received up to now for the erased id are refused from now on (insert_sql).
+_TOMBSTONE_SQL = """
+INSERT INTO mlops_erasures (erased, id, erased_at) VALUES (%s, %s, now())
+ON CONFLICT (erased, id) DO UPDATE SET erased_at = EXCLUDED.erased_at"""
+
+
 def erase_conversation(db: Database, conversation_id: str, timeout_ms: int) -> dict[str, int]:
     """Delete one conversation's events and its share of every rollup, in one transaction.
 
@@ -755,7 +772,9 @@ def erase_conversation(db: Database, conversation_id: str, timeout_ms: int) -> d
     ``rollup_rows_recomputed``: the rows rewritten as (shard total - the
     conversation's share). Rollups of days whose raw rows retention already
     deleted keep their anonymous counts; the conversation id goes from
-    every table. Zeros when nothing matches.
+    every table. Zeros when nothing matches. Events of the conversation
+    received before now are refused from now on, so copies still in a
+    spool or in flight elsewhere do not bring it back (``mlops_erasures``).
     """
     def work(cur):
         cur.execute("CREATE TEMP TABLE mlops_erased ON COMMIT DROP AS "
@@ -777,6 +796,7 @@ def erase_conversation(db: Database, conversation_id: str, timeout_ms: int) -> d
         counts["mlops_rollup_conversations"] = cur.rowcount
         counts["rollup_rows_recomputed"] = recomputed
         cur.execute(_BUMP_EPOCH_SQL)
+        cur.execute(_TOMBSTONE_SQL, ("conversation_id", conversation_id))
         return counts
 
     return _locked(db, work, wait=True, timeout_ms=timeout_ms)
@@ -785,7 +805,9 @@ def erase_conversation(db: Database, conversation_id: str, timeout_ms: int) -> d
 def erase_business(db: Database, business_id: str, timeout_ms: int) -> dict[str, int]:
     """Delete every event and rollup row of one business, in one transaction.
 
-    Returns rows removed per table; zeros when nothing matches.
+    Returns rows removed per table; zeros when nothing matches. Events of
+    the business received before now are refused from now on, as for
+    :func:`erase_conversation`.
     """
     def work(cur):
         counts = {}
@@ -793,6 +815,7 @@ def erase_business(db: Database, business_id: str, timeout_ms: int) -> dict[str,
             cur.execute(f"DELETE FROM {table} WHERE business_id = %s", (business_id,))
             counts[table] = cur.rowcount
         cur.execute(_BUMP_EPOCH_SQL)
+        cur.execute(_TOMBSTONE_SQL, ("business_id", business_id))
         return counts
 
     return _locked(db, work, wait=True, timeout_ms=timeout_ms)

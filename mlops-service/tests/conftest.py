@@ -194,10 +194,12 @@ def make_app(service_env, database_url):
 
 
 # Every table the service writes events into: emptied together so that the
-# rollups always summarise exactly the events that are left.
+# rollups always summarise exactly the events that are left; and the
+# erasures, so that no test's erasure refuses another test's events.
 EMPTY_TABLES_SQL = ("DO $$ BEGIN IF to_regclass('mlops_events') IS NOT NULL THEN "
                     "TRUNCATE mlops_events, mlops_rollup_daily, mlops_rollup_latency, "
-                    "mlops_rollup_conversations, mlops_rollup_intents; END IF; END $$")
+                    "mlops_rollup_conversations, mlops_rollup_intents, mlops_erasures; "
+                    "END IF; END $$")
 
 
 def empty_tables(url: str) -> None:

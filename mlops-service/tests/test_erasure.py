@@ -82,6 +82,38 @@ def test_a_conversation_leaves_events_rollups_and_gauges(make_app, db, pg):
     assert "erased_at" in line
 
 
+def records(events: list[dict], days_ago: float = 0) -> list[store.Record]:
+    at = datetime.now(UTC) - timedelta(days=days_ago)
+    return [store.Record(str(uuid.uuid4()), at, MetricsEvent.model_validate(e)) for e in events]
+
+
+@pytest.mark.parametrize("erased", ["conversation_id", "business_id"])
+def test_copies_of_erased_events_held_elsewhere_are_refused(db, pg, erased):
+    """Another replica's spool, or a request in flight, may hold events the erasure
+    removed: delivered afterwards, through either insert path, they stay out."""
+    business, other = str(uuid.uuid4()), str(uuid.uuid4())
+    events = varied(300, [business, other], seed=17)
+    value = events[0][erased]
+    held = records([e for e in events if e[erased] == value], days_ago=1)
+    kept = [e for e in events if e[erased] != value]
+    store.insert_events(db, held + records(kept, days_ago=1), 5000)
+
+    (store.erase_conversation if erased == "conversation_id" else store.erase_business)(
+        db, value, 5000)
+    assert store.insert_events(db, held[:3], 5000) == set()  # the function's path
+    unrelated = records(kept[:store.COPY_THRESHOLD], days_ago=1)
+    assert store.insert_events(db, held + unrelated, 5000) == {  # COPY's path
+        r.event_id for r in unrelated}
+    assert query(pg, f"SELECT count(*) FROM mlops_events WHERE {erased} = %s", value) == [(0,)]
+    for b in (business, other):
+        assert_matches_raw(pg, store.analytics(db, b, 7), b, 7)
+
+    # What arrives after the erasure is a new message, and is kept.
+    (later,) = records([next(e for e in events if e[erased] == value)])
+    assert store.insert_events(db, [later], 5000) == {later.event_id}
+    assert_totals_match_raw(pg, store.business_totals(db, 30), 30)
+
+
 def test_a_business_leaves_everything_and_a_repeat_answers_zeros(client, db, pg):
     business = str(uuid.uuid4())
     seed(db, varied(50, [business, "stays"], seed=2), days_ago=3)

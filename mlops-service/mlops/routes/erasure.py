@@ -2,8 +2,9 @@
 
 Each removes the raw events, the events still waiting in this replica's
 spool, and their share of every rollup (in one Postgres transaction; see
-``store.erase_conversation`` / ``store.erase_business``), then writes one
-JSON audit line to the ``mlops.audit`` logger. The gauges on ``/metrics``
+``store.erase_conversation`` / ``store.erase_business``), and from then on
+refuses copies received before it (other replicas' spools, requests in
+flight), then writes one JSON audit line to the ``mlops.audit`` logger. The gauges on ``/metrics``
 drop the erased data at their next refresh.
 """
 
