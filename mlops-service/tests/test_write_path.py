@@ -402,8 +402,8 @@ def await_(condition, timeout: float = 10.0) -> None:
 
 
 def inserts_waiting_on_a_lock(pg) -> int:
-    return query(pg, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                     "AND query LIKE '%%mlops_insert_events%%'")[0][0]
+    return query(pg, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                     "AND wait_event_type = 'Lock' AND query LIKE '%%mlops_insert_events%%'")[0][0]
 
 
 def commits_holding(pg, ids) -> int:
