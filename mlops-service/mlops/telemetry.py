@@ -15,6 +15,7 @@ existing dashboards and queries keep working.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import threading
@@ -114,6 +115,7 @@ GEN_AI_PROVIDERS = (
 )
 
 
+@functools.lru_cache(maxsize=1024)
 def gen_ai_provider(model_name: str) -> str:
     """``gen_ai.provider.name`` for a model name (``"gemini-1.5-flash"`` -> ``"gcp.gemini"``).
 
@@ -224,6 +226,7 @@ class Telemetry:
         # Counter increments summed per series first: one update per series
         # and group, not per event (each costs a lock and an mmap write).
         increments: collections.Counter = collections.Counter()
+        children: dict = {}
         for record in records:
             e = record.event
             business = self.business(e.business_id)
@@ -240,7 +243,7 @@ class Telemetry:
                 reason = "error" if e.response_type == "error" else "complex_query"
                 increments[HUMAN_HANDOFFS, (business, reason)] += 1
             AI_RESPONSE_TIME.observe(e.response_time_ms / 1000.0)
-            _record_gen_ai(e, model)
+            _record_gen_ai(e, model, children)
         for (counter, labels), amount in increments.items():
             counter.labels(*labels).inc(amount)
 
@@ -255,22 +258,23 @@ class Telemetry:
             CONTENT_TYPE_LATEST
 
 
-def _record_gen_ai(event: MetricsEvent, model: str) -> None:
+def _record_gen_ai(event: MetricsEvent, model: str, children: dict) -> None:
     """The OTel GenAI histograms for one stored reply; ``model`` is the capped model label.
 
     A reply failed when its ``success_rate`` is 0 (the contract's failure).
-    Token usage is observed only for the counts the app sent.
+    Token usage is observed only for the counts the app sent. ``children``
+    caches labelled histograms across the events of one group.
     """
-    labels = {"gen_ai_operation_name": "chat",
-              "gen_ai_provider_name": gen_ai_provider(event.model_name),
-              "gen_ai_request_model": model}
-    error_type = "_OTHER" if event.success_rate == 0 else ""
-    GEN_AI_DURATION.labels(**labels, error_type=error_type).observe(
-        event.response_time_ms / 1000.0)
-    for token_type, tokens in (("input", event.prompt_tokens),
-                               ("output", event.completion_tokens)):
-        if tokens is not None:
-            GEN_AI_TOKEN_USAGE.labels(**labels, gen_ai_token_type=token_type).observe(tokens)
+    base = ("chat", gen_ai_provider(event.model_name), model)
+    duration = (GEN_AI_DURATION, *base, "_OTHER" if event.success_rate == 0 else "")
+    for key, value in ((duration, event.response_time_ms / 1000.0),
+                       ((GEN_AI_TOKEN_USAGE, *base, "input"), event.prompt_tokens),
+                       ((GEN_AI_TOKEN_USAGE, *base, "output"), event.completion_tokens)):
+        if value is not None:
+            child = children.get(key)
+            if child is None:
+                child = children[key] = key[0].labels(*key[1:])
+            child.observe(value)
 
 
 class StateCollector:
