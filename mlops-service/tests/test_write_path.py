@@ -466,6 +466,26 @@ def test_after_stop_every_request_goes_to_the_outbox(parts):
     p.ingestor.stop()
     assert p.ingestor.submit(events(1))[0] == "queued"
     assert p.spool.depth() == 1
+    p.commit._thread.join(2)
+    assert not p.commit._thread.is_alive()  # the committer thread ends too
+
+
+def test_stop_fails_the_callers_still_queued_at_once(parts, pg, database_url):
+    p = parts()
+    first, queued = records_of(events(1)), records_of(events(1))
+    with ThreadPoolExecutor(2) as pool:
+        with rollups_locked(database_url):
+            running = pool.submit(p.commit, first, timeout_ms=10_000)
+            await_(lambda: inserts_waiting_on_a_lock(pg) == 1)
+            waiting = pool.submit(p.commit, queued, timeout_ms=10_000)
+            await_(lambda: p.commit.waiting() == 1)
+            p.commit.stop()
+        assert running.result() == {first[0].event_id}  # the group in flight completes
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable, match="stopping"):
+            waiting.result()
+        assert time.monotonic() - started < 1.0
+    assert stored(pg, [queued[0].event_id]) == []
 
 
 def test_a_batch_larger_than_a_group_is_delivered_in_the_callers_thread(parts, pg):
