@@ -97,7 +97,7 @@ dev: ## Development mode: compose with the source mounted and gunicorn --reload 
 	cd $(SERVICE) && docker compose -f docker-compose.yml -f docker-compose.dev.yml up --build $(if $(DETACH),-d)
 
 mutation: install ## Mutation-test the write path with mutmut (local Postgres); prints the kill rate
-	cd $(SERVICE) && rm -rf mutants && $(VENV)/bin/mutmut run > /dev/null; \
+	cd $(SERVICE) && rm -rf mutants && $(VENV)/bin/mutmut run --max-children 2 > /dev/null; \
 	  $(VENV)/bin/mutmut export-cicd-stats > /dev/null && \
 	  $(PYTHON) -c 'import json; s = json.load(open("mutants/mutmut-cicd-stats.json")); \
 	    tested = s["killed"] + s["timeout"] + s["survived"] + s["suspicious"]; \
