@@ -78,7 +78,10 @@ class Spool:
     def _connect(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+            # Not mutated: 5 s is sqlite3's default busy timeout, and every write
+            # opens its transaction itself, so isolation_level=None changes nothing.
+            conn = sqlite3.connect(self.path, timeout=5.0,  # pragma: no mutate
+                                   isolation_level=None)
             _enable_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")  # pragma: no mutate
             self._local.conn = conn
