@@ -408,7 +408,7 @@ def check_at_start(settings: Settings) -> str:
             raise error from None
         return f"unavailable: {error}"
     try:
-        conn.autocommit = True
+        conn.autocommit = True  # pragma: no mutate - apply() begins and commits explicitly
         migrate.apply(conn, settings.migrations_dir)
     except migrate.MigrationFailed as exc:
         raise MigrationError(str(exc)) from None

@@ -375,3 +375,50 @@ def test_close_gives_back_every_connection(database_url, dbname, make_db):
     db.close()
     assert db.pool_in_use() == 0 and db.pool_size == 0
     assert ours() == 0
+
+
+@pytest.mark.parametrize("dsn_suffix, says", [
+    ("?sslmode=require", "server does not support SSL"),
+    ("?sslmode=bogus", 'invalid sslmode value: "bogus"'),
+    ("?channel_binding=require", "channel binding required"),
+    ("?require_auth=password", 'authentication method requirement "password" failed'),
+])
+def test_settings_no_retry_can_fix_stop_the_start_up(dsn_suffix, says):
+    settings = Settings.from_env({"DATABASE_URL": ADMIN_URL + dsn_suffix})
+    with pytest.raises(DatabaseMisconfigured, match=says):
+        check_at_start(settings)
+
+
+def test_an_unknown_host_is_misconfigured():
+    settings = Settings.from_env({"DATABASE_URL": "postgresql://postgres@no-such-host.invalid/x"})
+    with pytest.raises(DatabaseMisconfigured, match="Name or service not known"):
+        check_at_start(settings)
+
+
+def test_a_connection_lost_while_migrating_at_start_is_reported_unavailable(fresh_database,
+                                                                              tmp_path):
+    name = fresh_database()
+    (tmp_path / "0001_drop_the_connection.sql").write_text(
+        "SELECT pg_terminate_backend(pg_backend_pid());\n")
+    settings = Settings.from_env({"DATABASE_URL": with_dbname(ADMIN_URL, name),
+                                  "MIGRATIONS_DIR": str(tmp_path)})
+    assert check_at_start(settings) == "unavailable: server closed the connection unexpectedly"
+    assert not migrate.is_current(settings.database_url, tmp_path)
+
+
+def test_the_watchdog_outlives_a_deadline_on_a_connection_already_closed(proxy, make_db,
+                                                                        dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=60)
+
+    def close_and_linger(cur):
+        cur.connection.close()
+        time.sleep(0.3)  # the deadline passes on a closed connection
+
+    with db.deadline(100):
+        db.run(close_and_linger)
+    assert db.run(select_one) == 1 and db.pool_in_use() == 0
+    proxy.stall()
+    threading.Timer(3.0, proxy.resume).start()
+    with db.deadline(200):
+        elapsed, error = timed(lambda: db.run(select_one))
+    assert isinstance(error, DatabaseUnavailable) and elapsed < 0.6, (elapsed, error)
