@@ -121,12 +121,14 @@ class _Watchdog:
         """Start watching ``conn`` until ``deadline`` (``time.monotonic()``); return a token."""
         with self._cond:
             if self._thread is None:
-                name = "db-watchdog"  # pragma: no mutate
-                self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+                # Not mutated: the thread's name and daemon flag.
+                thread = threading.Thread(target=self._loop, daemon=True)  # pragma: no mutate
+                thread.name = "db-watchdog"  # pragma: no mutate
+                self._thread = thread
                 self._thread.start()
-            self._next += 1
+            self._next += 1  # pragma: no mutate - any other step keeps tokens unique
             self._calls[self._next] = (deadline, conn)
-            if deadline < self._wake_at:
+            if deadline < self._wake_at:  # pragma: no mutate - <= only adds a spare wake-up
                 self._cond.notify()
             return self._next
 
@@ -250,8 +252,10 @@ class Database:
             self._down.set()
             log.warning("database unavailable", extra={"error": str(exc)})  # pragma: no mutate
             if self._prober is None:
-                name = "db-probe"  # pragma: no mutate
-                self._prober = threading.Thread(target=self._probe, name=name, daemon=True)
+                # Not mutated: the thread's name and daemon flag.
+                prober = threading.Thread(target=self._probe, daemon=True)  # pragma: no mutate
+                prober.name = "db-probe"  # pragma: no mutate
+                self._prober = prober
                 self._prober.start()
 
     def _probe(self) -> None:
@@ -299,7 +303,8 @@ class Database:
 
     def ping(self) -> None:
         """One round trip (``SELECT 1``). Raises like :meth:`run`."""
-        self.run(lambda cur: cur.execute(self.timeout_prefix() + "SELECT 1"))
+        # Not mutated: "select 1" (SQL's case) is the same statement.
+        self.run(lambda cur: cur.execute(self.timeout_prefix() + "SELECT 1"))  # pragma: no mutate
 
     def close(self) -> None:
         """Close every idle connection; those in use close when given back."""

@@ -27,6 +27,7 @@ from mlops.db import (
     DatabaseUnavailable,
     MigrationError,
     check_at_start,
+    classify,
 )
 
 
@@ -112,6 +113,7 @@ def test_a_silent_server_cannot_hold_a_call_past_its_deadline(proxy, make_db, db
     assert str(error).startswith("no answer within the deadline")
     assert 0.15 < elapsed < 0.6, elapsed
     assert db.pool_in_use() == 0
+    assert not db._watchdog._calls and not db._watchdog._fired  # nothing left behind
 
 
 def test_concurrent_calls_each_keep_their_own_deadline(proxy, make_db, dbname):
@@ -422,3 +424,36 @@ def test_the_watchdog_outlives_a_deadline_on_a_connection_already_closed(proxy, 
     with db.deadline(200):
         elapsed, error = timed(lambda: db.run(select_one))
     assert isinstance(error, DatabaseUnavailable) and elapsed < 0.6, (elapsed, error)
+
+
+def test_an_error_without_a_message_is_named_by_its_kind():
+    assert str(classify(psycopg2.OperationalError())) == "OperationalError"
+
+
+def test_a_database_created_after_a_failure_closes_the_breaker_on_its_own(make_db):
+    name = f"mlops_test_{uuid.uuid4().hex[:12]}"
+    db = make_db(with_dbname(ADMIN_URL, name), breaker_seconds=0.1)
+    with db.deadline(500, skip_if_down=True):
+        assert isinstance(timed(db.ping)[1], DatabaseMisconfigured)
+    time.sleep(0.3)  # the probe meets the same error a few times, and goes on
+    admin(f'CREATE DATABASE "{name}"')
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            with db.deadline(2000, skip_if_down=True):
+                if timed(db.ping)[1] is None:
+                    break
+            assert time.monotonic() < deadline, "the breaker never closed"
+            time.sleep(0.05)
+    finally:
+        db.close()
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_close_does_not_wait_for_a_connection_attempt_in_progress(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=60)
+    proxy.stall()
+    with db.deadline(100):
+        assert isinstance(timed(db.ping)[1], DatabaseUnavailable)
+    elapsed, error = timed(db.close)
+    assert error is None and elapsed < 0.5, elapsed
