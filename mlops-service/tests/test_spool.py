@@ -67,6 +67,9 @@ def test_erasure_discards_only_the_matching_waiting_events(tmp_path):
 def test_the_oldest_waiting_event_gives_the_spool_its_age(tmp_path):
     spool = Spool(tmp_path, 1 << 20)
     assert spool.oldest_age_seconds() == 0.0
+    spool.put(rows("now", received_at=time.time()))
+    assert spool.oldest_age_seconds() < 0.5
+    spool.remove(e.seq for e in spool.peek(1))
     spool.put(rows("old", received_at=time.time() - 60))
     spool.put(rows("new", received_at=time.time()))
     assert 59 < spool.oldest_age_seconds() < 61
