@@ -457,3 +457,23 @@ def test_close_does_not_wait_for_a_connection_attempt_in_progress(proxy, make_db
         assert isinstance(timed(db.ping)[1], DatabaseUnavailable)
     elapsed, error = timed(db.close)
     assert error is None and elapsed < 0.5, elapsed
+
+
+def test_close_abandons_the_connects_still_waiting_for_a_thread(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=60, DB_POOL_SIZE=4)
+    proxy.stall()
+
+    def call():
+        with db.deadline(100):
+            timed(db.ping)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    time.sleep(0.1)  # two connects are under way; two wait for a connector thread
+    db.close()
+    proxy.resume()
+    time.sleep(0.5)  # time for the waiting ones to connect, were they not abandoned
+    assert len(proxy._sockets) // 2 == 2  # (client, server) pairs: connections made
