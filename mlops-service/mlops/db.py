@@ -62,6 +62,10 @@ _PERMANENT = (
 )
 
 
+# The watchdog's wake-up time with nothing to watch.
+_NEVER = float("inf")
+
+
 class DatabaseUnavailable(Exception):
     """Postgres cannot be reached or answered too slowly; worth retrying later."""
 
@@ -114,7 +118,7 @@ class _Watchdog:
         self._calls: dict[int, tuple[float, psycopg2.extensions.connection]] = {}
         self._fired: set[int] = set()
         self._next = 0
-        self._wake_at = float("inf")
+        self._wake_at = _NEVER
         self._thread: threading.Thread | None = None
 
     def watch(self, conn: psycopg2.extensions.connection, deadline: float) -> int:
@@ -150,8 +154,8 @@ class _Watchdog:
                         del self._calls[token]
                         self._fired.add(token)
                         _shut_down(conn)
-                self._wake_at = min((d for d, _ in self._calls.values()), default=float("inf"))
-                timeout = None if self._wake_at == float("inf") else self._wake_at - now
+                self._wake_at = min((d for d, _ in self._calls.values()), default=_NEVER)
+                timeout = None if self._wake_at == _NEVER else self._wake_at - now
                 self._cond.wait(timeout)
 
 
