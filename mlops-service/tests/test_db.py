@@ -161,6 +161,7 @@ def test_a_connection_not_ready_by_the_deadline_joins_the_pool_later(proxy, make
     with db.deadline(200):
         elapsed, error = timed(lambda: db.run(select_one))
     assert isinstance(error, DatabaseUnavailable) and elapsed < 0.6, (elapsed, error)
+    assert str(error) == "no connection within the deadline"
     proxy.resume()
     deadline = time.monotonic() + 5
     while not db._idle and time.monotonic() < deadline:
@@ -192,6 +193,7 @@ def test_after_a_failure_calls_that_may_skip_do_not_wait(proxy, make_db, dbname)
     with db.deadline(200, skip_if_down=True):
         elapsed, error = timed(lambda: db.run(select_one))
     assert isinstance(error, DatabaseUnavailable) and elapsed < 0.05, (elapsed, error)
+    assert str(error) == "skipped: the database failed its last call"
     proxy.resume()
     # A call that may not skip (readiness, the flusher) still tries, and closes the breaker.
     assert db.run(select_one) == 1
@@ -247,6 +249,7 @@ def test_a_connection_that_breaks_twice_is_reported_unavailable(database_url, ma
 
     elapsed, error = timed(lambda: db.run(always_break))
     assert isinstance(error, DatabaseUnavailable), error
+    assert str(error) == "server closed the connection unexpectedly"
     assert db.pool_in_use() == 0
 
 
@@ -322,6 +325,7 @@ def test_a_database_away_at_start_is_migrated_before_its_first_use(fresh_databas
     db = make_db(proxy.url(name))
     assert db.run(lambda cur: cur.execute("SELECT count(*) FROM mlops_events")) is None
     assert psql(name, "SELECT count(*) > 0 FROM mlops_schema_migrations") is True
+    assert migrate.is_current(proxy.url(name))  # a worker started now skips the check
 
 
 def test_a_migration_failing_later_keeps_the_service_spooling(fresh_database, make_db,
@@ -477,3 +481,65 @@ def test_close_abandons_the_connects_still_waiting_for_a_thread(proxy, make_db, 
     proxy.resume()
     time.sleep(0.5)  # time for the waiting ones to connect, were they not abandoned
     assert len(proxy._sockets) // 2 == 2  # (client, server) pairs: connections made
+
+
+def test_a_full_pool_refuses_a_call_at_once(database_url, make_db):
+    db = make_db(database_url, DB_POOL_SIZE=2)
+    holding = threading.Barrier(3)
+    release = threading.Event()
+
+    def hold(cur):
+        holding.wait(5)
+        release.wait(5)
+        return select_one(cur)
+
+    threads = [threading.Thread(target=db.run, args=(hold,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    holding.wait(5)
+    elapsed, error = timed(lambda: db.run(select_one))
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert isinstance(error, DatabaseUnavailable) and elapsed < 0.1, (elapsed, error)
+    assert str(error) == "connection pool exhausted (2 in use)"
+
+
+def test_a_call_that_raises_is_no_longer_watched(database_url, make_db):
+    db = make_db(database_url, DB_POOL_SIZE=1)
+
+    def bug(cur):
+        raise ValueError("a bug in the caller")
+
+    with db.deadline(100), pytest.raises(ValueError):
+        db.run(bug)
+    runs = []
+
+    def slow(cur):
+        runs.append(1)
+        cur.execute("SELECT pg_sleep(0.3)")
+
+    with db.deadline(2000):
+        db.run(slow)  # on the same connection, past the first call's deadline
+    assert len(runs) == 1  # not broken by a stale deadline, so not retried
+
+
+def test_a_call_without_a_deadline_block_ends_by_the_default_one(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=60, DB_CONNECT_TIMEOUT_SECONDS=1,
+                 DB_STATEMENT_TIMEOUT_MS=200)
+    assert db.run(select_one) == 1  # a warm connection in the pool
+    proxy.stall()
+    threading.Timer(4.0, proxy.resume).start()
+    elapsed, error = timed(lambda: db.run(select_one))
+    assert isinstance(error, DatabaseUnavailable) and 1.0 < elapsed < 2.0, (elapsed, error)
+
+
+def test_a_migration_at_first_use_ends_by_the_calls_deadline(fresh_database, make_db,
+                                                              tmp_path):
+    name = fresh_database()
+    (tmp_path / "0001_slow.sql").write_text("SELECT pg_sleep(3);\n")
+    db = make_db(with_dbname(ADMIN_URL, name), breaker_seconds=60, MIGRATIONS_DIR=tmp_path)
+    with db.deadline(300):
+        elapsed, error = timed(db.ping)
+    assert isinstance(error, DatabaseUnavailable) and elapsed < 1.0, (elapsed, error)
+    assert str(error) == "server closed the connection unexpectedly"
