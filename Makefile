@@ -100,9 +100,10 @@ mutation: install ## Mutation-test the write path with mutmut (local Postgres); 
 	cd $(SERVICE) && rm -rf mutants && $(VENV)/bin/mutmut run --max-children 2 > /dev/null; \
 	  $(VENV)/bin/mutmut export-cicd-stats > /dev/null && \
 	  $(PYTHON) -c 'import json; s = json.load(open("mutants/mutmut-cicd-stats.json")); \
-	    tested = s["killed"] + s["timeout"] + s["survived"] + s["suspicious"]; \
-	    print(f"mutants: {s[\"total\"]}, killed {s[\"killed\"] + s[\"timeout\"]} of {tested} tested " \
-	          f"({100 * (s[\"killed\"] + s[\"timeout\"]) / tested:.1f} %), no test {s[\"no_tests\"]}")' && \
+	    killed = s["killed"] + s["timeout"]; tested = killed + s["survived"] + s["suspicious"]; \
+	    total, untested = s["total"], s["no_tests"]; \
+	    print(f"mutants: {total}, killed {killed} of {tested} tested " \
+	          f"({100 * killed / tested:.1f} %), no test {untested}")' && \
 	  $(VENV)/bin/mutmut results
 
 bench: install ## Benchmark the deployed service (gunicorn + Postgres); writes bench/results.md
