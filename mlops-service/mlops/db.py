@@ -117,7 +117,7 @@ class _Watchdog:
         self._cond = threading.Condition()
         self._calls: dict[int, tuple[float, psycopg2.extensions.connection]] = {}
         self._fired: set[int] = set()
-        self._next = 0
+        self._next = 0  # pragma: no mutate - any start keeps tokens unique
         self._wake_at = _NEVER
         self._thread: threading.Thread | None = None
 

@@ -543,3 +543,53 @@ def test_a_migration_at_first_use_ends_by_the_calls_deadline(fresh_database, mak
         elapsed, error = timed(db.ping)
     assert isinstance(error, DatabaseUnavailable) and elapsed < 1.0, (elapsed, error)
     assert str(error) == "server closed the connection unexpectedly"
+
+
+def test_a_worker_forked_after_the_migration_does_not_migrate_again(fresh_database, make_db,
+                                                                      tmp_path):
+    name = fresh_database()
+    url = with_dbname(ADMIN_URL, name)
+    (tmp_path / "0001_broken.sql").write_text("SELEC 1;\n")
+    migrate.mark_current(url, tmp_path)  # as the gunicorn master records before it forks
+    db = make_db(url, MIGRATIONS_DIR=tmp_path)
+    assert db.run(select_one) == 1
+
+
+def test_a_migration_at_first_use_is_recorded_for_later_workers(fresh_database, make_db,
+                                                                 tmp_path):
+    name = fresh_database()
+    url = with_dbname(ADMIN_URL, name)
+    for _, path in migrate.pending_files():
+        (tmp_path / path.name).write_text(path.read_text())
+    db = make_db(url, MIGRATIONS_DIR=tmp_path)
+    assert not migrate.is_current(url, tmp_path)
+    assert db.run(select_one) == 1
+    assert migrate.is_current(url, tmp_path)
+
+
+def test_a_connection_left_in_a_transaction_is_not_reused(database_url, make_db):
+    db = make_db(database_url, DB_POOL_SIZE=1)
+    db.run(lambda cur: cur.execute("BEGIN"))
+    status = db.run(lambda cur: cur.connection.info.transaction_status)
+    assert status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+
+def test_by_default_a_probe_every_second_closes_the_breaker(proxy, dbname, tmp_path):
+    settings = Settings.from_env({"DATABASE_URL": proxy.url(dbname),
+                                  "SPOOL_DIR": str(tmp_path)})
+    db = Database(settings)
+    try:
+        proxy.refuse()
+        with db.deadline(500, skip_if_down=True):
+            assert isinstance(timed(db.ping)[1], DatabaseUnavailable)
+        proxy.resume()
+        started = time.monotonic()
+        while True:
+            with db.deadline(500, skip_if_down=True):
+                if timed(db.ping)[1] is None:
+                    break
+            assert time.monotonic() - started < 1.6, "the breaker did not close in time"
+            time.sleep(0.02)
+        assert time.monotonic() - started > 0.9
+    finally:
+        db.close()
