@@ -593,3 +593,14 @@ def test_by_default_a_probe_every_second_closes_the_breaker(proxy, dbname, tmp_p
         assert time.monotonic() - started > 0.9
     finally:
         db.close()
+
+
+def test_a_dead_connection_is_found_by_keepalives_and_unacknowledged_data(database_url,
+                                                                          make_db):
+    """Idle: probes after 30 s, every 10 s, 3 times; busy: 1 s past the statement timeout."""
+    db = make_db(database_url, DB_STATEMENT_TIMEOUT_MS=2500)
+    params = db.run(lambda cur: cur.connection.get_dsn_parameters())
+    assert {k: params[k] for k in ("keepalives", "keepalives_idle", "keepalives_interval",
+                                   "keepalives_count", "tcp_user_timeout")} == {
+        "keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
+        "keepalives_count": "3", "tcp_user_timeout": "3500"}
