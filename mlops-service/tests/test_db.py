@@ -588,7 +588,7 @@ def test_by_default_a_probe_every_second_closes_the_breaker(proxy, dbname, tmp_p
             with db.deadline(500, skip_if_down=True):
                 if timed(db.ping)[1] is None:
                     break
-            assert time.monotonic() - started < 1.6, "the breaker did not close in time"
+            assert time.monotonic() - started < 1.9, "the breaker did not close in time"
             time.sleep(0.02)
         assert time.monotonic() - started > 0.9
     finally:
