@@ -100,8 +100,10 @@ class Outbox:
     def start(self) -> None:
         """Start the flusher thread (idempotent). Call in the serving process, after fork."""
         if self._thread is None:
-            name = "spool-flusher"  # pragma: no mutate
-            self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+            # Not mutated: the thread's name and daemon flag (stop() ends the thread).
+            thread = threading.Thread(target=self._loop, daemon=True)  # pragma: no mutate
+            thread.name = "spool-flusher"  # pragma: no mutate
+            self._thread = thread
             self._thread.start()
 
     def _is_leader(self) -> bool:
@@ -128,7 +130,8 @@ class Outbox:
             except Exception as exc:  # keep the flusher alive whatever happens
                 if isinstance(exc, DatabaseUnavailable | DatabaseMisconfigured):
                     log.warning("spool flush failed; retrying", extra={  # pragma: no mutate
-                        "error": str(exc), "retry_in_seconds": backoff})  # pragma: no mutate
+                        "error": str(exc), "retry_in_seconds": backoff,  # pragma: no mutate
+                    })
                 else:
                     log.exception("spool flush crashed; retrying")  # pragma: no mutate
                 self._stop.wait(backoff)

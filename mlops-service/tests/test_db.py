@@ -27,6 +27,7 @@ from mlops.db import (
     DatabaseUnavailable,
     MigrationError,
     check_at_start,
+    classify,
 )
 
 
@@ -109,9 +110,10 @@ def test_a_silent_server_cannot_hold_a_call_past_its_deadline(proxy, make_db, db
     with db.deadline(200):
         elapsed, error = timed(lambda: db.run(select_one))
     assert isinstance(error, DatabaseUnavailable), error
-    assert str(error).startswith("no answer within the deadline")
+    assert str(error) == "no answer within the deadline (server closed the connection unexpectedly)"
     assert 0.15 < elapsed < 0.6, elapsed
     assert db.pool_in_use() == 0
+    assert not db._watchdog._calls and not db._watchdog._fired  # nothing left behind
 
 
 def test_concurrent_calls_each_keep_their_own_deadline(proxy, make_db, dbname):
@@ -159,6 +161,7 @@ def test_a_connection_not_ready_by_the_deadline_joins_the_pool_later(proxy, make
     with db.deadline(200):
         elapsed, error = timed(lambda: db.run(select_one))
     assert isinstance(error, DatabaseUnavailable) and elapsed < 0.6, (elapsed, error)
+    assert str(error) == "no connection within the deadline"
     proxy.resume()
     deadline = time.monotonic() + 5
     while not db._idle and time.monotonic() < deadline:
@@ -190,6 +193,7 @@ def test_after_a_failure_calls_that_may_skip_do_not_wait(proxy, make_db, dbname)
     with db.deadline(200, skip_if_down=True):
         elapsed, error = timed(lambda: db.run(select_one))
     assert isinstance(error, DatabaseUnavailable) and elapsed < 0.05, (elapsed, error)
+    assert str(error) == "skipped: the database failed its last call"
     proxy.resume()
     # A call that may not skip (readiness, the flusher) still tries, and closes the breaker.
     assert db.run(select_one) == 1
@@ -245,6 +249,7 @@ def test_a_connection_that_breaks_twice_is_reported_unavailable(database_url, ma
 
     elapsed, error = timed(lambda: db.run(always_break))
     assert isinstance(error, DatabaseUnavailable), error
+    assert str(error) == "server closed the connection unexpectedly"
     assert db.pool_in_use() == 0
 
 
@@ -320,6 +325,7 @@ def test_a_database_away_at_start_is_migrated_before_its_first_use(fresh_databas
     db = make_db(proxy.url(name))
     assert db.run(lambda cur: cur.execute("SELECT count(*) FROM mlops_events")) is None
     assert psql(name, "SELECT count(*) > 0 FROM mlops_schema_migrations") is True
+    assert migrate.is_current(proxy.url(name))  # a worker started now skips the check
 
 
 def test_a_migration_failing_later_keeps_the_service_spooling(fresh_database, make_db,
@@ -375,3 +381,226 @@ def test_close_gives_back_every_connection(database_url, dbname, make_db):
     db.close()
     assert db.pool_in_use() == 0 and db.pool_size == 0
     assert ours() == 0
+
+
+@pytest.mark.parametrize("dsn_suffix, says", [
+    ("?sslmode=require", "server does not support SSL"),
+    ("?sslmode=bogus", 'invalid sslmode value: "bogus"'),
+    ("?channel_binding=require", "channel binding required"),
+    ("?require_auth=password", 'authentication method requirement "password" failed'),
+])
+def test_settings_no_retry_can_fix_stop_the_start_up(dsn_suffix, says):
+    settings = Settings.from_env({"DATABASE_URL": ADMIN_URL + dsn_suffix})
+    with pytest.raises(DatabaseMisconfigured, match=says):
+        check_at_start(settings)
+
+
+def test_an_unknown_host_is_misconfigured():
+    settings = Settings.from_env({"DATABASE_URL": "postgresql://postgres@no-such-host.invalid/x"})
+    with pytest.raises(DatabaseMisconfigured, match="Name or service not known"):
+        check_at_start(settings)
+
+
+def test_a_connection_lost_while_migrating_at_start_is_reported_unavailable(fresh_database,
+                                                                              tmp_path):
+    name = fresh_database()
+    (tmp_path / "0001_drop_the_connection.sql").write_text(
+        "SELECT pg_terminate_backend(pg_backend_pid());\n")
+    settings = Settings.from_env({"DATABASE_URL": with_dbname(ADMIN_URL, name),
+                                  "MIGRATIONS_DIR": str(tmp_path)})
+    assert check_at_start(settings) == "unavailable: server closed the connection unexpectedly"
+    assert not migrate.is_current(settings.database_url, tmp_path)
+
+
+def test_the_watchdog_outlives_a_deadline_on_a_connection_already_closed(proxy, make_db,
+                                                                        dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=60)
+
+    def close_and_linger(cur):
+        cur.connection.close()
+        time.sleep(0.3)  # the deadline passes on a closed connection
+
+    with db.deadline(100):
+        db.run(close_and_linger)
+    assert db.run(select_one) == 1 and db.pool_in_use() == 0
+    proxy.stall()
+    threading.Timer(3.0, proxy.resume).start()
+    with db.deadline(200):
+        elapsed, error = timed(lambda: db.run(select_one))
+    assert isinstance(error, DatabaseUnavailable) and elapsed < 0.6, (elapsed, error)
+
+
+def test_an_error_without_a_message_is_named_by_its_kind():
+    assert str(classify(psycopg2.OperationalError())) == "OperationalError"
+
+
+def test_a_database_created_after_a_failure_closes_the_breaker_on_its_own(make_db):
+    name = f"mlops_test_{uuid.uuid4().hex[:12]}"
+    db = make_db(with_dbname(ADMIN_URL, name), breaker_seconds=0.1)
+    with db.deadline(500, skip_if_down=True):
+        assert isinstance(timed(db.ping)[1], DatabaseMisconfigured)
+    time.sleep(0.3)  # the probe meets the same error a few times, and goes on
+    admin(f'CREATE DATABASE "{name}"')
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            with db.deadline(2000, skip_if_down=True):
+                if timed(db.ping)[1] is None:
+                    break
+            assert time.monotonic() < deadline, "the breaker never closed"
+            time.sleep(0.05)
+    finally:
+        db.close()
+        admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_close_does_not_wait_for_a_connection_attempt_in_progress(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=60)
+    proxy.stall()
+    with db.deadline(100):
+        assert isinstance(timed(db.ping)[1], DatabaseUnavailable)
+    elapsed, error = timed(db.close)
+    assert error is None and elapsed < 0.5, elapsed
+
+
+def test_close_abandons_the_connects_still_waiting_for_a_thread(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=60, DB_POOL_SIZE=4)
+    proxy.stall()
+
+    def call():
+        with db.deadline(100):
+            timed(db.ping)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    time.sleep(0.1)  # two connects are under way; two wait for a connector thread
+    db.close()
+    proxy.resume()
+    time.sleep(0.5)  # time for the waiting ones to connect, were they not abandoned
+    assert len(proxy._sockets) // 2 == 2  # (client, server) pairs: connections made
+
+
+def test_a_full_pool_refuses_a_call_at_once(database_url, make_db):
+    db = make_db(database_url, DB_POOL_SIZE=2)
+    holding = threading.Barrier(3)
+    release = threading.Event()
+
+    def hold(cur):
+        holding.wait(5)
+        release.wait(5)
+        return select_one(cur)
+
+    threads = [threading.Thread(target=db.run, args=(hold,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    holding.wait(5)
+    elapsed, error = timed(lambda: db.run(select_one))
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert isinstance(error, DatabaseUnavailable) and elapsed < 0.1, (elapsed, error)
+    assert str(error) == "connection pool exhausted (2 in use)"
+
+
+def test_a_call_that_raises_is_no_longer_watched(database_url, make_db):
+    db = make_db(database_url, DB_POOL_SIZE=1)
+
+    def bug(cur):
+        raise ValueError("a bug in the caller")
+
+    with db.deadline(100), pytest.raises(ValueError):
+        db.run(bug)
+    runs = []
+
+    def slow(cur):
+        runs.append(1)
+        cur.execute("SELECT pg_sleep(0.3)")
+
+    with db.deadline(2000):
+        db.run(slow)  # on the same connection, past the first call's deadline
+    assert len(runs) == 1  # not broken by a stale deadline, so not retried
+
+
+def test_a_call_without_a_deadline_block_ends_by_the_default_one(proxy, make_db, dbname):
+    db = make_db(proxy.url(dbname), breaker_seconds=60, DB_CONNECT_TIMEOUT_SECONDS=1,
+                 DB_STATEMENT_TIMEOUT_MS=200)
+    assert db.run(select_one) == 1  # a warm connection in the pool
+    proxy.stall()
+    threading.Timer(4.0, proxy.resume).start()
+    elapsed, error = timed(lambda: db.run(select_one))
+    assert isinstance(error, DatabaseUnavailable) and 1.0 < elapsed < 2.0, (elapsed, error)
+
+
+def test_a_migration_at_first_use_ends_by_the_calls_deadline(fresh_database, make_db,
+                                                              tmp_path):
+    name = fresh_database()
+    (tmp_path / "0001_slow.sql").write_text("SELECT pg_sleep(3);\n")
+    db = make_db(with_dbname(ADMIN_URL, name), breaker_seconds=60, MIGRATIONS_DIR=tmp_path)
+    with db.deadline(300):
+        elapsed, error = timed(db.ping)
+    assert isinstance(error, DatabaseUnavailable) and elapsed < 1.0, (elapsed, error)
+    assert str(error) == "server closed the connection unexpectedly"
+
+
+def test_a_worker_forked_after_the_migration_does_not_migrate_again(fresh_database, make_db,
+                                                                      tmp_path):
+    name = fresh_database()
+    url = with_dbname(ADMIN_URL, name)
+    (tmp_path / "0001_broken.sql").write_text("SELEC 1;\n")
+    migrate.mark_current(url, tmp_path)  # as the gunicorn master records before it forks
+    db = make_db(url, MIGRATIONS_DIR=tmp_path)
+    assert db.run(select_one) == 1
+
+
+def test_a_migration_at_first_use_is_recorded_for_later_workers(fresh_database, make_db,
+                                                                 tmp_path):
+    name = fresh_database()
+    url = with_dbname(ADMIN_URL, name)
+    for _, path in migrate.pending_files():
+        (tmp_path / path.name).write_text(path.read_text())
+    db = make_db(url, MIGRATIONS_DIR=tmp_path)
+    assert not migrate.is_current(url, tmp_path)
+    assert db.run(select_one) == 1
+    assert migrate.is_current(url, tmp_path)
+
+
+def test_a_connection_left_in_a_transaction_is_not_reused(database_url, make_db):
+    db = make_db(database_url, DB_POOL_SIZE=1)
+    db.run(lambda cur: cur.execute("BEGIN"))
+    status = db.run(lambda cur: cur.connection.info.transaction_status)
+    assert status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+
+def test_by_default_a_probe_every_second_closes_the_breaker(proxy, dbname, tmp_path):
+    settings = Settings.from_env({"DATABASE_URL": proxy.url(dbname),
+                                  "SPOOL_DIR": str(tmp_path)})
+    db = Database(settings)
+    try:
+        proxy.refuse()
+        with db.deadline(500, skip_if_down=True):
+            assert isinstance(timed(db.ping)[1], DatabaseUnavailable)
+        proxy.resume()
+        started = time.monotonic()
+        while True:
+            with db.deadline(500, skip_if_down=True):
+                if timed(db.ping)[1] is None:
+                    break
+            assert time.monotonic() - started < 1.9, "the breaker did not close in time"
+            time.sleep(0.02)
+        assert time.monotonic() - started > 0.9
+    finally:
+        db.close()
+
+
+def test_a_dead_connection_is_found_by_keepalives_and_unacknowledged_data(database_url,
+                                                                          make_db):
+    """Idle: probes after 30 s, every 10 s, 3 times; busy: 1 s past the statement timeout."""
+    db = make_db(database_url, DB_STATEMENT_TIMEOUT_MS=2500)
+    params = db.run(lambda cur: cur.connection.get_dsn_parameters())
+    assert {k: params[k] for k in ("keepalives", "keepalives_idle", "keepalives_interval",
+                                   "keepalives_count", "tcp_user_timeout")} == {
+        "keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
+        "keepalives_count": "3", "tcp_user_timeout": "3500"}
