@@ -294,13 +294,14 @@ def main() -> None:
             (stored, track)
         print(f"bench: /track {track['rps']:.0f} req/s, {stored} rows committed", flush=True)
 
-        # The rollups' hot-row check, on the same server and database: every
-        # event for one business, then spread over 100.
+        # The rollups' hot-row check, on the same server and database, with the
+        # same events as /track: every event for one business, then spread over 100.
         one = median_run(wrk_bin, base, lua_post(
-            "/track", [json.dumps({**SUCCESS, "business_id": "hot-000"})]))
+            "/track", [json.dumps({**event, "business_id": "hot-000"})
+                       for event in (SUCCESS, FAILURE)]))
         many = median_run(wrk_bin, base, lua_post(
-            "/track", [json.dumps({**SUCCESS, "business_id": f"hot-{i:03d}"})
-                       for i in range(100)]))
+            "/track", [json.dumps({**(FAILURE if i % 2 else SUCCESS),
+                                   "business_id": f"hot-{i:03d}"}) for i in range(100)]))
         print(f"bench: /track one business {one['rps']:.0f} req/s, "
               f"100 businesses {many['rps']:.0f} req/s", flush=True)
 

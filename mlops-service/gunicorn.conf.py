@@ -83,6 +83,14 @@ def when_ready(server):
     draining.delay_sigterm(shutdown_delay_seconds)
 
 
+def post_worker_init(worker):
+    """Worker, app loaded: read the Postgres-derived gauges once, in the background,
+    so the first /refresh-metrics or scrape after a start pays no connect and full read."""
+    from mlops.services import get_services
+
+    get_services(worker.wsgi).telemetry.state.prime()
+
+
 def worker_exit(server, worker):
     """Worker, after its last request: let the spool flusher drain for a moment."""
     from mlops.gunicorn_worker import exit_now_if_clean

@@ -320,6 +320,13 @@ class StateCollector:
         return {"refreshed": refreshed, "businesses": len(self._totals),
                 "database_up": self._db_up}
 
+    def prime(self) -> None:
+        """Read the gauges once now, in a background thread (gunicorn.conf.py calls it
+        as a worker starts). Database trouble is reported as database_up 0, as ever."""
+        thread = threading.Thread(target=self._read, daemon=True)  # pragma: no mutate
+        thread.name = "metrics-prime"  # pragma: no mutate
+        thread.start()
+
     def _stale(self) -> bool:
         if time.time() - self._read_at >= self._cache_seconds:
             return True
