@@ -402,13 +402,15 @@ def analytics(db: Database, business_id: str, days: int) -> dict:
     return {"metrics": metrics, "by_model": by_model, "daily": daily, "by_intent": by_intent}
 
 
-_BUSINESS_TOTALS_SQL = f"""
-SELECT business_id, sum(messages), sum(tokens), sum(api_cost_usd), sum(success_rate_sum)
-FROM mlops_rollup_daily
-WHERE day >= {_WINDOW_START}
-GROUP BY business_id
-ORDER BY sum(messages) DESC, business_id
-"""
+def _business_sums(where: str) -> str:
+    """Per business: messages, tokens, cost, sum of success_rate over the daily rollup rows
+    matching ``where``."""
+    return ("SELECT business_id, sum(messages) n, sum(tokens) t, sum(api_cost_usd) c, "
+            f"sum(success_rate_sum) s FROM mlops_rollup_daily WHERE {where} GROUP BY 1")
+
+
+_BUSINESS_TOTALS_SQL = (_business_sums(f"day >= {_WINDOW_START}")
+                        + " ORDER BY n DESC, business_id")
 
 
 def business_totals(db: Database, days: int = 30) -> list[tuple[str, int, int, float, float]]:
@@ -437,17 +439,10 @@ WITH k AS MATERIALIZED (
 -- start the JIT compiler, which takes longer than the query).
 SELECT (SELECT today FROM k), (SELECT changes FROM k), (SELECT settled_stale FROM k),
     (SELECT array_agg(ARRAY[business_id, n::text, t::text, c::text, s::text]) FROM (
-        SELECT business_id, sum(messages) n, sum(tokens) t, sum(api_cost_usd) c,
-               sum(success_rate_sum) s
-        FROM mlops_rollup_daily WHERE day >= {_SETTLED_BEFORE} AND day >= {_WINDOW_START}
-        GROUP BY 1) r),
+        {_business_sums(f"day >= {_SETTLED_BEFORE} AND day >= {_WINDOW_START}")}) r),
     (SELECT array_agg(ARRAY[business_id, n::text, t::text, c::text, s::text]) FROM (
-        SELECT business_id, sum(messages) n, sum(tokens) t, sum(api_cost_usd) c,
-               sum(success_rate_sum) s
-        FROM mlops_rollup_daily
-        WHERE (SELECT settled_stale FROM k) AND day >= {_WINDOW_START}
-          AND day < {_SETTLED_BEFORE}
-        GROUP BY 1) p)
+        {_business_sums(f"(SELECT settled_stale FROM k) AND day >= {_WINDOW_START}"
+                        f" AND day < {_SETTLED_BEFORE}")}) p)
 """
 
 # business: (messages, tokens, cost in USD, sum of success_rate)
