@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -21,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from payloads import REQUIRED, SUCCESS
 
+from mlops import store
 from mlops.schemas import InvalidRequest, parse_batch, parse_event
 
 json_scalars = (st.none() | st.booleans() | st.integers() | st.text()
@@ -148,3 +150,29 @@ def test_a_batch_judges_each_item_as_track_would(changes):
             assert isinstance(result, InvalidRequest)
         else:
             assert result == expected
+
+
+# Any text Postgres can hold (no NUL, no lone surrogates), weighted towards the
+# characters COPY's text format escapes.
+stored_text = st.text(st.sampled_from("\\\t\n\r\\N\u00e9") | st.characters(
+    blacklist_characters="\x00", blacklist_categories=("Cs",)), min_size=1, max_size=20)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(text=stored_text)
+def test_text_is_stored_exactly_by_both_insert_paths(client, pg, text):
+    """A batch large enough for COPY (``store.COPY_THRESHOLD``) stores the same text as
+    /track's function call: backslashes, tabs, newlines and ``\\N`` are not escapes."""
+    def event(key: str) -> dict:
+        return {**SUCCESS, "event_id": f"{key}-{uuid.uuid4()}", "session_id": text,
+                "intent_detected": text, "note": text}
+
+    single = client.post("/track", json=event("one"))
+    assert single.status_code == 201, single.get_json()
+    batch = client.post("/track/batch", json=[event("copy") for _ in range(store.COPY_THRESHOLD)])
+    assert batch.get_json()["accepted"] == store.COPY_THRESHOLD, batch.get_json()
+    ids = [single.get_json()["event_id"], *(r["event_id"] for r in batch.get_json()["results"])]
+    rows = query(pg, "SELECT session_id, intent_detected, extra->>'note' FROM mlops_events "
+                     "WHERE event_id = ANY(%s)", ids)
+    assert rows == [(text, text, text)] * (1 + store.COPY_THRESHOLD)
