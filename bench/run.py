@@ -372,13 +372,13 @@ def main() -> None:
          + f"; with the hot-row runs, {tracked} answered, {stored} rows"),
         ("/track latency p50 / p99", f"{track['p50']:.2f} / {track['p99']:.2f} ms",
          f"{CONNECTIONS} connections"),
-        ("/track ÷ /health", f"{track['rps'] / health['rps']:.2f}", "target ≥ 0.45"),
+        ("/track ÷ /health", f"{track['rps'] / health['rps']:.3f}", "target ≥ 0.45"),
         ("/track, every event for one business", f"{one['rps']:.0f} req/s",
          "median of " + ", ".join(f"{r:.0f}" for r in one["all_rps"])
-         + f"; ÷ /track {one['rps'] / track['rps']:.2f}; target within 10%"),
+         + f"; ÷ /track {one['rps'] / track['rps']:.3f}; target within 10%"),
         ("/track, spread over 100 businesses", f"{many['rps']:.0f} req/s",
          "median of " + ", ".join(f"{r:.0f}" for r in many["all_rps"])
-         + f"; one ÷ 100 businesses {one['rps'] / many['rps']:.2f}; target within 10%"),
+         + f"; one ÷ 100 businesses {one['rps'] / many['rps']:.3f}; target within 10%"),
         ("/track p99 at half saturation", f"{paced['p99']:.2f} ms",
          f"{paced['rps']:.0f} req/s paced; target ≤ 25 ms"),
         ("batch ingestion", f"{batch_rate:.0f} events/s",
@@ -387,7 +387,7 @@ def main() -> None:
         ("bare-database COPY of the same rows", f"{bare_copy:.0f} events/s",
          f"COPY of {BATCH_SIZE} per call, 4 connections, same table, median of "
          + ", ".join(f"{r:.0f}" for r in sorted(copy_rates))),
-        ("/track/batch ÷ bare COPY", f"{batch_rate / bare_copy:.2f}", "target ≥ 0.5"),
+        ("/track/batch ÷ bare COPY", f"{batch_rate / bare_copy:.3f}", "target ≥ 0.5"),
         ("/metrics scrape p50 / p99", f"{scrape['p50']:.1f} / {scrape['p99']:.1f} ms",
          f"{series} series, {WORKERS} workers; target ≤ 50 ms"),
         ("cold start to /health/ready", f"{cold_start:.2f} s", "target ≤ 3 s"),
