@@ -220,9 +220,14 @@ def median_runs(binary: str, targets: list[tuple[str, Path | None]]) -> list[dic
         middle = dict(sorted(target_runs, key=lambda r: r["rps"])[len(target_runs) // 2])
         middle["requests"] = sum(r["requests"] for r in target_runs)
         middle["non2xx"] = sum(r["non2xx"] for r in target_runs)
-        middle["all_rps"] = sorted(r["rps"] for r in target_runs)
+        middle["all_rps"] = [r["rps"] for r in target_runs]
         medians.append(middle)
     return medians
+
+
+def listed(rates: list[float]) -> str:
+    """Rates for a table note: whole numbers, lowest first."""
+    return ", ".join(f"{r:.0f}" for r in sorted(rates))
 
 
 def lua_post(path: str, bodies: list[str], delay_ms: float | None = None) -> Path:
@@ -324,9 +329,8 @@ def main() -> None:
         # /track/batch and the bare database's COPY of the same rows take turns
         # too; each rate is the median of REPEATS runs, counting what finished
         # inside each run's window.
-        batch_body = json.dumps([SUCCESS if i % 2 else FAILURE for i in range(BATCH_SIZE)])
-        batch_script = lua_post("/track/batch", [batch_body])
-        copy_events = [SUCCESS if i % 2 else FAILURE for i in range(BATCH_SIZE)]
+        batch_events_sent = [SUCCESS if i % 2 else FAILURE for i in range(BATCH_SIZE)]
+        batch_script = lua_post("/track/batch", [json.dumps(batch_events_sent)])
         batch_rates, copy_rates = [], []
         for _ in range(REPEATS):
             rows_before = count_rows(database_url)
@@ -337,7 +341,7 @@ def main() -> None:
             answered = batch["requests"] * BATCH_SIZE
             assert answered <= batch_events <= answered + 4 * BATCH_SIZE, (batch_events, batch)
             batch_rates.append(batch["rps"] * BATCH_SIZE)
-            copy_rates.append(copy_rate(database_url, copy_events, connections=4,
+            copy_rates.append(copy_rate(database_url, batch_events_sent, connections=4,
                                         seconds=RUN_SECONDS))
         batch_rate, bare_copy = statistics.median(batch_rates), statistics.median(copy_rates)
         print(f"bench: batch {batch_rate:.0f} events/s, bare COPY {bare_copy:.0f} events/s",
@@ -364,29 +368,29 @@ def main() -> None:
 
     rows = [
         ("/health throughput", f"{health['rps']:.0f} req/s",
-         "median of " + ", ".join(f"{r:.0f}" for r in health["all_rps"])),
+         "median of " + listed(health["all_rps"])),
         ("/health latency p50 / p99", f"{health['p50']:.2f} / {health['p99']:.2f} ms",
          f"{CONNECTIONS} connections"),
         ("/track throughput (each a committed row)", f"{track['rps']:.0f} req/s",
-         "median of " + ", ".join(f"{r:.0f}" for r in track["all_rps"])
+         "median of " + listed(track["all_rps"])
          + f"; with the hot-row runs, {tracked} answered, {stored} rows"),
         ("/track latency p50 / p99", f"{track['p50']:.2f} / {track['p99']:.2f} ms",
          f"{CONNECTIONS} connections"),
         ("/track ÷ /health", f"{track['rps'] / health['rps']:.3f}", "target ≥ 0.45"),
         ("/track, every event for one business", f"{one['rps']:.0f} req/s",
-         "median of " + ", ".join(f"{r:.0f}" for r in one["all_rps"])
+         "median of " + listed(one["all_rps"])
          + f"; ÷ /track {one['rps'] / track['rps']:.3f}; target within 10%"),
         ("/track, spread over 100 businesses", f"{many['rps']:.0f} req/s",
-         "median of " + ", ".join(f"{r:.0f}" for r in many["all_rps"])
+         "median of " + listed(many["all_rps"])
          + f"; one ÷ 100 businesses {one['rps'] / many['rps']:.3f}; target within 10%"),
         ("/track p99 at half saturation", f"{paced['p99']:.2f} ms",
          f"{paced['rps']:.0f} req/s paced; target ≤ 25 ms"),
         ("batch ingestion", f"{batch_rate:.0f} events/s",
          f"/track/batch of {BATCH_SIZE}, 4 connections, median of "
-         + ", ".join(f"{r:.0f}" for r in sorted(batch_rates)) + "; target ≥ 20,000"),
+         + listed(batch_rates) + "; target ≥ 20,000"),
         ("bare-database COPY of the same rows", f"{bare_copy:.0f} events/s",
          f"COPY of {BATCH_SIZE} per call, 4 connections, same table, median of "
-         + ", ".join(f"{r:.0f}" for r in sorted(copy_rates))),
+         + listed(copy_rates)),
         ("/track/batch ÷ bare COPY", f"{batch_rate / bare_copy:.3f}", "target ≥ 0.5"),
         ("/metrics scrape p50 / p99", f"{scrape['p50']:.1f} / {scrape['p99']:.1f} ms",
          f"{series} series, {WORKERS} workers; target ≤ 50 ms"),
