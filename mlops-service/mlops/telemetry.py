@@ -14,6 +14,7 @@ existing dashboards and queries keep working.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import functools
 import logging
@@ -223,10 +224,11 @@ class Telemetry:
         """
         records = list(records)
         (EVENTS_REPLAYED if replayed else EVENTS_STORED).inc(len(records))
-        # Counter increments summed per series first: one update per series
-        # and group, not per event (each costs a lock and an mmap write).
+        # Counter increments summed per series, and histogram values gathered
+        # per series, first: one update per series (or bucket) and group, not
+        # per event (each update costs a lock and an mmap write).
         increments: collections.Counter = collections.Counter()
-        children: dict = {}
+        observations: collections.defaultdict = collections.defaultdict(list)
         for record in records:
             e = record.event
             business = self.business(e.business_id)
@@ -242,10 +244,12 @@ class Telemetry:
             if e.human_handoff_requested:
                 reason = "error" if e.response_type == "error" else "complex_query"
                 increments[HUMAN_HANDOFFS, (business, reason)] += 1
-            AI_RESPONSE_TIME.observe(e.response_time_ms / 1000.0)
-            _record_gen_ai(e, model, children)
+            observations[AI_RESPONSE_TIME, ()].append(e.response_time_ms / 1000.0)
+            _gen_ai_observations(e, model, observations)
         for (counter, labels), amount in increments.items():
             counter.labels(*labels).inc(amount)
+        for (histogram, labels), values in observations.items():
+            observe_all(histogram.labels(*labels) if labels else histogram, values)
 
     def render(self) -> tuple[bytes, str]:
         """The ``/metrics`` body and content type (Prometheus text format 0.0.4)."""
@@ -258,23 +262,40 @@ class Telemetry:
             CONTENT_TYPE_LATEST
 
 
-def _record_gen_ai(event: MetricsEvent, model: str, children: dict) -> None:
-    """The OTel GenAI histograms for one stored reply; ``model`` is the capped model label.
+def _gen_ai_observations(event: MetricsEvent, model: str, observations: dict) -> None:
+    """Add one stored reply's values for the OTel GenAI histograms to ``observations``.
 
-    A reply failed when its ``success_rate`` is 0 (the contract's failure).
-    Token usage is observed only for the counts the app sent. ``children``
-    caches labelled histograms across the events of one group.
+    ``observations`` maps ``(histogram, label values)`` to a list of values;
+    ``model`` is the capped model label. A reply failed when its
+    ``success_rate`` is 0 (the contract's failure). Token usage is observed
+    only for the counts the app sent.
     """
     base = ("chat", gen_ai_provider(event.model_name), model)
-    duration = (GEN_AI_DURATION, *base, "_OTHER" if event.success_rate == 0 else "")
-    for key, value in ((duration, event.response_time_ms / 1000.0),
-                       ((GEN_AI_TOKEN_USAGE, *base, "input"), event.prompt_tokens),
-                       ((GEN_AI_TOKEN_USAGE, *base, "output"), event.completion_tokens)):
-        if value is not None:
-            child = children.get(key)
-            if child is None:
-                child = children[key] = key[0].labels(*key[1:])
-            child.observe(value)
+    observations[GEN_AI_DURATION, (*base, "_OTHER" if event.success_rate == 0 else "")].append(
+        event.response_time_ms / 1000.0)
+    if event.prompt_tokens is not None:
+        observations[GEN_AI_TOKEN_USAGE, (*base, "input")].append(event.prompt_tokens)
+    if event.completion_tokens is not None:
+        observations[GEN_AI_TOKEN_USAGE, (*base, "output")].append(event.completion_tokens)
+
+
+def observe_all(histogram: Histogram, values: list[float]) -> None:
+    """``histogram.observe(v)`` for each of ``values``, with one update per bucket touched.
+
+    ``histogram`` is an unlabelled histogram or one labelled child. Gives the
+    same counts as observing one by one: prometheus_client's
+    ``Histogram.observe`` adds a value to the first bucket whose upper bound
+    is at least the value (``bisect_left`` over the sorted bounds), and to
+    the sum; a NaN goes to the sum only. It reads the histogram's ``_upper_bounds``, ``_buckets`` and
+    ``_sum`` (prometheus_client has no bulk observe); ``tests/test_telemetry.py``
+    checks the result against ``observe``.
+    """
+    histogram._raise_if_not_observable()
+    bounds = histogram._upper_bounds
+    in_buckets = (bisect.bisect_left(bounds, v) for v in values if not math.isnan(v))
+    for index, count in collections.Counter(in_buckets).items():
+        histogram._buckets[index].inc(count)
+    histogram._sum.inc(sum(values))
 
 
 class StateCollector:
