@@ -141,6 +141,60 @@ def copy_rate(url: str, events: list[dict], connections: int, seconds: float) ->
     return sum(copied) / (time.monotonic() - started)
 
 
+GROUP_SIZES = (1, 2, 4, 16)
+
+
+def _postgres_cpu_seconds() -> float:
+    """User + system CPU of every process named postgres* on this machine (from /proc)."""
+    ticks = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if not Path(f"/proc/{pid}/comm").read_text().startswith("postgres"):
+                continue
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (proc(5))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def group_costs(url: str, events: list[dict],
+                per_size: int = 2000) -> list[tuple[int, float, float]]:
+    """CPU per event of ``store.insert_events`` by group size: ``(size, client µs, Postgres µs)``.
+
+    One connection delivers ``per_size`` events in groups of each of
+    ``GROUP_SIZES``, one group after another, as the group commit of a
+    ``/track`` does (insert, rollups, commit). Client CPU is this process's;
+    Postgres's is read from /proc, so it is meaningful only for a server on
+    this machine with nothing else running.
+    """
+    sys.path.insert(0, str(SERVICE))
+    from datetime import UTC, datetime
+
+    from mlops import store
+    from mlops.config import Settings
+    from mlops.db import Database
+    from mlops.schemas import parse_event
+
+    db = Database(Settings.from_env({"DATABASE_URL": url}))
+    parsed = [parse_event(json.dumps(e).encode()) for e in events]
+    costs = []
+    for size in GROUP_SIZES:
+        def group(size=size):
+            now = datetime.now(UTC)
+            return [store.Record(str(uuid.uuid4()), now, parsed[i % len(parsed)])
+                    for i in range(size)]
+        store.insert_events(db, group(), 10_000)  # warm: connection, plan
+        calls = per_size // size
+        client, server = time.process_time(), _postgres_cpu_seconds()
+        for _ in range(calls):
+            store.insert_events(db, group(), 10_000)
+        client, server = time.process_time() - client, _postgres_cpu_seconds() - server
+        costs.append((size, client / (calls * size) * 1e6, server / (calls * size) * 1e6))
+    db.close()
+    return costs
+
+
 def wait_drained(base: str, timeout: float = 60.0) -> None:
     """Until the service's spool is empty."""
     deadline = time.monotonic() + timeout
@@ -360,6 +414,9 @@ def main() -> None:
         print(f"bench: /metrics {series} series: p50 {scrape['p50']:.1f} ms", flush=True)
 
         rss = [peak_rss_mib(pid) for pid in worker_pids(server.pid)]
+        groups = group_costs(database_url, [SUCCESS, FAILURE])
+        print("bench: insert_events CPU per event by group size: " + ", ".join(
+            f"{n}: {c:.0f} + {p:.0f} µs" for n, c, p in groups), flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
@@ -392,6 +449,14 @@ def main() -> None:
          f"COPY of {BATCH_SIZE} per call, 4 connections, same table, median of "
          + listed(copy_rates)),
         ("/track/batch ÷ bare COPY", f"{batch_rate / bare_copy:.3f}", "target ≥ 0.5"),
+        ("/health CPU per request at saturation", f"{1e6 * os.cpu_count() / health['rps']:.0f} µs",
+         "the cores ÷ the median /health throughput"),
+        ("store only: `insert_events` CPU per event, client / Postgres, groups of "
+         + " / ".join(str(n) for n, _, _ in groups),
+         " / ".join(f"{c:.0f}" for _, c, _ in groups) + " µs; "
+         + " / ".join(f"{p:.0f}" for _, _, p in groups) + " µs",
+         "one connection, one group at a time (insert, rollups, commit), on the idle server; "
+         "/track's group commit shares a commit among the requests that wait together"),
         ("/metrics scrape p50 / p99", f"{scrape['p50']:.1f} / {scrape['p99']:.1f} ms",
          f"{series} series, {WORKERS} workers; target ≤ 50 ms"),
         ("cold start to /health/ready", f"{cold_start:.2f} s", "target ≤ 3 s"),
