@@ -286,9 +286,10 @@ def observe_all(histogram: Histogram, values: list[float]) -> None:
     same counts as observing one by one: prometheus_client's
     ``Histogram.observe`` adds a value to the first bucket whose upper bound
     is at least the value (``bisect_left`` over the sorted bounds), and to
-    the sum; a NaN goes to the sum only. It reads the histogram's ``_upper_bounds``, ``_buckets`` and
-    ``_sum`` (prometheus_client has no bulk observe); ``tests/test_telemetry.py``
-    checks the result against ``observe``.
+    the sum; a NaN goes to the sum only. It reads the histogram's
+    ``_upper_bounds``, ``_buckets`` and ``_sum`` (prometheus_client has no
+    bulk observe); ``tests/test_telemetry.py`` checks the result against
+    ``observe``.
     """
     histogram._raise_if_not_observable()
     bounds = histogram._upper_bounds
