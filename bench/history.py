@@ -96,7 +96,7 @@ def load(url: str, first: int, last: int) -> float:
 
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(loader, [chunks[0::2], chunks[1::2]]))
-    db = store_db(url)
+    db = bench.store_db(url)
     while store.fold_shards(db, 50_000):
         pass
     db.close()
@@ -146,7 +146,7 @@ def measure(base: str, url: str) -> dict:
     analytics = [call("GET", f"{base}/analytics/{BUSIEST}?days=30")[0] for _ in range(100)]
     _, sample = call("GET", f"{base}/analytics/{BUSIEST}?days=30")
 
-    db = store_db(url)
+    db = bench.store_db(url)
     window = store.BusinessTotals(30)
     window.read(db)  # as a worker's first read: later ones re-read yesterday and today only
     totals_ms, window_ms, analytics_ms = [], [], []
@@ -176,12 +176,6 @@ def measure(base: str, url: str) -> dict:
             "deleted": deleted, "delete_rate": rate,
             "totals_p95": p95(totals_ms), "window_p95": p95(window_ms),
             "store_analytics_p95": p95(analytics_ms)}
-
-
-def store_db(url: str):
-    from mlops.config import Settings
-    from mlops.db import Database
-    return Database(Settings.from_env({"DATABASE_URL": url, "DB_STATEMENT_TIMEOUT_MS": "60000"}))
 
 
 def serve(url: str, workdir: Path) -> tuple[subprocess.Popen, str]:

@@ -32,8 +32,14 @@ import psycopg2
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = ROOT / "mlops-service"
+sys.path.insert(0, str(SERVICE))
 sys.path.insert(0, str(SERVICE / "tests"))
 from payloads import FAILURE, SUCCESS  # noqa: E402
+
+from mlops import store  # noqa: E402
+from mlops.config import Settings  # noqa: E402
+from mlops.db import Database  # noqa: E402
+from mlops.schemas import parse_event  # noqa: E402
 
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 WORKERS = int(os.environ.get("WEB_CONCURRENCY", "3"))
@@ -144,6 +150,11 @@ def copy_rate(url: str, events: list[dict], connections: int, seconds: float) ->
 GROUP_SIZES = (1, 2, 4, 16)
 
 
+def store_db(url: str) -> Database:
+    """The service's own ``Database`` on ``url``, for measuring the store without HTTP."""
+    return Database(Settings.from_env({"DATABASE_URL": url, "DB_STATEMENT_TIMEOUT_MS": "60000"}))
+
+
 def _postgres_cpu_seconds() -> float:
     """User + system CPU of every process named postgres* on this machine (from /proc)."""
     ticks = 0
@@ -168,15 +179,9 @@ def group_costs(url: str, events: list[dict],
     Postgres's is read from /proc, so it is meaningful only for a server on
     this machine with nothing else running.
     """
-    sys.path.insert(0, str(SERVICE))
     from datetime import UTC, datetime
 
-    from mlops import store
-    from mlops.config import Settings
-    from mlops.db import Database
-    from mlops.schemas import parse_event
-
-    db = Database(Settings.from_env({"DATABASE_URL": url}))
+    db = store_db(url)
     parsed = [parse_event(json.dumps(e).encode()) for e in events]
     costs = []
     for size in GROUP_SIZES:
