@@ -136,7 +136,11 @@ def test_a_business_leaves_everything_and_a_repeat_answers_zeros(client, db, pg)
 
 def test_spooled_events_are_erased_too(client, app, db):
     business = str(uuid.uuid4())
-    spool = get_services(app).outbox.spool
+    outbox = get_services(app).outbox
+    # Stop the flusher first: it would otherwise deliver the events to Postgres
+    # before the erasure, and this test is about the ones still waiting.
+    outbox.stop(drain_seconds=5)
+    spool = outbox.spool
     waiting = [{**SUCCESS, "business_id": business, "conversation_id": c}
                for c in ("keep", "erase-me", "erase-me")]
     spool.put((str(uuid.uuid4()), time.time(), MetricsEvent.model_validate(e).model_dump_json())
