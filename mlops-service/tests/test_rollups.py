@@ -86,6 +86,12 @@ def test_the_insert_function_migration_is_the_store_statement():
     assert newest == store.INSERT_FUNCTION_MIGRATION
 
 
+def test_the_insert_function_reuses_one_plan(pg):
+    """Left to choose, Postgres plans each one-event call anew (store.insert_function_sql)."""
+    assert query(pg, "SELECT proconfig FROM pg_proc WHERE proname = 'mlops_insert_events'") == [
+        (["plan_cache_mode=force_generic_plan"],)]
+
+
 def test_an_unknown_business_reads_zeros(db):
     result = store.analytics(db, str(uuid.uuid4()), 30)
     assert result["by_model"] == [] and result["daily"] == []
@@ -216,7 +222,7 @@ def test_the_migration_backfills_existing_rows_in_batches(tmp_path, monkeypatch,
                 f"INSERT INTO mlops_events ({', '.join(store._INSERT_COLUMNS)}) "
                 f"VALUES ({', '.join(['%s'] * len(store._INSERT_COLUMNS))})",
                 [r.row() for r in old])
-        assert migrate.apply(conn) == [2, 3, 4, 5, 6, 7, 8, 9]
+        assert migrate.apply(conn) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
         database = Database(Settings.from_env({"DATABASE_URL": url}))
         fresh = [record(e) for e in varied(30, [business], seed=22)]
         store.insert_events(database, fresh, 1000)  # new writes roll up at once
