@@ -8,6 +8,8 @@ chat app, Prometheus and the dashboard make, against real gunicorn:
 * a ``/metrics`` scrape with stale gauges (``METRICS_CACHE_SECONDS=0``, so
   every scrape re-reads them),
 * ``/analytics/<busiest business>?days=30`` p95,
+* what ``store.insert_events`` costs per event by group size (client and
+  Postgres CPU, as in the main table), with the history in place,
 * the retention delete rate (``store.delete_expired_events`` batches of
   5,000 for events older than 45 days, for up to 10 s),
 
@@ -135,7 +137,7 @@ def p95(values: list[float]) -> float:
 
 
 def measure(base: str, url: str) -> dict:
-    """Read latencies at the current size, then the retention delete rate."""
+    """Read latencies at the current size, a write's CPU by group size, then the delete rate."""
     refresh = []
     for _ in range(60):
         ms, body = call("POST", f"{base}/refresh-metrics", {"trigger": "new_metrics"})
@@ -160,6 +162,10 @@ def measure(base: str, url: str) -> dict:
         started = time.perf_counter()
         store.analytics(db, BUSIEST, 30)
         analytics_ms.append((time.perf_counter() - started) * 1000)
+    db.close()
+    # The write path at this size: a plan or index that grew with the history shows here.
+    groups = bench.group_costs(url, [bench.SUCCESS, bench.FAILURE])
+    db = bench.store_db(url)
     deleted, started = 0, time.monotonic()
     while time.monotonic() - started < 10:
         n = store.delete_expired_events(db, 45, 5000)
@@ -175,7 +181,7 @@ def measure(base: str, url: str) -> dict:
             "busiest_conversations": sample["metrics"]["total_conversations"],
             "deleted": deleted, "delete_rate": rate,
             "totals_p95": p95(totals_ms), "window_p95": p95(window_ms),
-            "store_analytics_p95": p95(analytics_ms)}
+            "store_analytics_p95": p95(analytics_ms), "groups": groups}
 
 
 def serve(url: str, workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -257,6 +263,11 @@ def run() -> str:
             f"{r['store_analytics_p95']:.1f} ms",
             "the SQL behind the reads, on a pooled connection, no HTTP; the gauges use "
             "the first, warm (settled days kept)"),
+        row("store only: `insert_events` CPU per event, client / Postgres, groups of "
+            + " / ".join(str(n) for n, _, _ in first["groups"]),
+            lambda r: " / ".join(f"{c:.0f}" for _, c, _ in r["groups"]) + " µs; "
+            + " / ".join(f"{p:.0f}" for _, _, p in r["groups"]) + " µs",
+            "as in the table above, with the history in place: what a write costs"),
         row("retention delete rate", lambda r: f"{r['delete_rate']:,.0f} events/s",
             "batches of 5,000, events older than 45 days, ≤ 10 s"),
         row("load rate (events + rollups)", lambda r: f"{r['load_rate']:,.0f} events/s",
