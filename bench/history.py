@@ -162,10 +162,8 @@ def measure(base: str, url: str) -> dict:
         started = time.perf_counter()
         store.analytics(db, BUSIEST, 30)
         analytics_ms.append((time.perf_counter() - started) * 1000)
-    db.close()
     # The write path at this size: a plan or index that grew with the history shows here.
     groups = bench.group_costs(url, [bench.SUCCESS, bench.FAILURE])
-    db = bench.store_db(url)
     deleted, started = 0, time.monotonic()
     while time.monotonic() - started < 10:
         n = store.delete_expired_events(db, 45, 5000)
