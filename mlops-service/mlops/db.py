@@ -22,11 +22,12 @@ Errors are sorted into two kinds:
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import contextvars
+import io
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,12 +37,18 @@ from typing import TypeVar
 
 import psycopg2
 import psycopg2.extensions
+from gevent.monkey import get_original
 
 from . import migrate
 from .config import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# The unpatched thread primitives, for the watchdog (gevent's worker patches
+# ``threading`` and ``_thread`` into greenlets; ``get_original`` gives the originals
+# whether or not they were patched).
+_start_thread, _allocate_lock = get_original("_thread", ["start_new_thread", "allocate_lock"])
 
 # Substrings of libpq / server messages that no retry will fix. Anything else
 # that stops a connection is treated as transient.
@@ -108,37 +115,45 @@ def connect_options(settings: Settings) -> dict:
 class _Watchdog:
     """Shuts down the socket of a call still running past its deadline.
 
-    ``shutdown(SHUT_RDWR)`` on the connection's socket wakes the thread
-    blocked in libpq, which then fails with an ``OperationalError`` and
-    marks the connection closed, so the pool discards it.
+    ``shutdown(SHUT_RDWR)`` on the connection's socket wakes the thread or
+    greenlet blocked in libpq, which then fails with an ``OperationalError``
+    and marks the connection closed, so the pool discards it.
+
+    It is a real OS thread with real locks even in gevent's worker, where
+    ``threading`` is patched into greenlets: a COPY (:func:`copy_from`)
+    blocks the worker's greenlets, and its deadline must still hold.
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = _allocate_lock()  # guards the fields below
+        self._wake = _allocate_lock()  # released to wake the thread before its time
+        self._wake.acquire()
         self._calls: dict[int, tuple[float, psycopg2.extensions.connection]] = {}
         self._fired: set[int] = set()
         self._next = 0  # pragma: no mutate - any start keeps tokens unique
         self._wake_at = _NEVER
-        self._thread: threading.Thread | None = None
+        self._started = False  # pragma: no mutate - None is as false
 
     def watch(self, conn: psycopg2.extensions.connection, deadline: float) -> int:
         """Start watching ``conn`` until ``deadline`` (``time.monotonic()``); return a token."""
-        with self._cond:
-            if self._thread is None:
-                # Not mutated: the thread's name and daemon flag.
-                thread = threading.Thread(target=self._loop, daemon=True)  # pragma: no mutate
-                thread.name = "db-watchdog"  # pragma: no mutate
-                self._thread = thread
-                self._thread.start()
+        with self._lock:
+            if not self._started:
+                self._started = True
+                _start_thread(self._loop, ())
             self._next += 1  # pragma: no mutate - any other step keeps tokens unique
             self._calls[self._next] = (deadline, conn)
-            if deadline < self._wake_at:  # pragma: no mutate - <= only adds a spare wake-up
-                self._cond.notify()
-            return self._next
+            sooner = deadline < self._wake_at  # pragma: no mutate - <= only adds a spare wake-up
+            if sooner:
+                self._wake_at = deadline
+            token = self._next
+        if sooner:
+            with contextlib.suppress(RuntimeError):  # already woken
+                self._wake.release()
+        return token
 
     def release(self, token: int) -> bool:
         """Stop watching; True if the deadline passed and the socket was shut down."""
-        with self._cond:
+        with self._lock:
             self._calls.pop(token, None)
             if token in self._fired:
                 self._fired.discard(token)
@@ -146,8 +161,8 @@ class _Watchdog:
             return False
 
     def _loop(self) -> None:
-        with self._cond:
-            while True:
+        while True:
+            with self._lock:
                 now = time.monotonic()
                 for token, (deadline, conn) in list(self._calls.items()):
                     if deadline <= now:  # pragma: no mutate - with <, the next pass fires it
@@ -155,15 +170,35 @@ class _Watchdog:
                         self._fired.add(token)
                         _shut_down(conn)
                 self._wake_at = min((d for d, _ in self._calls.values()), default=_NEVER)
-                timeout = None if self._wake_at == _NEVER else self._wake_at - now
-                self._cond.wait(timeout)
+                timeout = -1 if self._wake_at == _NEVER else self._wake_at - now
+            self._wake.acquire(timeout=timeout)
 
 
 def _shut_down(conn: psycopg2.extensions.connection) -> None:
     with contextlib.suppress(OSError, psycopg2.Error):
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
-        with sock:
-            sock.shutdown(socket.SHUT_RDWR)
+        sock = _socket.socket(fileno=os.dup(conn.fileno()))  # the C type: gevent never patches it
+        try:
+            sock.shutdown(_socket.SHUT_RDWR)
+        finally:
+            sock.close()
+
+
+def copy_from(cur: psycopg2.extensions.cursor, sql: str, data: io.TextIOBase) -> None:
+    """``cur.copy_expert(sql, data)``: a ``COPY ... FROM STDIN`` of ``data``, also under gevent.
+
+    psycopg2 refuses COPY while a wait callback is set ("copy_expert cannot
+    be used with an asynchronous callback"), and gevent's worker sets one
+    (psycogreen). The callback is cleared for this call only: the COPY then
+    blocks the worker's other greenlets until it ends (a batch of 1,000
+    events takes a few ms), and none of them can start a query meanwhile.
+    The call's deadline still holds: the watchdog is a real thread.
+    """
+    callback = psycopg2.extensions.get_wait_callback()
+    psycopg2.extensions.set_wait_callback(None)
+    try:
+        cur.copy_expert(sql, data)
+    finally:
+        psycopg2.extensions.set_wait_callback(callback)
 
 
 _deadline: contextvars.ContextVar[tuple[float, bool] | None] = contextvars.ContextVar(
@@ -185,6 +220,7 @@ class Database:
         self._idle: list[psycopg2.extensions.connection] = []
         self._open = 0
         self._lock = threading.Lock()
+        self._returned = threading.Condition(self._lock)  # a connection came back or was dropped
         self._connector: ThreadPoolExecutor | None = None
         self._watchdog = _Watchdog()
         self._breaker_seconds = breaker_seconds
@@ -317,6 +353,7 @@ class Database:
             idle, self._idle = self._idle, []
             self._open -= len(idle)
             self._max = 0
+            self._returned.notify_all()
         for conn in idle:
             conn.close()
         if self._connector is not None:
@@ -328,12 +365,19 @@ class Database:
         return conn
 
     def _acquire(self, deadline: float) -> psycopg2.extensions.connection:
-        """An idle connection, or a new one if it is ready by ``deadline``."""
+        """An idle connection, or a new one if it is ready by ``deadline``.
+
+        With every connection in use, waits for one to come back until
+        ``deadline``, then raises ``DatabaseUnavailable``.
+        """
         with self._lock:
+            while not self._idle and self._open >= self._max:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._max:  # pragma: no mutate - < 0 waits 0 s more
+                    raise DatabaseUnavailable(f"connection pool exhausted ({self._max} in use)")
+                self._returned.wait(remaining)
             if self._idle:
                 return self._idle.pop()
-            if self._open >= self._max:
-                raise DatabaseUnavailable(f"connection pool exhausted ({self._max} in use)")
             self._open += 1
             if self._connector is None:
                 name = "db-connect"  # pragma: no mutate
@@ -361,12 +405,14 @@ class Database:
     def _forget(self) -> None:
         with self._lock:
             self._open -= 1
+            self._returned.notify()
 
     def _release(self, conn: psycopg2.extensions.connection) -> None:
         """Give ``conn`` back; a closed or mid-transaction one is discarded."""
         usable = not conn.closed and conn.info.transaction_status == \
             psycopg2.extensions.TRANSACTION_STATUS_IDLE
         with self._lock:
+            self._returned.notify()
             if usable and self._open <= self._max:
                 self._idle.append(conn)
                 return

@@ -32,7 +32,7 @@ import psycopg2
 from psycopg2.extras import Json
 
 from . import rollups
-from .db import Database
+from .db import Database, copy_from
 from .schemas import MetricsEvent
 
 T = TypeVar("T")
@@ -297,8 +297,8 @@ def insert_events(db: Database, records: list[Record], timeout_ms: int) -> set[s
             f"SET LOCAL statement_timeout = {int(timeout_ms)};"
             "CREATE TEMP TABLE mlops_staging ON COMMIT DROP AS "
             f"SELECT {', '.join(_INSERT_COLUMNS)} FROM mlops_events WITH NO DATA")
-        cur.copy_expert(f"COPY mlops_staging ({', '.join(_INSERT_COLUMNS)}) FROM STDIN",
-                        io.StringIO(data))
+        copy_from(cur, f"COPY mlops_staging ({', '.join(_INSERT_COLUMNS)}) FROM STDIN",
+                  io.StringIO(data))
         cur.execute(insert_sql(f"SELECT {', '.join(_INSERT_COLUMNS)} FROM mlops_staging", shard))
         return {row[0] for row in cur.fetchall()}
 

@@ -9,6 +9,8 @@ of ``make mutation``.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -495,7 +497,7 @@ def test_close_abandons_the_connects_still_waiting_for_a_thread(proxy, make_db, 
     assert len(proxy._sockets) // 2 == 2  # (client, server) pairs: connections made
 
 
-def test_a_full_pool_refuses_a_call_at_once(database_url, make_db):
+def test_a_full_pool_waits_for_a_connection_until_the_deadline(database_url, make_db):
     db = make_db(database_url, DB_POOL_SIZE=2)
     holding = threading.Barrier(3)
     release = threading.Event()
@@ -509,12 +511,19 @@ def test_a_full_pool_refuses_a_call_at_once(database_url, make_db):
     for t in threads:
         t.start()
     holding.wait(5)
-    elapsed, error = timed(lambda: db.run(select_one))
-    release.set()
+    with db.deadline(200):
+        elapsed, error = timed(lambda: db.run(select_one))
+    assert isinstance(error, DatabaseUnavailable) and 0.15 < elapsed < 0.6, (elapsed, error)
+    assert str(error) == "connection pool exhausted (2 in use)"
+
+    # A connection given back in time serves the waiting call.
+    threading.Timer(0.2, release.set).start()
+    with db.deadline(3000):
+        elapsed, error = timed(lambda: db.run(select_one))
     for t in threads:
         t.join(5)
-    assert isinstance(error, DatabaseUnavailable) and elapsed < 0.1, (elapsed, error)
-    assert str(error) == "connection pool exhausted (2 in use)"
+    assert error is None and 0.15 < elapsed < 1.0, (elapsed, error)
+    assert db.pool_in_use() == 0
 
 
 def test_a_call_that_raises_is_no_longer_watched(database_url, make_db):
@@ -616,3 +625,52 @@ def test_a_dead_connection_is_found_by_keepalives_and_unacknowledged_data(databa
                                    "keepalives_count", "tcp_user_timeout")} == {
         "keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
         "keepalives_count": "3", "tcp_user_timeout": "3500"}
+
+
+# A process as gevent's worker runs it (mlops/gunicorn_worker.py): patched, psycopg2
+# waiting through gevent. It COPYs once, then again once the test has locked the table.
+_GREEN_COPY = """
+from gevent import monkey
+monkey.patch_all()
+import psycogreen.gevent
+psycogreen.gevent.patch_psycopg()
+import io, sys, time
+from mlops.config import Settings
+from mlops.db import Database, DatabaseUnavailable, copy_from
+db = Database(Settings.from_env({"DATABASE_URL": sys.argv[1], "SPOOL_DIR": sys.argv[2]}))
+def copy(cur):
+    copy_from(cur, "COPY copy_probe FROM STDIN", io.StringIO("1\\n"))
+db.run(copy)
+print("copied", flush=True)
+sys.stdin.readline()
+started = time.monotonic()
+try:
+    with db.deadline(300):
+        db.run(copy)
+    print("copied again", flush=True)
+except DatabaseUnavailable:
+    print(f"unavailable after {time.monotonic() - started:.2f} s", flush=True)
+"""
+
+
+def test_a_copy_under_gevent_works_and_ends_by_its_deadline(database_url, tmp_path):
+    """COPY runs with psycopg2's wait callback cleared, so it blocks every greenlet of
+    its process: only a real watchdog thread can end it at its deadline."""
+    conn = psycopg2.connect(database_url)
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE copy_probe (n int)")
+    conn.commit()
+    script = subprocess.Popen(
+        [sys.executable, "-c", _GREEN_COPY, database_url, str(tmp_path)],
+        cwd=Path(__file__).resolve().parent.parent, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert script.stdout.readline() == "copied\n", script.stderr.read()
+        with conn.cursor() as cur:
+            cur.execute("LOCK TABLE copy_probe IN ACCESS EXCLUSIVE MODE")
+        out, err = script.communicate("\n", timeout=5)
+    finally:
+        script.kill()
+        conn.rollback()
+        conn.close()
+    assert out.startswith("unavailable after 0.3"), (out, err)
