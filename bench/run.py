@@ -8,7 +8,7 @@ to ``bench/results.md``. Every /track request counted is checked against
 the rows committed in Postgres.
 
 Environment: ``BENCH_DATABASE_URL`` (admin URL), ``WEB_CONCURRENCY``
-(default 3), ``GUNICORN_THREADS``, ``BENCH_SECONDS`` (per wrk run, default 10).
+(default 3), ``GUNICORN_WORKER_CONNECTIONS``, ``BENCH_SECONDS`` (per wrk run, default 10).
 """
 
 from __future__ import annotations
@@ -337,7 +337,6 @@ def main() -> None:
            "METRICS_MAX_BUSINESSES": str(2 * SERIES_BUSINESSES),
            **NEVER_REFUSE}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    threads = env.get("GUNICORN_THREADS", "4")
 
     started = time.monotonic()
     with open(workdir / "server.log", "w") as server_log:
@@ -350,7 +349,7 @@ def main() -> None:
                 sys.exit(f"bench: server did not start:\n{(workdir / 'server.log').read_text()}")
             time.sleep(0.01)
         cold_start = time.monotonic() - started
-        print(f"bench: gunicorn {WORKERS} workers x {threads} threads on :{port}, "
+        print(f"bench: gunicorn {WORKERS} gevent workers on :{port}, "
               f"ready in {cold_start:.2f}s", flush=True)
 
         time.sleep(2)  # let start-up settle
@@ -471,7 +470,7 @@ def main() -> None:
         f"# mlops-service benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
         "",
         f"Machine: {os.cpu_count()} cores; PostgreSQL on the same machine. Server: gunicorn "
-        f"{WORKERS} workers × {threads} threads (gthread, gunicorn.conf.py). Load: wrk "
+        f"{WORKERS} gevent workers (gunicorn.conf.py). Load: wrk "
         f"{CONNECTIONS} connections, from a second process on loopback; each throughput is the "
         f"median of {REPEATS} runs of {RUN_SECONDS} s, the paced run takes {SECONDS} s.",
         "",

@@ -2,8 +2,8 @@
 
 Read by gunicorn from the working directory. Environment: ``HOST`` (bind
 address, default 0.0.0.0), ``SERVICE_PORT`` (default 5001),
-``WEB_CONCURRENCY`` (workers, default 2), ``GUNICORN_THREADS`` (threads per
-worker, default 4), ``PROMETHEUS_MULTIPROC_DIR`` (default: a fresh
+``WEB_CONCURRENCY`` (workers, default 2), ``GUNICORN_WORKER_CONNECTIONS``
+(concurrent connections per worker, default 1000), ``PROMETHEUS_MULTIPROC_DIR`` (default: a fresh
 temporary directory), ``SHUTDOWN_DELAY_SECONDS`` (default 0; see
 ``when_ready``).
 """
@@ -20,13 +20,13 @@ if _own_prometheus_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mlops-prometheus-")
 
 bind = f"{os.environ.get('HOST') or '0.0.0.0'}:{os.environ.get('SERVICE_PORT', '5001')}"
-# One worker per core, 4 threads each: gthread keeps connections alive and
-# lets a worker overlap its Postgres round trips (measurements: bench/layouts.md).
+# One worker per core, each serving its connections as gevent greenlets, so
+# concurrent /track calls share one commit (measurements: bench/layouts.md).
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-# gunicorn's gthread worker, closing its listener without resetting queued
-# connections on shutdown (see mlops/gunicorn_worker.py).
-worker_class = "mlops.gunicorn_worker.DrainingThreadWorker"
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+# gunicorn's gevent worker with psycopg2 made cooperative, closing its listener
+# without resetting queued connections on shutdown (see mlops/gunicorn_worker.py).
+worker_class = "mlops.gunicorn_worker.DrainingGeventWorker"
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
 # No worker recycling: every recycled worker would leave metric files behind.
 max_requests = 0
 timeout = 30

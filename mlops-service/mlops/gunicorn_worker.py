@@ -1,15 +1,21 @@
-"""A gthread worker that resets no client connection when it shuts down.
+"""The service's gunicorn worker: gevent, with psycopg2 made cooperative, resetting no client.
 
-gunicorn's ThreadWorker, told to stop, stops polling its listening socket,
-waits for in-flight requests and only then closes the socket. Connections
-the kernel queued on that socket in the meantime are reset when it closes:
-the client sees "connection reset" for a request the server never read,
-which the chat app counts as a lost event.
+gevent runs every request of a worker as a greenlet on one thread, so a
+worker holds many requests at once for the cost of a greenlet switch, not a
+thread hand-off under the GIL. That is what lets the group commit
+(``mlops.deliver.GroupCommit``) share one transaction among many concurrent
+``/track`` calls (measurements: ``bench/layouts.md``). psycopg2 waits
+through gevent too (``psycogreen``), so a request waiting on Postgres does
+not hold up the others.
 
-This worker, when it stops accepting, first accepts (and will answer) every
-connection already queued, then closes its copy of the listening socket at
-once. Once every process has closed it, new connections are refused, which
-clients handle as "server down" rather than a broken request.
+gunicorn's own gevent worker, told to stop, closes its listening socket
+while connections the kernel has already queued on it are still waiting:
+each is reset, and the client sees "connection reset" for a request the
+server never read, which the chat app counts as a lost event. This worker
+first accepts (and will answer) every connection already queued, then
+closes its copy of the listening socket. Once every process has closed it,
+new connections are refused, which clients handle as "server down" rather
+than a broken request.
 """
 
 from __future__ import annotations
@@ -17,25 +23,86 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+import warnings
+from functools import partial
 
-from gunicorn.workers.gthread import ThreadWorker
+import gevent
+import psycogreen.gevent
+from gevent.monkey import MonkeyPatchWarning
+from gevent.pool import Pool
+from gevent.server import StreamServer
+from gunicorn.sock import ssl_context
+from gunicorn.workers.ggevent import GeventWorker
+
+# How often a stopping worker checks whether its last requests have finished.
+_DRAIN_POLL_SECONDS = 0.05
 
 
-class DrainingThreadWorker(ThreadWorker):
-    """``worker_class = "mlops.gunicorn_worker.DrainingThreadWorker"``."""
+class DrainingGeventWorker(GeventWorker):
+    """``worker_class = "mlops.gunicorn_worker.DrainingGeventWorker"``."""
 
-    def set_accept_enabled(self, enabled: bool) -> None:
-        """As gunicorn's, plus: on shutdown, drain the accept queue and close the listener."""
-        super().set_accept_enabled(enabled)
-        if enabled or self.alive:
-            return
+    def patch(self) -> None:
+        """As gunicorn's (gevent's ``patch_all``), plus psycopg2's wait callback (psycogreen).
+
+        gevent warns that ``ssl`` was imported before it patched it: gunicorn's
+        master always imports it (``gunicorn.sock``), before any worker
+        exists. The service makes no TLS connection through Python's ``ssl``
+        (libpq has its own), so the warning is silenced.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=MonkeyPatchWarning)
+            super().patch()
+        psycogreen.gevent.patch_psycopg()
+
+    def run(self) -> None:
+        """Serve until told to stop; then drain the accept queue, close, finish in-flight requests.
+
+        As gunicorn's ``GeventWorker.run``, except that it accepts the
+        connections already queued before closing a listener, and checks for
+        the end of the last requests every 50 ms rather than every second
+        (a shorter stop). Requests still running after ``graceful_timeout``
+        are killed, as gunicorn does.
+        """
+        ssl_args = {"ssl_context": ssl_context(self.cfg)} if self.cfg.is_ssl else {}
+        servers = []
         for listener in self.sockets:
-            while True:  # the listener is non-blocking: accept() stops at EAGAIN
-                accepted = self.nr_conns
-                self.accept(listener)
-                if self.nr_conns == accepted:
-                    break
-            listener.close()
+            listener.setblocking(1)
+            server = StreamServer(listener, handle=partial(self.handle, listener),
+                                  spawn=Pool(self.worker_connections), **ssl_args)
+            if self.cfg.workers > 1:
+                server.max_accept = 1  # share the queue with the other workers
+            server.start()
+            servers.append(server)
+
+        while self.alive:
+            self.notify()
+            gevent.sleep(1.0)
+
+        for server in servers:
+            _accept_queued(server)
+        # Let those connections' handlers start: gunicorn's handler reads the
+        # listener's address first (AsyncWorker.handle), which fails once it is closed.
+        gevent.sleep(0)
+        for server in servers:
+            server.close()
+        stop_at = time.monotonic() + self.cfg.graceful_timeout
+        while any(s.pool.free_count() != s.pool.size for s in servers):
+            if time.monotonic() >= stop_at:
+                self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
+                for server in servers:
+                    server.stop(timeout=1)
+                return
+            self.notify()
+            gevent.sleep(_DRAIN_POLL_SECONDS)
+
+
+def _accept_queued(server: StreamServer) -> None:
+    """Stop accepting new work on ``server``'s listener, after taking every connection queued."""
+    server.stop_accepting()
+    server.socket.setblocking(False)
+    while accepted := server.do_read():  # None once accept() would block
+        server.do_handle(*accepted)
 
 
 def exit_now_if_clean(clean_exit: type[BaseException]) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import psycopg2
 import requests
 from conftest import metric_sum, metric_values
 from payloads import FAILURE, SUCCESS, money, varied
@@ -76,3 +78,40 @@ def _analytics(url: str, business: str) -> dict:
     return {**{k: m[k] for k in ("total_messages", "total_tokens", "appointment_requests",
                                  "appointments_booked", "human_handoffs")},
             "total_api_cost_usd": money(m["total_api_cost_usd"])}
+
+
+def _backends_waiting_on_a_lock(database_url: str) -> int:
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'")
+        return cur.fetchone()[0]
+
+
+def test_a_worker_answers_other_requests_while_one_waits_on_postgres(gunicorn, database_url):
+    """One worker: a /track held in Postgres (a table lock) must not hold up /health.
+
+    The worker serves requests as gevent greenlets and psycopg2 waits through
+    gevent (psycogreen): without that, the worker's one thread would sit in
+    libpq until the insert's deadline, and /health with it.
+    """
+    server = gunicorn(workers=1, DB_INSERT_TIMEOUT_MS=3000)
+    assert requests.post(f"{server.url}/track", json=SUCCESS, timeout=5).status_code == 201
+    locker = psycopg2.connect(database_url)
+    try:
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE mlops_events IN ACCESS EXCLUSIVE MODE")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            held = pool.submit(requests.post, f"{server.url}/track", json=FAILURE, timeout=10)
+            deadline = time.monotonic() + 2
+            while not _backends_waiting_on_a_lock(database_url):
+                assert time.monotonic() < deadline, "the insert never reached the lock"
+                time.sleep(0.01)
+            started = time.monotonic()
+            health = requests.get(f"{server.url}/health", timeout=5)
+            elapsed = time.monotonic() - started
+            assert health.status_code == 200 and elapsed < 0.5, elapsed
+            assert not held.done()
+            locker.rollback()
+            assert held.result().status_code == 201
+    finally:
+        locker.close()

@@ -8,6 +8,7 @@ its events table empty. A TCP proxy in front of it plays a silent server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -218,6 +219,48 @@ def test_sigterm_under_load_resets_no_connection_and_loses_no_event(cluster, gun
     restarted = gunicorn(workers=2, DATABASE_URL=cluster.url())
     wait_drained(restarted.url)
     assert set(stored_ids(cluster)) == {r.event_id for r in ok}
+
+
+def test_connections_queued_when_the_workers_stop_are_answered_not_reset(gunicorn,
+                                                                        database_url):
+    """Connections waiting in the listen queue at SIGTERM are accepted and answered.
+
+    Both workers are frozen (SIGSTOP) while 20 connections queue up and the
+    master is told to stop; once they run again, each finds its SIGTERM
+    pending and stops accepting at once. gunicorn's own gevent worker then
+    closes the listener with the queued connections still in it (the
+    kernel resets them); the service's worker accepts them first.
+    """
+    server = gunicorn(workers=2)
+    workers = server.worker_pids()
+    events = with_ids([SUCCESS] * 20)
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(max_workers=len(events)) as pool:
+            def post(event):
+                try:
+                    return requests.post(f"{server.url}/track", json=event, timeout=10).status_code
+                except requests.RequestException as exc:
+                    return f"{type(exc).__name__}: {exc}"
+
+            replies = [pool.submit(post, e) for e in events]
+            time.sleep(0.5)  # the connections are in the listen queue
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(1.5)  # past the workers' one-second check of "still alive?"
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+            answers = [r.result() for r in replies]
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert server.proc.wait(timeout=15) == 0
+    assert answers == [201] * len(events), answers
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM mlops_events WHERE event_id = ANY(%s)",
+                    ([e["event_id"] for e in events],))
+        assert cur.fetchone()[0] == len(events)
 
 
 def test_starting_with_the_database_down_spools_then_delivers(cluster, gunicorn):
