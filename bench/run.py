@@ -8,7 +8,8 @@ to ``bench/results.md``. Every /track request counted is checked against
 the rows committed in Postgres.
 
 Environment: ``BENCH_DATABASE_URL`` (admin URL), ``WEB_CONCURRENCY``
-(default 3), ``GUNICORN_WORKER_CONNECTIONS``, ``BENCH_SECONDS`` (per wrk run, default 10).
+(default 2, as gunicorn.conf.py: one gevent worker per core),
+``GUNICORN_WORKER_CONNECTIONS``, ``BENCH_SECONDS`` (per wrk run, default 10).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from mlops.db import Database  # noqa: E402
 from mlops.schemas import parse_event  # noqa: E402
 
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-WORKERS = int(os.environ.get("WEB_CONCURRENCY", "3"))
+WORKERS = int(os.environ.get("WEB_CONCURRENCY", "2"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNECTIONS = 32
 BATCH_SIZE = 1000

@@ -55,6 +55,21 @@ class DrainingGeventWorker(GeventWorker):
             super().patch()
         psycogreen.gevent.patch_psycopg()
 
+    def handle_request(self, listener_name, req, sock, addr) -> bool:
+        """As gunicorn's, then yield to the worker's other greenlets before the next request.
+
+        On a keep-alive connection whose client sends again at once, the next
+        request is often already in the socket when this one ends, so the
+        read does not wait and one connection could be served many times
+        while the others wait: with wrk's 32 connections, /health's p99 read
+        350-1,000 ms against a p50 of 0.5 ms. Yielding here serves them in
+        turn (p99 24-34 ms), and lets more /track calls join each group commit.
+        """
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            gevent.sleep(0)
+
     def run(self) -> None:
         """Serve until told to stop; then drain the accept queue, close, finish in-flight requests.
 
