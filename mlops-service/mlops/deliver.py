@@ -66,8 +66,9 @@ class GroupCommit:
     """Delivers the records of concurrent requests of one process in shared transactions.
 
     Callers hand their records to :meth:`__call__` and wait; one committer
-    thread takes everything waiting (up to ``max_records``) and delivers it
-    as one ``Delivery`` call: one round trip, one commit, one rollup update
+    thread (a greenlet in gevent's worker, like the callers) takes
+    everything waiting (up to ``max_records``) and delivers it as one
+    ``Delivery`` call: one round trip, one commit, one rollup update
     per (business, day, model) for the whole group. The more requests
     arrive together, the more share a commit; a lone request waits for
     no one. (Postgres itself batches the WAL flushes of concurrent commits;
