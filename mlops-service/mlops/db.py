@@ -132,7 +132,7 @@ class _Watchdog:
         self._fired: set[int] = set()
         self._next = 0  # pragma: no mutate - any start keeps tokens unique
         self._wake_at = _NEVER
-        self._started = False  # pragma: no mutate - None is as false
+        self._started = False
 
     def watch(self, conn: psycopg2.extensions.connection, deadline: float) -> int:
         """Start watching ``conn`` until ``deadline`` (``time.monotonic()``); return a token."""
