@@ -8,6 +8,7 @@ of ``make mutation``.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -628,21 +629,24 @@ def test_a_dead_connection_is_found_by_keepalives_and_unacknowledged_data(databa
 
 
 # A process as gevent's worker runs it (mlops/gunicorn_worker.py): patched, psycopg2
-# waiting through gevent. It COPYs once, then again once the test has locked the table.
+# waiting through gevent. It COPYs once, then again while a second connection of
+# its own holds a lock on the table.
 _GREEN_COPY = """
 from gevent import monkey
 monkey.patch_all()
 import psycogreen.gevent
 psycogreen.gevent.patch_psycopg()
 import io, sys, time
+import psycopg2, psycopg2.extensions
 from mlops.config import Settings
 from mlops.db import Database, DatabaseUnavailable, copy_from
 db = Database(Settings.from_env({"DATABASE_URL": sys.argv[1], "SPOOL_DIR": sys.argv[2]}))
 def copy(cur):
     copy_from(cur, "COPY copy_probe FROM STDIN", io.StringIO("1\\n"))
 db.run(copy)
-print("copied", flush=True)
-sys.stdin.readline()
+print("copied" if psycopg2.extensions.get_wait_callback() else "green mode lost", flush=True)
+locker = psycopg2.connect(sys.argv[1])
+locker.cursor().execute("LOCK TABLE copy_probe IN ACCESS EXCLUSIVE MODE")
 started = time.monotonic()
 try:
     with db.deadline(300):
@@ -655,22 +659,24 @@ except DatabaseUnavailable:
 
 def test_a_copy_under_gevent_works_and_ends_by_its_deadline(database_url, tmp_path):
     """COPY runs with psycopg2's wait callback cleared, so it blocks every greenlet of
-    its process: only a real watchdog thread can end it at its deadline."""
-    conn = psycopg2.connect(database_url)
-    with conn.cursor() as cur:
+    its process: only a real watchdog thread can end it at its deadline. The
+    callback is back once the COPY is done."""
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
         cur.execute("CREATE TABLE copy_probe (n int)")
-    conn.commit()
-    script = subprocess.Popen(
+    conn.close()
+    script = subprocess.run(
         [sys.executable, "-c", _GREEN_COPY, database_url, str(tmp_path)],
-        cwd=Path(__file__).resolve().parent.parent, text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert script.stdout.readline() == "copied\n", script.stderr.read()
-        with conn.cursor() as cur:
-            cur.execute("LOCK TABLE copy_probe IN ACCESS EXCLUSIVE MODE")
-        out, err = script.communicate("\n", timeout=5)
-    finally:
-        script.kill()
-        conn.rollback()
-        conn.close()
-    assert out.startswith("unavailable after 0.3"), (out, err)
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        timeout=20)
+    lines = script.stdout.splitlines()
+    assert lines[:1] == ["copied"], (script.stdout, script.stderr)
+    assert lines[1].startswith("unavailable after 0.3"), (script.stdout, script.stderr)
+
+
+def test_one_watchdog_thread_watches_every_call(database_url, make_db):
+    db = make_db(database_url)
+    db.ping()  # starts the watchdog
+    before = len(os.listdir("/proc/self/task"))  # this process's threads
+    for _ in range(20):
+        db.ping()
+    assert len(os.listdir("/proc/self/task")) < before + 5
