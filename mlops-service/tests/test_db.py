@@ -8,6 +8,7 @@ of ``make mutation``.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
@@ -17,7 +18,9 @@ import time
 import uuid
 from pathlib import Path
 
+import psycogreen.gevent
 import psycopg2
+import psycopg2.extensions
 import pytest
 from conftest import ADMIN_URL, admin, with_dbname
 from psycopg2.extensions import parse_dsn
@@ -32,6 +35,7 @@ from mlops.db import (
     MigrationError,
     check_at_start,
     classify,
+    copy_from,
 )
 
 
@@ -680,3 +684,29 @@ def test_one_watchdog_thread_watches_every_call(database_url, make_db):
     for _ in range(20):
         db.ping()
     assert len(os.listdir("/proc/self/task")) < before + 5
+
+
+def test_copy_from_runs_with_a_wait_callback_set_and_puts_it_back(database_url):
+    """As in gevent's worker: psycopg2 refuses COPY while a wait callback is set."""
+    psycopg2.extensions.set_wait_callback(psycogreen.gevent.gevent_wait_callback)
+    try:
+        conn = psycopg2.connect(database_url)
+        with conn.cursor() as cur:
+            cur.execute("CREATE TEMP TABLE copied (n int)")
+            copy_from(cur, "COPY copied FROM STDIN", io.StringIO("1\n2\n"))
+            assert psycopg2.extensions.get_wait_callback() is \
+                psycogreen.gevent.gevent_wait_callback
+            cur.execute("SELECT count(*) FROM copied")
+            assert cur.fetchone()[0] == 2
+        conn.close()
+    finally:
+        psycopg2.extensions.set_wait_callback(None)
+
+
+def test_the_watchdog_takes_ever_sooner_deadlines_in_a_row(database_url, make_db):
+    db = make_db(database_url)
+    conn = psycopg2.connect(database_url)
+    now = time.monotonic()
+    tokens = [db._watchdog.watch(conn, now + 100 - i) for i in range(50)]  # each one sooner
+    assert not any(db._watchdog.release(t) for t in tokens)  # none fired
+    conn.close()
