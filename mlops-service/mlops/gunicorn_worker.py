@@ -83,7 +83,10 @@ class DrainingGeventWorker(GeventWorker):
         servers = []
         for listener in self.sockets:
             listener.setblocking(1)
-            server = StreamServer(listener, handle=partial(self.handle, listener),
+            # The handler gets the listener's address, not the socket, so that a
+            # connection accepted just before the socket closes is still served.
+            handle = partial(self.handle, _ListenerAddress(listener.getsockname()))
+            server = StreamServer(listener, handle=handle,
                                   spawn=Pool(self.worker_connections), **ssl_args)
             if self.cfg.workers > 1:
                 server.max_accept = 1  # share the queue with the other workers
@@ -94,12 +97,8 @@ class DrainingGeventWorker(GeventWorker):
             self.notify()
             gevent.sleep(1.0)
 
-        for server in servers:
+        for server in servers:  # no yield in between: nothing can queue meanwhile
             _accept_queued(server)
-        # Let those connections' handlers start: gunicorn's handler reads the
-        # listener's address first (AsyncWorker.handle), which fails once it is closed.
-        gevent.sleep(0)
-        for server in servers:
             server.close()
         stop_at = time.monotonic() + self.cfg.graceful_timeout
         while any(s.pool.free_count() != s.pool.size for s in servers):
@@ -110,6 +109,22 @@ class DrainingGeventWorker(GeventWorker):
                 return
             self.notify()
             gevent.sleep(_DRAIN_POLL_SECONDS)
+
+
+class _ListenerAddress:
+    """What gunicorn's connection handler asks of its listener: its address.
+
+    ``AsyncWorker.handle`` calls ``listener.getsockname()`` once a
+    connection is under way; on a closed socket that fails (EBADF) and the
+    connection is dropped.
+    """
+
+    def __init__(self, address: object) -> None:
+        self._address = address
+
+    def getsockname(self) -> object:
+        """The listener's address, as ``socket.getsockname()`` gave it when serving began."""
+        return self._address
 
 
 def _accept_queued(server: StreamServer) -> None:
