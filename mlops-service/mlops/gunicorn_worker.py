@@ -97,7 +97,7 @@ class DrainingGeventWorker(GeventWorker):
             self.notify()
             gevent.sleep(1.0)
 
-        for server in servers:  # no yield in between: nothing can queue meanwhile
+        for server in servers:  # nothing runs between the last accept and the close
             _accept_queued(server)
             server.close()
         stop_at = time.monotonic() + self.cfg.graceful_timeout
