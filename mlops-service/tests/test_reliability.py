@@ -16,6 +16,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -221,6 +222,17 @@ def test_sigterm_under_load_resets_no_connection_and_loses_no_event(cluster, gun
     assert set(stored_ids(cluster)) == {r.event_id for r in ok}
 
 
+def accept_queue(port: int) -> int:
+    """Connections waiting in the listen queue of 127.0.0.1:``port`` (/proc/net/tcp, proc(5):
+    a listening socket's rx_queue is its accept queue's length)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, queues = fields[1], fields[3], fields[4]
+        if state == "0A" and int(local.split(":")[1], 16) == port:  # 0A: LISTEN
+            return int(queues.split(":")[1], 16)
+    return 0
+
+
 def test_connections_queued_when_the_workers_stop_are_answered_not_reset(gunicorn,
                                                                         database_url):
     """Connections waiting in the listen queue at SIGTERM are accepted and answered.
@@ -245,7 +257,8 @@ def test_connections_queued_when_the_workers_stop_are_answered_not_reset(gunicor
                     return f"{type(exc).__name__}: {exc}"
 
             replies = [pool.submit(post, e) for e in events]
-            time.sleep(0.5)  # the connections are in the listen queue
+            wait_until(lambda: accept_queue(server.port) == len(events),
+                       timeout=5, what="connections in the listen queue")
             server.proc.send_signal(signal.SIGTERM)
             time.sleep(1.5)  # past the workers' one-second check of "still alive?"
             for pid in workers:
