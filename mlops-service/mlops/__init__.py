@@ -27,7 +27,7 @@ def create_app(settings=None) -> Flask:
     from flask_cors import CORS
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import auth, errors, limits, logs, retention, telemetry
+    from . import auth, bodies, errors, limits, logs, retention, telemetry
     from .config import Settings
     from .db import Database
     from .deliver import Delivery, GroupCommit
@@ -42,6 +42,10 @@ def create_app(settings=None) -> Flask:
 
     app = Flask(__name__)
     app.json.sort_keys = False
+    # The largest body any route takes; each route caps its own (mlops/bodies.py).
+    app.config["MAX_CONTENT_LENGTH"] = max(settings.max_body_bytes,
+                                           settings.max_batch_body_bytes)
+    app.wsgi_app = bodies.ReadDeadline(app.wsgi_app, settings.body_read_timeout_seconds)
     if settings.trusted_proxies:  # client address and scheme from the proxies' X-Forwarded-*
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,
                                 x_proto=settings.trusted_proxies)
@@ -52,7 +56,7 @@ def create_app(settings=None) -> Flask:
     spool = Spool(settings.spool_dir, settings.spool_max_bytes)
     telem = telemetry.Telemetry(
         db, spool, max_businesses=settings.metrics_max_businesses,
-        max_label_values=settings.metrics_max_label_values,
+        max_series=settings.metrics_max_series,
         cache_seconds=settings.metrics_cache_seconds, version=__version__,
         multiprocess=settings.prometheus_multiproc_dir is not None)
     deliver = Delivery(db, telem)

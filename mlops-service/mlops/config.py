@@ -72,8 +72,10 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     max_body_bytes: int = 64 * 1024
     max_batch_events: int = 1000
+    max_batch_body_bytes: int = 1024 * 1024
+    body_read_timeout_seconds: int = 10
     metrics_max_businesses: int = 1000
-    metrics_max_label_values: int = 100
+    metrics_max_series: int = 1000
     metrics_cache_seconds: float = 10.0
     db_pool_size: int = 10
     db_connect_timeout_seconds: int = 3
@@ -119,10 +121,16 @@ class Settings:
             allowed_origins=tuple(
                 o.strip() for o in env.get("ALLOWED_ORIGINS", "").split(",") if o.strip()
             ),
-            max_body_bytes=_integer(env, "MAX_BODY_BYTES", 64 * 1024, low=1024),
-            max_batch_events=_integer(env, "MAX_BATCH_EVENTS", 1000, low=1),
+            max_body_bytes=_integer(env, "MAX_BODY_BYTES", 64 * 1024, low=1024,
+                                    high=16 * 1024 * 1024),
+            max_batch_events=_integer(env, "MAX_BATCH_EVENTS", 1000, low=1, high=100_000),
+            max_batch_body_bytes=_integer(env, "MAX_BATCH_BODY_BYTES", 1024 * 1024,
+                                          low=1024, high=64 * 1024 * 1024),
+            body_read_timeout_seconds=_integer(env, "BODY_READ_TIMEOUT_SECONDS", 10,
+                                               low=1, high=300),
             metrics_max_businesses=_integer(env, "METRICS_MAX_BUSINESSES", 1000, low=1),
-            metrics_max_label_values=_integer(env, "METRICS_MAX_LABEL_VALUES", 100, low=1),
+            metrics_max_series=_integer(env, "METRICS_MAX_SERIES", 1000, low=10,
+                                        high=1_000_000),
             metrics_cache_seconds=float(
                 _integer(env, "METRICS_CACHE_SECONDS", 10, low=0, high=3600)
             ),

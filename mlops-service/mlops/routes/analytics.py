@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
 
 from flask import Blueprint, jsonify, request
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .. import store
 from ..auth import require_scope
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..errors import error_response
 from ..limits import rate_limited
-from ..schemas import Id, InvalidRequest, field_errors
+from ..schemas import Id, InvalidRequest, WindowDays, field_errors
 from ..services import get_services
 
 bp = Blueprint("analytics", __name__)
 
 
 class AnalyticsQuery(BaseModel):
-    """Path and query of ``/analytics``: the business and a window of 1..3650 days."""
+    """Path and query of ``/analytics``: the business and a window of 1 to 366 days."""
 
     business_id: Id
-    days: Annotated[int, Field(ge=1, le=3650)] = 30
+    days: WindowDays = 30
 
 
 @bp.get("/analytics/<path:business_id>")

@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
 
 from flask import Blueprint, jsonify, request
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .. import store
 from ..auth import require_scope
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..errors import error_response
 from ..limits import rate_limited
-from ..schemas import InvalidRequest, field_errors
+from ..schemas import InvalidRequest, WindowDays, field_errors
 from ..services import get_services
 
 bp = Blueprint("businesses", __name__)
 
 
 class BusinessesQuery(BaseModel):
-    """Query of ``/businesses``: a window of 1..3650 days, as for ``/analytics``."""
+    """Query of ``/businesses``: a window of 1 to 366 days, as for ``/analytics``."""
 
-    days: Annotated[int, Field(ge=1, le=3650)] = 30
+    days: WindowDays = 30
 
 
 @bp.get("/businesses")

@@ -13,7 +13,7 @@ from functools import cache
 from flask import Blueprint, jsonify
 from pydantic.json_schema import models_json_schema
 
-from ..schemas import MetricsEvent, RefreshRequest
+from ..schemas import MAX_WINDOW_DAYS, MetricsEvent, RefreshRequest
 from ..version import __version__
 
 bp = Blueprint("openapi", __name__)
@@ -109,7 +109,7 @@ def document() -> dict:
                 "summary": "Aggregates for one business", "security": security,
                 "parameters": [business, {
                     "name": "days", "in": "query", "required": False,
-                    "schema": {"type": "integer", "minimum": 1, "maximum": 3650,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_WINDOW_DAYS,
                                "default": 30}}],
                 "responses": {"200": _json(json_object, "Analytics"),
                               **_errors(401, 403, 404, 422, 429, 503)}}},
@@ -130,7 +130,7 @@ def document() -> dict:
                            "busiest first", "security": security,
                 "parameters": [{
                     "name": "days", "in": "query", "required": False,
-                    "schema": {"type": "integer", "minimum": 1, "maximum": 3650,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_WINDOW_DAYS,
                                "default": 30}}],
                 "responses": {"200": _json({
                     "type": "object", "required": ["days", "businesses"],

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import UnsupportedMediaType
 
 from ..auth import require_scope
+from ..bodies import REFRESH_BODY_BYTES, read_body
 from ..errors import error_response
 from ..limits import rate_limited
 from ..schemas import InvalidRequest, RefreshRequest, field_errors, parse_batch, parse_event
@@ -18,17 +19,6 @@ from ..telemetry import EVENTS_REJECTED
 bp = Blueprint("track", __name__)
 
 STATUS_FOR = {"stored": 201, "queued": 202}
-
-
-def _json_body(limit: int) -> bytes:
-    """The raw body, after checking its media type and size.
-
-    415 unless ``Content-Type`` is JSON; 413 past ``limit`` bytes.
-    """
-    if not request.is_json:
-        raise UnsupportedMediaType("Content-Type must be application/json")
-    request.max_content_length = limit
-    return request.get_data(cache=False)
 
 
 @bp.post("/track")
@@ -42,13 +32,14 @@ def track():
     "event_id", "timestamp"}`` once the row is committed in Postgres, or 202
     with ``"storage": "queued"`` once it is fsynced to the local spool while
     Postgres is away. Errors: 401/403 (API key, ``write`` scope), 413 (body
-    over ``MAX_BODY_BYTES``), 415 (not JSON), 422 (each bad field named), 429
+    over ``MAX_BODY_BYTES``), 408 (body slower than ``BODY_READ_TIMEOUT_SECONDS``),
+    415 (not JSON), 422 (each bad field named), 429
     with ``Retry-After`` (``RATE_LIMIT_TRACK``), 503 with ``Retry-After`` when
     the database is away and the spool is full.
     """
     services = get_services()
     try:
-        event = parse_event(_json_body(services.settings.max_body_bytes))
+        event = parse_event(read_body(services.settings.max_body_bytes))
     except InvalidRequest:
         EVENTS_REJECTED.labels("invalid").inc()
         raise
@@ -72,13 +63,15 @@ def track_batch():
     (or spooled together); invalid ones are reported and skipped. Answers 207
     with ``results``: one ``{"index", "status", "event_id"|"error"}`` per item,
     in input order, where ``status`` is what ``/track`` would have answered
-    (201, 202 or 422). Errors for the whole body: 413, 415, 422 (not an
-    array, too many items, not JSON), 401/403 (``write`` scope), 429
+    (201, 202 or 422). Errors for the whole body: 413 (over
+    ``MAX_BATCH_BODY_BYTES``), 415, 422 (not an array, too many items, not
+    JSON; the length is checked before any item), 408 (body slower than
+    ``BODY_READ_TIMEOUT_SECONDS``), 401/403 (``write`` scope), 429
     (``RATE_LIMIT_BATCH``), 503 (spool full).
     """
     services = get_services()
     limit = services.settings.max_batch_events
-    parsed = parse_batch(_json_body(services.settings.max_body_bytes * limit), limit)
+    parsed = parse_batch(read_body(services.settings.max_batch_body_bytes), limit)
 
     results: list[dict] = [{} for _ in parsed]
     valid, positions = [], []
@@ -113,7 +106,9 @@ def track_batch():
 def refresh_metrics():
     """Recompute the Postgres-derived gauges of ``/metrics`` (per-business 30-day totals).
 
-    Body (optional): ``{"trigger": "new_metrics"}``. Cheap to call after every
+    Body (optional): ``{"trigger": "new_metrics"}``, at most
+    ``REFRESH_BODY_BYTES`` (1 KiB; 413 past it); another field is a 422.
+    Cheap to call after every
     message: the gauges are marked stale for every worker and re-read here at
     most once a second (else by the next scrape). Answers 200
     ``{"status": "success", "refreshed", "businesses", "database_up"}``, 503
@@ -121,7 +116,7 @@ def refresh_metrics():
     (``RATE_LIMIT_REFRESH``). Takes no API key: the chat app calls it without
     one even once it sends a key to ``/track``, and it changes no data.
     """
-    body = request.get_data(cache=False)
+    body = read_body(REFRESH_BODY_BYTES, json=False)
     if body.strip():
         if not request.is_json:
             raise UnsupportedMediaType("Content-Type must be application/json")
