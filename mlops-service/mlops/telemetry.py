@@ -155,10 +155,17 @@ RATE_LIMITED = Counter(
     ["endpoint"])
 
 
+# HTTP methods counted by name (RFC 9110's, and PATCH); any other becomes
+# "other", so made-up methods cannot add series.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS",
+                          "TRACE", "PATCH"})
+
+
 def init_app(app) -> None:
     """Count and time every request by route rule (never the raw path), method, status.
 
-    The duration runs from ``g.request_started``, set by the app factory.
+    The method label is one of :data:`HTTP_METHODS` or ``other``. The
+    duration runs from ``g.request_started``, set by the app factory.
     """
     from flask import g, request
 
@@ -166,50 +173,59 @@ def init_app(app) -> None:
     def _observe(response):
         started = g.get("request_started")
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        HTTP_REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+        method = request.method if request.method in HTTP_METHODS else OVERFLOW_LABEL
+        HTTP_REQUESTS.labels(endpoint, method, str(response.status_code)).inc()
         if started is not None:
-            HTTP_DURATION.labels(endpoint, request.method).observe(time.perf_counter() - started)
+            HTTP_DURATION.labels(endpoint, method).observe(time.perf_counter() - started)
         return response
 
 
-class LabelGuard:
-    """Caps the distinct values one label may take in this process.
+class SeriesBudget:
+    """Caps the series one labelled metric family may hold in this process.
 
-    The first ``limit`` values seen pass through; later new ones are reported
-    as ``"other"``, so a misbehaving client cannot blow up the series count.
-    The cap is per worker process.
+    A series is one sample line of ``/metrics``: a counter's label set is one,
+    a histogram's is its buckets + 1 (``+Inf``) + ``_count`` + ``_sum``. The
+    first label sets seen pass through while they fit in ``max_series``; a
+    later new one is counted under ``other`` in every label (one more label
+    set, kept inside the budget). So a client sending made-up names adds at
+    most ``max_series`` series to a family, however many labels it has.
+    The budget is per worker process: with N workers, a family holds at most
+    N x ``max_series`` series.
     """
 
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._seen: set[str] = set()
+    def __init__(self, family: Counter | Histogram, max_series: int) -> None:
+        per_label_set = len(getattr(family, "_upper_bounds", ())) + 2 if isinstance(
+            family, Histogram) else 1
+        self._limit = max(1, max_series // per_label_set) - 1  # room kept for "other"
+        self._overflow = (OVERFLOW_LABEL,) * len(family._labelnames)
+        self._seen: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
 
-    def __call__(self, value: str) -> str:
-        if value in self._seen:
-            return value
+    def __call__(self, labels: tuple[str, ...]) -> tuple[str, ...]:
+        """``labels`` if this family has room for them (or has them already), else ``other``s."""
+        if labels in self._seen:
+            return labels
         with self._lock:
             if len(self._seen) < self._limit:
-                self._seen.add(value)
-                return value
-        return OVERFLOW_LABEL
+                self._seen.add(labels)
+                return labels
+        return self._overflow
 
 
 class Telemetry:
-    """Per-app telemetry state: label guards and the scrape-time collector.
+    """Per-app telemetry state: series budgets and the scrape-time collector.
 
-    ``max_label_values`` caps each of model, intent and response type on its
-    own (one :class:`LabelGuard` each); ``multiprocess`` says whether
-    gunicorn.conf.py set ``PROMETHEUS_MULTIPROC_DIR``.
+    ``max_series`` is each labelled family's :class:`SeriesBudget`;
+    ``max_businesses`` caps the per-business gauges read from Postgres;
+    ``multiprocess`` says whether gunicorn.conf.py set ``PROMETHEUS_MULTIPROC_DIR``.
     """
 
     def __init__(self, db: Database, spool: Spool, *, max_businesses: int,
-                 max_label_values: int, cache_seconds: float, version: str,
+                 max_series: int, cache_seconds: float, version: str,
                  multiprocess: bool = False) -> None:
-        self.business = LabelGuard(max_businesses)
-        self.model = LabelGuard(max_label_values)
-        self.intent = LabelGuard(max_label_values)
-        self.response_type = LabelGuard(max_label_values)
+        self._budgets = {family: SeriesBudget(family, max_series) for family in (
+            AI_REQUESTS, AI_TOKENS, AI_COST, APPOINTMENTS_REQUESTED, APPOINTMENTS_BOOKED,
+            HUMAN_HANDOFFS, GEN_AI_TOKEN_USAGE, GEN_AI_DURATION)}
         self._multiprocess = multiprocess
         self.state = StateCollector(db, spool, max_businesses=max_businesses,
                                     cache_seconds=cache_seconds, version=version)
@@ -231,10 +247,8 @@ class Telemetry:
         observations: collections.defaultdict = collections.defaultdict(list)
         for record in records:
             e = record.event
-            business = self.business(e.business_id)
-            model = self.model(e.model_name)
-            increments[AI_REQUESTS, (business, self.response_type(e.response_type),
-                                     self.intent(e.intent_detected))] += 1
+            business, model = e.business_id, e.model_name
+            increments[AI_REQUESTS, (business, e.response_type, e.intent_detected)] += 1
             increments[AI_TOKENS, (business, model)] += e.tokens_used
             increments[AI_COST, (business, model)] += e.api_cost_usd
             if e.appointment_requested:
@@ -245,11 +259,13 @@ class Telemetry:
                 reason = "error" if e.response_type == "error" else "complex_query"
                 increments[HUMAN_HANDOFFS, (business, reason)] += 1
             observations[AI_RESPONSE_TIME, ()].append(e.response_time_ms / 1000.0)
-            _gen_ai_observations(e, model, observations)
+            _gen_ai_observations(e, observations)
+        budgets = self._budgets
         for (counter, labels), amount in increments.items():
-            counter.labels(*labels).inc(amount)
+            counter.labels(*budgets[counter](labels)).inc(amount)
         for (histogram, labels), values in observations.items():
-            observe_all(histogram.labels(*labels) if labels else histogram, values)
+            observe_all(histogram.labels(*budgets[histogram](labels)) if labels else histogram,
+                        values)
 
     def render(self) -> tuple[bytes, str]:
         """The ``/metrics`` body and content type (Prometheus text format 0.0.4)."""
@@ -262,15 +278,15 @@ class Telemetry:
             CONTENT_TYPE_LATEST
 
 
-def _gen_ai_observations(event: MetricsEvent, model: str, observations: dict) -> None:
+def _gen_ai_observations(event: MetricsEvent, observations: dict) -> None:
     """Add one stored reply's values for the OTel GenAI histograms to ``observations``.
 
-    ``observations`` maps ``(histogram, label values)`` to a list of values;
-    ``model`` is the capped model label. A reply failed when its
+    ``observations`` maps ``(histogram, label values)`` to a list of values.
+    A reply failed when its
     ``success_rate`` is 0 (the contract's failure). Token usage is observed
     only for the counts the app sent.
     """
-    base = ("chat", gen_ai_provider(event.model_name), model)
+    base = ("chat", gen_ai_provider(event.model_name), event.model_name)
     observations[GEN_AI_DURATION, (*base, "_OTHER" if event.success_rate == 0 else "")].append(
         event.response_time_ms / 1000.0)
     if event.prompt_tokens is not None:

@@ -36,14 +36,14 @@ from mlops.telemetry import OVERFLOW_LABEL, Telemetry
 class Parts:
     """A database, spool, telemetry, delivery step, outbox and ingestor, wired like the app."""
 
-    def __init__(self, url: str, spool_dir, *, max_label_values: int = 10,
+    def __init__(self, url: str, spool_dir, *, max_series: int = 100,
                  spool_max_bytes: int = 1 << 20,
                  backoff_seconds: tuple[float, float] = (0.5, 10.0)) -> None:
         settings = Settings.from_env({"DATABASE_URL": url, "DB_CONNECT_TIMEOUT_SECONDS": "1"})
         self.db = Database(settings, breaker_seconds=0.2)
         self.spool = Spool(spool_dir, spool_max_bytes)
         self.telemetry = Telemetry(self.db, self.spool, max_businesses=10,
-                                   max_label_values=max_label_values, cache_seconds=10,
+                                   max_series=max_series, cache_seconds=10,
                                    version="test")
         self.deliver = Delivery(self.db, self.telemetry)
         self.outbox = Outbox(self.spool, self.deliver, timeout_ms=2000,
@@ -252,39 +252,34 @@ def test_a_full_spool_refuses_and_keeps_nothing_of_the_refused_batch(parts):
     assert away.spool.depth() == depth
 
 
-def test_each_label_has_its_own_cap(parts):
-    p = parts(max_label_values=2)
+def test_a_family_holds_at_most_its_series_budget(parts):
+    """Label sets pass while the family's budget has room; the rest count under ``other``."""
+    p = parts(max_series=3)  # ai_requests: two label sets, then "other"
     business = str(uuid.uuid4())
-    two_each = [
-        {"model_name": "m1", "intent_detected": "i1", "response_type": "r1"},
-        {"model_name": "m2", "intent_detected": "i2", "response_type": "r2"},
-    ]
-    records = [store.Record(str(uuid.uuid4()), datetime.now(UTC),
-                            parse_event({**SUCCESS, "business_id": business, **labels}))
-               for labels in two_each]
-    p.telemetry.record_stored(records)
+
+    def record(n: int, tag: str) -> None:
+        p.telemetry.record_stored([store.Record(
+            str(uuid.uuid4()), datetime.now(UTC),
+            parse_event({**SUCCESS, "business_id": business, "model_name": f"{tag}{i}",
+                         "intent_detected": f"{tag}{i}", "response_type": f"{tag}{i}"}))
+            for i in range(n)])
+
+    before = metric_sum(scrape(), "ai_requests_total", business_id=OVERFLOW_LABEL,
+                        intent=OVERFLOW_LABEL, response_type=OVERFLOW_LABEL)
+    record(2, "first")
+    record(50, "flood")
     values = scrape()
-    assert metric_sum(values, "ai_tokens_used_total", business_id=business,
-                      model_name=OVERFLOW_LABEL) == 0
-    assert metric_sum(values, "ai_requests_total", business_id=business,
-                      intent=OVERFLOW_LABEL) == 0
-    assert metric_sum(values, "ai_requests_total", business_id=business,
-                      response_type=OVERFLOW_LABEL) == 0
-    for labels in two_each:
+    for i in range(2):
         assert metric_sum(values, "ai_requests_total", business_id=business,
-                          intent=labels["intent_detected"],
-                          response_type=labels["response_type"]) == 1
+                          intent=f"first{i}", response_type=f"first{i}") == 1
         assert metric_sum(values, "ai_tokens_used_total", business_id=business,
-                          model_name=labels["model_name"]) == SUCCESS["tokens_used"]
-    third = {"model_name": "m3", "intent_detected": "i3", "response_type": "r3"}
-    p.telemetry.record_stored([store.Record(
-        str(uuid.uuid4()), datetime.now(UTC),
-        parse_event({**SUCCESS, "business_id": business, **third}))])
-    values = scrape()
-    assert metric_sum(values, "ai_tokens_used_total", business_id=business,
-                      model_name=OVERFLOW_LABEL) == SUCCESS["tokens_used"]
-    assert metric_sum(values, "ai_requests_total", business_id=business,
-                      intent=OVERFLOW_LABEL, response_type=OVERFLOW_LABEL) == 1
+                          model_name=f"first{i}") == SUCCESS["tokens_used"]
+    assert metric_sum(values, "ai_requests_total", business_id=business) == 2
+    assert metric_sum(values, "ai_requests_total", business_id=OVERFLOW_LABEL,
+                      intent=OVERFLOW_LABEL, response_type=OVERFLOW_LABEL) == before + 50
+    # A histogram's label set costs its buckets + 3 series: a budget of 3 holds only "other".
+    assert metric_sum(values, "gen_ai_client_operation_duration_seconds_count",
+                      gen_ai_request_model="first0") == 0
 
 
 def test_the_flusher_delivers_while_requests_skip_the_database(parts, database_url):
