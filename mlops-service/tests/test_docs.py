@@ -85,7 +85,7 @@ def run_curl_line(line: str, port: int, tmp_path: Path) -> list[int]:
                           env={"PATH": os.environ["PATH"], "CURL_HOME": str(tmp_path)})
     assert done.returncode == 0, f"curl exited {done.returncode}: {done.stderr}"
     statuses = [int(s) for s in re.findall(r"^mlops-docs-status (\d{3})$", done.stderr, re.M)]
-    assert statuses, f"curl read no .curlrc, or made no request: {done.stderr}"
+    assert statuses, f"no status: .curlrc unread, no request, or the line sets -w: {done.stderr}"
     return statuses
 
 
