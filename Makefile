@@ -16,7 +16,7 @@ UPLOT_VERSION := 1.6.32
 UPLOT_SHA256  := 4b8a8191e425658e3ea8c8c1314b0fc679c861ee3a1af2b20c7b16ba50b5133d
 VENDOR_DIR    := $(SERVICE)/mlops/static/dashboard/vendor
 
-.PHONY: help install tools lint audit test run docker-build docker-run up down logs bench clean mutation
+.PHONY: help install tools system-deps lint audit test run docker-build docker-run up down logs bench clean mutation
 .PHONY: check-monitoring assets
 .PHONY: backup restore dev test-container
 
@@ -43,6 +43,27 @@ $(PROMTOOL) $(PROMETHEUS) &:
 	cp $(TOOLS)/deb/root/usr/bin/prometheus $(PROMETHEUS)
 	rm -rf $(TOOLS)/deb
 
+# Debian packages the tests drive, each named with the file a test runs: Chromium
+# and its chromedriver (tests/test_dashboard.py; CHROMIUM_BINARY and CHROMEDRIVER
+# name another pair, as on GitHub's runners) and HAProxy (tests/test_rollout.py).
+CHROMIUM_BINARY ?= /usr/bin/chromium
+CHROMEDRIVER    ?= /usr/bin/chromedriver
+SYSTEM_PACKAGES := chromium:$(CHROMIUM_BINARY) chromium-driver:$(CHROMEDRIVER) haproxy:haproxy
+# apt-get waits this long for another apt/dpkg to release its lock.
+APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600
+
+system-deps: ## Install the Debian packages the tests need (as root; otherwise print the command)
+	@missing=; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v "$${pair#*:}" >/dev/null || missing="$$missing $${pair%%:*}"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "The tests need Debian packages; run: sudo apt-get install -y$$missing" >&2; exit 1; \
+	fi; \
+	echo "apt-get install$$missing"; \
+	$(APT_GET) install -y -qq $$missing >/dev/null 2>&1 || \
+	  { $(APT_GET) update -qq && $(APT_GET) install -y -qq $$missing >/dev/null; }
+
 check-monitoring: tools ## promtool: check monitoring/'s Prometheus config and rules, run the alert unit tests
 	cd monitoring/prometheus && $(PROMTOOL) check config --syntax-only prometheus.yml && \
 	  $(PROMTOOL) check rules rules/*.yml && $(PROMTOOL) test rules tests/*.yml
@@ -54,7 +75,7 @@ lint: install ## ruff on the Python code, hadolint on the Dockerfile
 audit: install ## pip-audit the pinned requirements for known vulnerabilities (.ci/audit.py)
 	$(PYTHON) .ci/audit.py
 
-test: install tools ## Run every test (database: see README; container tests need Docker)
+test: system-deps install tools ## Run every test (database: see README; container tests need Docker)
 	cd $(SERVICE) && $(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-container: install ## Run the container tests only; fail, not skip, without Docker
