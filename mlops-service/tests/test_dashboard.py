@@ -499,6 +499,24 @@ def test_day_by_day_charts_span_the_window_with_days_without_messages_at_zero(
     assert_clean_console(page)
 
 
+def test_a_total_of_millions_fits_its_tile_on_one_line(server, page):
+    """1,234,567 would wrap in its tile at 1366 px: it shows as 1.23M, exact in the title."""
+    business = f"dash-millions-{uuid.uuid4().hex[:6]}"
+    event = varied(1, [business], seed=12)[0]
+    event.update(tokens_used=1_234_567, prompt_tokens=1_000_000, completion_tokens=234_567)
+    track(server.url, [event])
+    open_page(page, f"{server.url}/?business_id={business}")
+    tokens = page.find_element(By.CSS_SELECTOR, "[data-metric=total_tokens]")
+    assert tokens.text == "1.23M"
+    assert tokens.get_attribute("title") == "1234567"
+    lines = page.execute_script(
+        "const e = arguments[0]; const range = document.createRange();"
+        "range.selectNodeContents(e);"
+        "return new Set([...range.getClientRects()].map(r => Math.round(r.top))).size", tokens)
+    assert lines == 1
+    assert_clean_console(page)
+
+
 # ---- Error states.
 
 def test_key_is_asked_once_kept_in_the_tab_and_never_put_in_a_url(keyed_server, page):

@@ -35,8 +35,11 @@
   const INTEGER = numberFormat({ maximumFractionDigits: 0 });
   const SECONDS = numberFormat({ maximumFractionDigits: 2 });
   const PERCENT = numberFormat({ style: "percent", maximumFractionDigits: 1 });
+  const COMPACT = numberFormat({ notation: "compact", maximumFractionDigits: 2 });
   const FORMATS = {
     count: { text: (v) => INTEGER.format(v), unit: "" },
+    // a total tile: a million and up as 1.27M, so the figure fits its tile on one line
+    total: { text: (v) => (Math.abs(v) >= 1e6 ? COMPACT : INTEGER).format(v), unit: "" },
     usd: {
       // cents for a dollar or more; below, three significant digits ($0.0367)
       text: (v) => numberFormat(v === 0 || Math.abs(v) >= 1
@@ -50,10 +53,10 @@
     rate: { text: (v) => PERCENT.format(v), unit: "" },
   };
   const METRIC_FORMATS = {
-    total_messages: "count", total_conversations: "count", total_tokens: "count",
+    total_messages: "total", total_conversations: "total", total_tokens: "total",
     total_api_cost_usd: "usd", success_rate: "rate", p50_response_time_ms: "ms",
-    p95_response_time_ms: "ms", human_handoffs: "count", appointment_requests: "count",
-    appointments_booked: "count", appointment_conversion_rate: "rate",
+    p95_response_time_ms: "ms", human_handoffs: "total", appointment_requests: "total",
+    appointments_booked: "total", appointment_conversion_rate: "rate",
   };
 
   function show(element, value, kind) {
