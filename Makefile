@@ -16,7 +16,7 @@ UPLOT_VERSION := 1.6.32
 UPLOT_SHA256  := 4b8a8191e425658e3ea8c8c1314b0fc679c861ee3a1af2b20c7b16ba50b5133d
 VENDOR_DIR    := $(SERVICE)/mlops/static/dashboard/vendor
 
-.PHONY: help install tools lint audit test run docker-build docker-run up down logs bench clean mutation
+.PHONY: help install tools system-deps screenshot lint audit test run docker-build docker-run up down logs bench clean mutation
 .PHONY: check-monitoring assets
 .PHONY: backup restore dev test-container
 
@@ -43,6 +43,41 @@ $(PROMTOOL) $(PROMETHEUS) &:
 	cp $(TOOLS)/deb/root/usr/bin/prometheus $(PROMETHEUS)
 	rm -rf $(TOOLS)/deb
 
+# Debian packages, each as package:file, the file being what a test or script runs
+# (a command, or a path): Chromium and its chromedriver (tests/test_dashboard.py,
+# `make screenshot`; CHROMIUM_BINARY and CHROMEDRIVER name another pair, as on
+# GitHub's runners), HAProxy (tests/test_rollout.py), libfaketime (`make screenshot`).
+CHROMIUM_BINARY ?= /usr/bin/chromium
+CHROMEDRIVER    ?= /usr/bin/chromedriver
+BROWSER_PACKAGES    := chromium:$(CHROMIUM_BINARY) chromium-driver:$(CHROMEDRIVER)
+TEST_PACKAGES       := $(BROWSER_PACKAGES) haproxy:haproxy
+SCREENSHOT_PACKAGES := $(BROWSER_PACKAGES) faketime:faketime
+# apt-get waits this long for another apt/dpkg to release its lock.
+APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600
+
+# $(call apt-ensure,package:file ...): the packages whose file is missing are
+# installed as root (apt-get update first if the index lacks them); as another
+# user one line gives the command to run, and the recipe fails.
+define apt-ensure
+@missing=; for pair in $(1); do \
+  command -v "$${pair#*:}" >/dev/null || missing="$$missing $${pair%%:*}"; \
+done; \
+if [ -z "$$missing" ]; then exit 0; fi; \
+if [ "$$(id -u)" != 0 ]; then \
+  echo "Debian packages are missing; run: sudo apt-get install -y$$missing" >&2; exit 1; \
+fi; \
+echo "apt-get install$$missing"; \
+$(APT_GET) install -y -qq $$missing >/dev/null 2>&1 || \
+  { $(APT_GET) update -qq && $(APT_GET) install -y -qq $$missing >/dev/null; }
+endef
+
+system-deps: ## Install the Debian packages the tests need (as root; otherwise print the command)
+	$(call apt-ensure,$(TEST_PACKAGES))
+
+screenshot: install ## Regenerate docs/dashboard.png (gunicorn, fresh database, 30 days of sample data, Chromium)
+	$(call apt-ensure,$(SCREENSHOT_PACKAGES))
+	cd $(SERVICE) && $(PYTHON) scripts/dashboard_screenshot.py --output ../docs/dashboard.png
+
 check-monitoring: tools ## promtool: check monitoring/'s Prometheus config and rules, run the alert unit tests
 	cd monitoring/prometheus && $(PROMTOOL) check config --syntax-only prometheus.yml && \
 	  $(PROMTOOL) check rules rules/*.yml && $(PROMTOOL) test rules tests/*.yml
@@ -54,7 +89,7 @@ lint: install ## ruff on the Python code, hadolint on the Dockerfile
 audit: install ## pip-audit the pinned requirements for known vulnerabilities (.ci/audit.py)
 	$(PYTHON) .ci/audit.py
 
-test: install tools ## Run every test (database: see README; container tests need Docker)
+test: system-deps install tools ## Run every test (database: see README; container tests need Docker)
 	cd $(SERVICE) && $(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-container: install ## Run the container tests only; fail, not skip, without Docker

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,7 @@ def browser(tmp_path_factory):
     """One headless Debian Chromium for the module, driven through chromedriver."""
     if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
         pytest.fail(f"{CHROMIUM} and {CHROMEDRIVER} are needed: "
-                    "apt-get install -y chromium chromium-driver (.ci/run does it)")
+                    "apt-get install -y chromium chromium-driver (make system-deps does it)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in CHROMIUM_FLAGS:
@@ -461,6 +462,58 @@ def test_intent_mix_is_shown(server, businesses, page):
              for r in rows}
     assert shown == {i["intent_detected"]: i["messages"] for i in body["by_intent"]}
     assert not page.find_element(By.ID, "intents-missing").is_displayed()
+    assert_clean_console(page)
+
+
+DAY_SECONDS = 86400
+# What each chart shows: ``daily`` row key, and the value of a day without messages.
+CHARTS = {"chart-messages": ("messages", 0), "chart-cost": ("api_cost_usd", 0),
+          "chart-latency": ("p95_response_time_ms", None)}  # no reply, no reply time
+
+
+@pytest.mark.parametrize("window", [30, 1])
+def test_day_by_day_charts_span_the_window_with_days_without_messages_at_zero(
+        server, page, window):
+    """One day of data: the x axis has every UTC day of the window, the others at zero."""
+    business = f"dash-one-day-{uuid.uuid4().hex[:6]}"
+    track(server.url, varied(3, [business], seed=11))
+    body = analytics(server.url, business, window)
+    (today,) = body["daily"]
+    today_t = int(datetime.fromisoformat(today["date"]).replace(tzinfo=UTC).timestamp())
+    days = [today_t - DAY_SECONDS * (window - 1 - i) for i in range(window)]
+    open_page(page, f"{server.url}/?business_id={business}&days={window}")
+    charts = page.execute_script(
+        "return Object.fromEntries(Object.entries(window.mlopsDashboard.charts).map("
+        "([id, u]) => [id, {xs: u.data[0], ys: u.data[1], min: u.scales.x.min,"
+        " max: u.scales.x.max}]))")
+    assert set(charts) == set(CHARTS)
+    for chart_id, (key, empty) in CHARTS.items():
+        chart = charts[chart_id]
+        assert chart["xs"] == days, chart_id
+        assert chart["ys"][:-1] == [empty] * (window - 1), chart_id
+        assert chart["ys"][-1] == pytest.approx(float(today[key])), chart_id
+        # the axis runs from the first day to today, half a day either side
+        assert chart["min"] == days[0] - DAY_SECONDS / 2, chart_id
+        assert chart["max"] == days[-1] + DAY_SECONDS / 2, chart_id
+    screenshot(page, f"one-day-of-{window}", 1366, 900)
+    assert_clean_console(page)
+
+
+def test_a_total_of_millions_fits_its_tile_on_one_line(server, page):
+    """1,234,567 would wrap in its tile at 1366 px: it shows as 1.23M, exact in the title."""
+    business = f"dash-millions-{uuid.uuid4().hex[:6]}"
+    event = varied(1, [business], seed=12)[0]
+    event.update(tokens_used=1_234_567, prompt_tokens=1_000_000, completion_tokens=234_567)
+    track(server.url, [event])
+    open_page(page, f"{server.url}/?business_id={business}")
+    tokens = page.find_element(By.CSS_SELECTOR, "[data-metric=total_tokens]")
+    assert tokens.text == "1.23M"
+    assert tokens.get_attribute("title") == "1234567"
+    lines = page.execute_script(
+        "const e = arguments[0]; const range = document.createRange();"
+        "range.selectNodeContents(e);"
+        "return new Set([...range.getClientRects()].map(r => Math.round(r.top))).size", tokens)
+    assert lines == 1
     assert_clean_console(page)
 
 

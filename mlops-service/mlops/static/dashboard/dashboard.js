@@ -35,8 +35,11 @@
   const INTEGER = numberFormat({ maximumFractionDigits: 0 });
   const SECONDS = numberFormat({ maximumFractionDigits: 2 });
   const PERCENT = numberFormat({ style: "percent", maximumFractionDigits: 1 });
+  const COMPACT = numberFormat({ notation: "compact", maximumFractionDigits: 2 });
   const FORMATS = {
     count: { text: (v) => INTEGER.format(v), unit: "" },
+    // a total tile: a million and up as 1.27M, so the figure fits its tile on one line
+    total: { text: (v) => (Math.abs(v) >= 1e6 ? COMPACT : INTEGER).format(v), unit: "" },
     usd: {
       // cents for a dollar or more; below, three significant digits ($0.0367)
       text: (v) => numberFormat(v === 0 || Math.abs(v) >= 1
@@ -50,10 +53,10 @@
     rate: { text: (v) => PERCENT.format(v), unit: "" },
   };
   const METRIC_FORMATS = {
-    total_messages: "count", total_conversations: "count", total_tokens: "count",
+    total_messages: "total", total_conversations: "total", total_tokens: "total",
     total_api_cost_usd: "usd", success_rate: "rate", p50_response_time_ms: "ms",
-    p95_response_time_ms: "ms", human_handoffs: "count", appointment_requests: "count",
-    appointments_booked: "count", appointment_conversion_rate: "rate",
+    p95_response_time_ms: "ms", human_handoffs: "total", appointment_requests: "total",
+    appointments_booked: "total", appointment_conversion_rate: "rate",
   };
 
   function show(element, value, kind) {
@@ -271,31 +274,34 @@
     $("#bar-requested").style.width = requested > 0 ? "100%" : "0";
     $("#bar-booked").style.width = requested > 0
       ? `${Math.min(100, (100 * metrics.appointments_booked) / requested)}%` : "0";
-    renderDaily(data.daily);
+    renderDaily(data.daily, data.timestamp);
     renderModels(data.by_model);
     renderIntents(data.by_intent);
   }
 
-  // Every UTC day of the window, oldest first, with the rows /analytics has for it.
-  function windowDays(daily) {
+  // Every UTC day of the window, oldest first: the `days` days ending on the
+  // service's today (the date of the answer's `timestamp`, not this browser's
+  // clock), as /analytics counts them; each with its /analytics row, or none
+  // for a day without messages.
+  function windowDays(daily, timestamp) {
     const byDate = new Map(daily.map((row) => [row.date, row]));
-    const today = Math.floor(Date.now() / DAY_MS) * DAY_MS;
-    const first = Math.floor((Date.now() - state.days * DAY_MS) / DAY_MS) * DAY_MS;
+    const today = Date.parse(`${timestamp.slice(0, 10)}T00:00:00Z`);
     const days = [];
-    for (let t = first; t <= today; t += DAY_MS) {
+    for (let i = state.days - 1; i >= 0; i -= 1) {
+      const t = today - i * DAY_MS;
       const date = new Date(t).toISOString().slice(0, 10);
       days.push({ t: t / 1000, date, row: byDate.get(date) });
     }
     return days;
   }
 
-  function renderDaily(daily) {
+  function renderDaily(daily, timestamp) {
     const hasP95 = daily.some((row) => "p95_response_time_ms" in row);
     const latencyKey = hasP95 ? "p95_response_time_ms" : "avg_response_time_ms";
     const latencyName = hasP95 ? "Reply time p95" : "Mean reply time";
     $("#latency-caption").textContent = latencyName;
     $("#latency-column").textContent = latencyName;
-    const days = windowDays(daily);
+    const days = windowDays(daily, timestamp);
     const xs = days.map((d) => d.t);
     drawChart("chart-messages", "Messages", xs, days.map((d) => d.row?.messages ?? 0),
               { bars: true, kind: "count", color: "#2f6fb7" });
@@ -352,8 +358,9 @@
       legend: { show: false }, // the table below gives every value
       cursor: { drag: { x: false, y: false } },
       scales: {
-        // half a day either side, so the first and last bars are whole
-        x: { time: true, range: (u, min, max) => [min - 43200, max + 43200] },
+        // the window's days (not the data's extent, which uPlot widens when
+        // there is one day), half a day either side so the end bars are whole
+        x: { time: true, range: () => [xs[0] - 43200, xs[xs.length - 1] + 43200] },
         y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] },
       },
       axes: [
@@ -477,5 +484,7 @@
     refresh();
   }
 
+  // The drawn uPlot charts by element id, for a console or a test to read.
+  window.mlopsDashboard = Object.freeze({ charts: state.charts });
   start();
 })();
