@@ -315,7 +315,7 @@ def init_app(app: Flask) -> None:
     does not set its own, so no shared cache keeps data fetched with a key;
     ``X-Content-Type-Options: nosniff``, so no browser runs a response as
     another type than it says; ``Location`` as a path on this origin
-    (:func:`same_origin`).
+    (:func:`same_origin`), with an empty body where it was absolute.
     """
 
     @app.after_request
@@ -323,6 +323,8 @@ def init_app(app: Flask) -> None:
         if response.mimetype in DATA_MIMETYPES and "Cache-Control" not in response.headers:
             response.headers["Cache-Control"] = "no-store"
         response.headers["X-Content-Type-Options"] = "nosniff"
-        if location := response.headers.get("Location"):
-            response.headers["Location"] = same_origin(location)
+        location = response.headers.get("Location")
+        if location and (local := same_origin(location)) != location:
+            response.headers["Location"] = local
+            response.set_data(b"")  # werkzeug's redirect page links the absolute URL
         return response

@@ -41,9 +41,10 @@ SECURITY_HEADERS = {
 
 
 def is_dashboard_path(path: str) -> bool:
-    """``/`` and everything under ``/dashboard``, however many slashes a client sends."""
+    """``/`` and everything under ``/dashboard``, however many slashes a client sends;
+    and ``/static``, where Flask's default static route serves the same files."""
     segments = [part for part in path.split("/") if part]
-    return not segments or segments[0] == "dashboard"
+    return not segments or segments[0] in ("dashboard", "static")
 
 
 @bp.after_app_request
