@@ -26,6 +26,7 @@ from pgcluster import free_port
 from servers import SERVICE_DIR, Gunicorn
 
 from mlops import announce
+from mlops.auth import same_origin
 from mlops.config import Settings
 from mlops.routes.dashboard import SECURITY_HEADERS
 
@@ -136,7 +137,8 @@ def test_the_database_error_reaches_the_log_not_an_anonymous_caller(make_app, se
     shown = client.get("/health/detailed", headers={"X-API-Key": READ}).get_json()
     assert str(port) in shown["database"]["error"]
     log = (Path(service_env["LOG_DIR"]) / "mlops-service.log").read_text()
-    assert "health check: database down" in log and str(port) in log
+    down = [json.loads(line) for line in log.splitlines() if "database unavailable" in line]
+    assert down and all(str(port) in line["error"] for line in down)
 
 
 # -- redirects and headers ---------------------------------------------------------------
@@ -173,6 +175,7 @@ def test_a_forged_host_never_reaches_a_location_header(gunicorn):
 def test_every_response_says_nosniff_and_dashboard_paths_carry_the_csp(client):
     responses = {
         "page": client.get("/"), "asset": client.get("/dashboard/dashboard.js"),
+        "flask static": client.get("/static/dashboard/index.html"),
         "missing asset": client.get("/dashboard/nope.js"),
         "redirect": client.get("/dashboard//dashboard.js"),
         "json": client.get("/health"), "not found": client.get("/nope"),
@@ -181,9 +184,18 @@ def test_every_response_says_nosniff_and_dashboard_paths_carry_the_csp(client):
     }
     for name, response in responses.items():
         assert response.headers.get("X-Content-Type-Options") == "nosniff", name
-    for name in ("page", "asset", "missing asset", "redirect"):
+    for name in ("page", "asset", "flask static", "missing asset", "redirect"):
         assert responses[name].headers.get("Content-Security-Policy") == CSP, name
     assert responses["redirect"].status_code == 308
+
+
+@pytest.mark.parametrize(("location", "local"), [
+    ("http://evil.example/dashboard/x?a=1", "/dashboard/x?a=1"),
+    ("https://evil.example//evil.example/x", "/evil.example/x"),  # never //host
+    ("/already/local", "/already/local"),
+])
+def test_same_origin_keeps_only_the_path_and_query(location, local):
+    assert same_origin(location) == local
 
 
 # -- start-up ----------------------------------------------------------------------------

@@ -1,17 +1,16 @@
 """``GET /health`` (liveness), ``/health/ready`` (readiness) and ``/health/detailed``.
 
 All three answer without a key (probes carry none). The database's own
-error text (host, port, user, server message) goes to the service log, and
-to a caller only with a key granting ``read``; others see ``unavailable`` or
+error text (host, port, user, server message) is in the service log (the
+pool logs it when the database goes down), and goes to a caller only with a
+key granting ``read``; others see ``unavailable`` or
 ``misconfigured``. With keys set, ``/health/detailed``'s details need the
 ``read`` scope too.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
 import time
 from datetime import UTC, datetime
 
@@ -24,7 +23,6 @@ from ..services import get_services
 from ..version import __version__
 
 bp = Blueprint("health", __name__)
-log = logging.getLogger(__name__)
 
 
 # Milliseconds a health check waits for Postgres: inside Kubernetes' default
@@ -32,40 +30,22 @@ log = logging.getLogger(__name__)
 PING_TIMEOUT_MS = 500
 
 
-class _ErrorLog:
-    """Logs a database error seen by a health check once, until it changes or clears."""
-
-    def __init__(self) -> None:
-        self._last: str | None = None
-        self._lock = threading.Lock()
-
-    def seen(self, error: str | None) -> None:
-        with self._lock:
-            changed, self._last = error != self._last, error
-        if changed and error is not None:
-            log.warning("health check: database down", extra={"error": error})
-
-
-_errors = _ErrorLog()
-
-
 def _database_status(services, reveal: bool) -> dict:
     """One real round trip: ``{"status": "up"|"down", "latency_ms", "error"?}``.
 
     Bounded by ``PING_TIMEOUT_MS`` whatever state the database is in.
     ``error`` is the database's message when ``reveal``, else only its kind
-    (``unavailable`` or ``misconfigured``); the message is logged either way.
+    (``unavailable`` or ``misconfigured``); ``mlops.db`` logs the message
+    when the database goes down.
     """
     started = time.perf_counter()
     try:
         with services.db.deadline(PING_TIMEOUT_MS):
             services.db.ping()
     except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
-        _errors.seen(str(exc))
         kind = "misconfigured" if isinstance(exc, DatabaseMisconfigured) else "unavailable"
         return {"status": "down", "error": str(exc) if reveal else kind,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
-    _errors.seen(None)
     return {"status": "up", "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
 
 
