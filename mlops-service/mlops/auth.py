@@ -12,9 +12,9 @@ scope       endpoints                                              keys
 ==========  =====================================================  ==========================
 
 ``POST /refresh-metrics`` takes no key (it only marks cached gauges stale,
-and is rate limited); ``/health``, ``/health/live``, ``/health/ready`` and
-``/openapi.json`` are open; ``/health/detailed`` shows its details to a key
-with the ``read`` scope only (routes/health.py). ``/metrics`` takes
+and is rate limited); ``/health``, ``/health/ready`` and ``/openapi.json``
+are open; ``/health/detailed`` shows its details to a key with the ``read``
+scope only (routes/health.py). ``/metrics`` takes
 ``Authorization: Bearer <MLOPS_METRICS_TOKEN>`` when a token is set, and,
 when keys are set, any key with the ``read`` scope (as ``Bearer`` or in
 ``X-API-Key``); it is open only when neither is set. Each variable may hold
@@ -95,6 +95,7 @@ class Keyring:
         self._entries += [(self.digest(k), READ_ONLY) for k in read]
 
     def digest(self, value: str) -> bytes:
+        """HMAC-SHA256 of ``value`` under this keyring's secret (32 bytes)."""
         return hmac.new(self._secret, value.encode(), hashlib.sha256).digest()
 
     def key_id(self, key: str) -> str:
