@@ -88,7 +88,12 @@ def announce(settings, database: str, embedded_pgdata=None) -> None:
     """The one start-up log line of a server (gunicorn master or ``python app.py``).
 
     ``embedded_pgdata``: the data folder when the server runs an embedded
-    PostgreSQL (mlops/embedded.py); the line then says so.
+    PostgreSQL (mlops/embedded.py); the line then says so. Then one WARNING
+    per exposure, naming the risk and the setting that ends it: no key on a
+    non-loopback address (everything open to the network), keys but no
+    /metrics token on one (the scraper needs an API key), warn mode. A
+    warning, not a refusal: in a container the service binds 0.0.0.0 and
+    what reaches it is decided outside (compose publishes on 127.0.0.1).
     """
     extra = {
         "version": __version__,
@@ -106,10 +111,30 @@ def announce(settings, database: str, embedded_pgdata=None) -> None:
         extra["database_server"] = (f"embedded PostgreSQL, data in {embedded_pgdata}, "
                                     "stopped on exit (for trying and developing only)")
     log.info("mlops-service starting", extra=extra)
-    if settings.auth_mode == "off":
-        log.warning("MLOPS_API_KEY is not set: /track, /track/batch, the read endpoints and "
-                    "erasure (DELETE) are open to anyone who can reach this port")
-    elif settings.auth_mode == "warn":
+    import ipaddress
+
+    try:  # a name other than localhost may resolve to any interface
+        exposed = not (settings.host == "localhost"
+                       or ipaddress.ip_address(settings.host.strip("[]")).is_loopback)
+    except ValueError:
+        exposed = True
+    where = f"HOST={settings.host} (not loopback)"
+    if settings.auth_mode == "off" and exposed:
+        metrics = " and /metrics (every business's costs)" if settings.metrics_token is None \
+            else ""
+        log.warning(f"MLOPS_API_KEY is not set and {where}: /track, the read endpoints, "
+                    f"erasure (DELETE){metrics} are open to anyone who can reach port "
+                    f"{settings.service_port}; set MLOPS_API_KEY (16+ characters), or "
+                    "HOST=127.0.0.1 to serve this machine only")
+    elif settings.auth_mode == "off":
+        log.info(f"MLOPS_API_KEY is not set: every endpoint is open to programs on this "
+                 f"machine (HOST={settings.host}); set MLOPS_API_KEY before serving others")
+    elif settings.metrics_token is None and exposed:
+        log.warning(f"MLOPS_METRICS_TOKEN is not set and {where}: /metrics takes only "
+                    "API keys, so a Prometheus scraping it holds a key that also reads every "
+                    "business's analytics; set MLOPS_METRICS_TOKEN and give Prometheus that "
+                    "token instead")
+    if settings.auth_mode == "warn":
         log.warning("MLOPS_AUTH_MODE=warn: writes without a valid X-API-Key are stored and "
                     "counted in mlops_auth_failures_total; set MLOPS_AUTH_MODE=enforce once "
                     "that counter stays at zero")

@@ -12,17 +12,22 @@ scope       endpoints                                              keys
 ==========  =====================================================  ==========================
 
 ``POST /refresh-metrics`` takes no key (it only marks cached gauges stale,
-and is rate limited); ``/health*`` and ``/openapi.json`` are open;
-``/metrics`` needs ``Authorization: Bearer <MLOPS_METRICS_TOKEN>`` when that
-is set. Each variable may hold several comma-separated keys, so a key can be
-rotated without downtime.
+and is rate limited); ``/health``, ``/health/ready`` and ``/openapi.json``
+are open; ``/health/detailed`` shows its details to a key with the ``read``
+scope only (routes/health.py). ``/metrics`` takes
+``Authorization: Bearer <MLOPS_METRICS_TOKEN>`` when a token is set, and,
+when keys are set, any key with the ``read`` scope (as ``Bearer`` or in
+``X-API-Key``); it is open only when neither is set. Each variable may hold
+several comma-separated keys, so a key can be rotated without downtime.
 
 Modes (``Settings.auth_mode``): ``off`` when no key is set; ``enforce`` (the
-default with a key): 401 without a key, 403 for a wrong key or a key without
-the scope; ``warn``: the same failures on the ``write`` scope are let through
-(the event is stored), counted in ``mlops_auth_failures_total`` and logged,
-so the chat app can be given its key without losing a message. ``read`` and
-``erase`` are enforced in both modes.
+default with a key): 401 without a key; 403 for a key that is unknown or
+lacks the scope, with one body for both, so a caller cannot tell a valid
+read key from a made-up one by trying it on a write route. ``warn``: the
+same failures on the ``write`` scope are let through (the event is stored),
+counted in ``mlops_auth_failures_total`` and logged, so the chat app can be
+given its key without losing a message. ``read``, ``erase`` and
+``/metrics`` are enforced in both modes.
 
 Every failure is counted; a log line is written at most once per
 ``FAILURE_LOG_INTERVAL_SECONDS`` per process (each gunicorn worker logs on
@@ -40,6 +45,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import wraps
+from urllib.parse import urlsplit
 
 from flask import Flask, g, request
 
@@ -56,33 +62,49 @@ READ_ONLY = frozenset({"read"})
 FAILURE_LOG_INTERVAL_SECONDS = 60.0
 
 
-def key_id(key: str) -> str:
-    """A key's public name: the first 12 hex digits of its SHA-256 (48 bits).
+def key_id(key: str, app: Flask | None = None) -> str:
+    """A key's public name in ``app``'s deployment (default: the current app).
 
-    For log and audit lines ("which key did this"); it does not reveal the key.
+    For log and audit lines ("which key did this") and rate-limit buckets; it
+    does not reveal the key. See :meth:`Keyring.key_id`.
     """
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-def _digest(value: str) -> bytes:
-    return hashlib.sha256(value.encode()).digest()
+    return get_auth(app).keyring.key_id(key)
 
 
 class Keyring:
     """The configured keys and the scopes each grants, compared in constant time.
 
-    Keys are held as SHA-256 digests so every comparison is between 32-byte
-    values (``hmac.compare_digest``), and every key is compared on every call,
-    so the time taken says nothing about which key, or how much of one, matched.
+    Every key is held as its HMAC-SHA256 under a secret derived from all the
+    configured keys (full and read). Comparisons are between 32-byte values
+    (``hmac.compare_digest``) and every key is compared on every call, so the
+    time taken says nothing about which key, or how much of one, matched.
+
+    The same HMAC names a key (:meth:`key_id`): its first 12 hex digits
+    (48 bits). Keyed, so a log line or a rate-limit bucket name cannot be
+    checked against guessed keys by anyone who does not hold every configured
+    key; derived from the keys, so every worker, instance and restart with
+    the same keys names a key the same way with nothing more to configure.
+    Changing the set of keys (a rotation) renames every key from then on.
     """
 
     def __init__(self, full: Iterable[str], read: Iterable[str]) -> None:
-        self._entries = [(_digest(k), FULL_ACCESS) for k in full]
-        self._entries += [(_digest(k), READ_ONLY) for k in read]
+        full, read = list(full), list(read)
+        material = "\n".join(sorted(full + read)).encode()  # keys hold no newline
+        self._secret = hashlib.sha256(b"mlops-service key id\0" + material).digest()
+        self._entries = [(self.digest(k), FULL_ACCESS) for k in full]
+        self._entries += [(self.digest(k), READ_ONLY) for k in read]
+
+    def digest(self, value: str) -> bytes:
+        """HMAC-SHA256 of ``value`` under this keyring's secret (32 bytes)."""
+        return hmac.new(self._secret, value.encode(), hashlib.sha256).digest()
+
+    def key_id(self, key: str) -> str:
+        """12 hex digits naming ``key`` (any string: a configured key or not)."""
+        return self.digest(key).hex()[:12]
 
     def scopes_for(self, given: str) -> frozenset[str]:
         """The scopes ``given`` grants: all three, ``{"read"}``, or none (unknown key)."""
-        digest = _digest(given)
+        digest = self.digest(given)
         granted: frozenset[str] = frozenset()
         for expected, scopes in self._entries:
             if hmac.compare_digest(digest, expected):
@@ -135,6 +157,11 @@ class Identity:
     reason: str | None  # why no key was recognised: missing_key, wrong_key; None if one was
 
 
+# The one refusal for a key that is unknown or lacks the scope: the same
+# status, body and headers, whatever the key (see the module docstring).
+FORBIDDEN_MESSAGE = f"the {HEADER} sent does not grant access to this endpoint"
+
+
 class Auth:
     """One app's keys, mode, /metrics token and failure log."""
 
@@ -142,7 +169,7 @@ class Auth:
         self.mode: str = settings.auth_mode
         self.keyring = Keyring(settings.api_keys, settings.read_api_keys)
         token = settings.metrics_token
-        self._metrics_token = _digest(token) if token else None
+        self._metrics_token = self.keyring.digest(token) if token else None
         self.failures = FailureLog(clock=clock)
 
     def identify(self) -> Identity:
@@ -154,13 +181,26 @@ class Auth:
                 identity = Identity(None, frozenset(), "missing_key")
             else:
                 scopes = self.keyring.scopes_for(given)
-                identity = Identity(key_id(given) if scopes else None, scopes,
+                identity = Identity(self.keyring.key_id(given) if scopes else None, scopes,
                                     None if scopes else "wrong_key")
             g.mlops_identity = identity
         return identity
 
+    def allows(self, scope: str) -> bool:
+        """Whether keys are checked and this request's key grants ``scope``.
+
+        False when auth is off: nobody is authenticated then. Counts and logs
+        nothing (for routes that answer everyone, showing more to a key).
+        """
+        return self.mode != "off" and scope in self.identify().scopes
+
     def check(self, scope: str):
-        """``None`` if the request may use ``scope``, else the error response to send."""
+        """``None`` if the request may use ``scope``, else the error response to send.
+
+        401 without a key; 403 with :data:`FORBIDDEN_MESSAGE` for an unknown
+        key and for a key without ``scope`` alike (the reason is counted and
+        logged, not answered).
+        """
         if self.mode == "off":
             return None
         identity = self.identify()
@@ -174,23 +214,40 @@ class Auth:
             return None
         if reason == "missing_key":
             return error_response(401, "unauthorized", f"missing {HEADER} header")
-        if reason == "wrong_key":
-            return error_response(403, "forbidden", f"wrong {HEADER}")
-        return error_response(403, "forbidden", f"this {HEADER} does not grant {scope} access")
+        return error_response(403, "forbidden", FORBIDDEN_MESSAGE)
 
-    def check_metrics_token(self):
-        """``None`` if ``/metrics`` may be read, else a 401 with ``WWW-Authenticate: Bearer``."""
-        if self._metrics_token is None:
+    def metrics_open(self) -> bool:
+        """Whether ``/metrics`` answers without credentials: no key and no token set."""
+        return self.mode == "off" and self._metrics_token is None
+
+    def check_metrics(self):
+        """``None`` if ``/metrics`` may be read, else a 401 with ``WWW-Authenticate: Bearer``.
+
+        Accepted: ``Authorization: Bearer <MLOPS_METRICS_TOKEN>``; when keys
+        are set, also a key with the ``read`` scope, as ``Bearer`` or in
+        ``X-API-Key`` (in warn mode too). Every refusal is the same 401.
+        """
+        if self.metrics_open():
             return None
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and token and hmac.compare_digest(
-                _digest(token.strip()), self._metrics_token):
+        scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+        bearer = bearer.strip() if scheme.lower() == "bearer" else ""
+        if bearer and self._metrics_token is not None and hmac.compare_digest(
+                self.keyring.digest(bearer), self._metrics_token):
             return None
-        reason = "wrong_token" if token else "missing_token"
+        if self.mode != "off":
+            for given in (bearer, request.headers.get(HEADER, "")):
+                if given and "read" in self.keyring.scopes_for(given):
+                    return None
+        given_any = bool(bearer or request.headers.get("Authorization")
+                         or request.headers.get(HEADER))
+        reason = "wrong_token" if given_any else "missing_token"
         AUTH_FAILURES.labels("metrics", reason).inc()
         self.failures.record("metrics", reason, "enforce", stored=False)
-        response, status = error_response(
-            401, "unauthorized", "/metrics needs Authorization: Bearer <MLOPS_METRICS_TOKEN>")
+        accepted = "Bearer <MLOPS_METRICS_TOKEN>" if self._metrics_token is not None else ""
+        if self.mode != "off":
+            accepted = " or ".join(filter(None, (
+                accepted, f"a key with the read scope (Bearer or {HEADER})")))
+        response, status = error_response(401, "unauthorized", f"/metrics needs {accepted}")
         response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
         return response, status
 
@@ -222,12 +279,13 @@ def require_scope(scope: str):
     return decorate
 
 
-def require_metrics_token(view):
-    """Decorator for ``/metrics``: ``Authorization: Bearer <MLOPS_METRICS_TOKEN>`` when set."""
+def require_metrics_credentials(view):
+    """Decorator for ``/metrics``: the token or a read key, unless neither is set
+    (:meth:`Auth.check_metrics`)."""
 
     @wraps(view)
     def wrapper(*args, **kwargs):
-        refusal = get_auth().check_metrics_token()
+        refusal = get_auth().check_metrics()
         return refusal if refusal is not None else view(*args, **kwargs)
 
     return wrapper
@@ -236,15 +294,38 @@ def require_metrics_token(view):
 DATA_MIMETYPES = frozenset({"application/json", "text/plain", "application/openmetrics-text"})
 
 
-def init_app(app: Flask) -> None:
-    """Mark data responses ``no-store``.
+def same_origin(location: str) -> str:
+    """``location`` as a path on this origin: ``http://any.host/a?b`` -> ``/a?b``.
 
-    ``Cache-Control: no-store`` goes on every JSON or metrics-text response
-    that does not set its own, so no shared cache keeps data fetched with a key.
+    Werkzeug's routing redirects (``//`` merged, a missing trailing slash)
+    build an absolute URL from the request's ``Host`` header
+    (``MapAdapter.make_redirect_url``), so a forged Host would send the
+    client elsewhere. This service never redirects to another site, so the
+    scheme and host are dropped; leading slashes collapse to one so the path
+    cannot read as ``//other.host``.
+    """
+    parts = urlsplit(location)
+    path = "/" + parts.path.lstrip("/")
+    return f"{path}?{parts.query}" if parts.query else path
+
+
+def init_app(app: Flask) -> None:
+    """Headers on every response, errors and redirects included.
+
+    ``Cache-Control: no-store`` on every JSON or metrics-text response that
+    does not set its own, so no shared cache keeps data fetched with a key;
+    ``X-Content-Type-Options: nosniff``, so no browser runs a response as
+    another type than it says; ``Location`` as a path on this origin
+    (:func:`same_origin`), with an empty body where it was absolute.
     """
 
     @app.after_request
-    def _no_store(response):
+    def _response_headers(response):
         if response.mimetype in DATA_MIMETYPES and "Cache-Control" not in response.headers:
             response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        location = response.headers.get("Location")
+        if location and (local := same_origin(location)) != location:
+            response.headers["Location"] = local
+            response.set_data(b"")  # werkzeug's redirect page links the absolute URL
         return response

@@ -212,36 +212,63 @@ def _log_level(raw: str) -> str:
     return level
 
 
+# Characters: the shortest API key or /metrics token accepted (issue 23). A
+# key from ``secrets.token_urlsafe(32)`` has 43.
+MIN_SECRET_CHARS = 16
+
+
 def _secret(env: Mapping[str, str], name: str) -> str | None:
-    """``name``, or the contents of the file named by ``name_FILE`` (Docker/Kubernetes secrets)."""
+    """``name``, or the contents of the file named by ``name_FILE`` (Docker/Kubernetes secrets).
+
+    Surrounding whitespace is dropped, and a file's UTF-8 byte order mark
+    (``utf-8-sig``), so a key saved by an editor that adds one still matches.
+    """
     key_file = env.get(f"{name}_FILE")
     if key_file:
         if name in env:
             raise ConfigError(f"set {name} or {name}_FILE, not both")
         try:
-            value = Path(key_file).read_text(encoding="utf-8").strip()
+            value = Path(key_file).read_text(encoding="utf-8-sig").strip()
         except OSError as exc:
             raise ConfigError(f"{name}_FILE cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{name}_FILE is not UTF-8 text") from None
         if not value:
             raise ConfigError(f"{name}_FILE names an empty file")
         return value
-    return env.get(name)
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def _long_enough(name: str, secrets: tuple[str, ...]) -> None:
+    """ConfigError naming ``name`` and the rule if a secret is short (never the secret)."""
+    for position, secret in enumerate(secrets, start=1):
+        if len(secret) < MIN_SECRET_CHARS:
+            which = f"key {position} of {len(secrets)}" if len(secrets) > 1 else "it"
+            raise ConfigError(
+                f"{name} must be at least {MIN_SECRET_CHARS} characters ({which} has "
+                f"{len(secret)}); make one with: python3 -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'")
 
 
 def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
-    """The keys in ``name`` (or its ``_FILE``): separated by commas or newlines, trimmed."""
+    """The keys in ``name`` (or its ``_FILE``): separated by commas or newlines, trimmed,
+    each at least ``MIN_SECRET_CHARS`` long."""
     raw = _secret(env, name) or ""
     keys = tuple(k.strip() for k in raw.replace("\n", ",").split(","))
     if raw and not all(keys):
         raise ConfigError(f"{name} holds an empty key (check the commas)")
-    return tuple(k for k in keys if k)
+    keys = tuple(k for k in keys if k)
+    _long_enough(name, keys)
+    return keys
 
 
 def _auth(env: Mapping[str, str]) -> dict:
     """API keys (full and read-only), the auth mode and the /metrics token.
 
     The mode is ``off`` without keys, else ``MLOPS_AUTH_MODE`` (``enforce``
-    by default, or ``warn``).
+    by default, or ``warn``). Keys and the token are ``MIN_SECRET_CHARS``
+    characters at least.
     """
     full = _keys(env, "MLOPS_API_KEY")
     read = _keys(env, "MLOPS_READ_API_KEY")
@@ -257,8 +284,11 @@ def _auth(env: Mapping[str, str]) -> dict:
             raise ConfigError("MLOPS_AUTH_MODE needs MLOPS_API_KEY (without a key nothing "
                               "is checked)")
         mode = "off"
+    token = _secret(env, "MLOPS_METRICS_TOKEN")
+    if token is not None:
+        _long_enough("MLOPS_METRICS_TOKEN", (token,))
     return {"api_keys": full, "read_api_keys": read, "auth_mode": mode,
-            "metrics_token": _secret(env, "MLOPS_METRICS_TOKEN")}
+            "metrics_token": token}
 
 
 RATE_LIMIT_SCHEMES = ("memory://", "redis://", "rediss://", "redis+unix://")

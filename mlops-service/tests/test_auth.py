@@ -3,11 +3,12 @@
 The scope table under test (mlops/auth.py): write = /track, /track/batch
 (full keys); read = /analytics, /businesses (full or read keys); erase = the DELETE
 routes (full keys); /refresh-metrics and /health take no key; /metrics takes
-the bearer token when one is set.
+the bearer token when one is set and, when keys are set, any key with read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -41,7 +42,7 @@ ENDPOINTS = {
     "erase_conversation": ("delete", "/conversations/conv-1", None, "erase", 200),
     "erase_business": ("delete", "/businesses/acme", None, "erase", 200),
     "refresh": ("post", "/refresh-metrics", {"trigger": "new_metrics"}, None, 200),
-    "metrics": ("get", "/metrics", None, None, 200),
+    "metrics": ("get", "/metrics", None, "metrics", 200),
     "health": ("get", "/health", None, None, 200),
 }
 # scope: credential -> status in enforce mode (None: the endpoint's success status)
@@ -49,6 +50,7 @@ REFUSALS = {
     "write": {"none": 401, "wrong": 403, "read": 403},
     "read": {"none": 401, "wrong": 403},
     "erase": {"none": 401, "wrong": 403, "read": 403},
+    "metrics": {"none": 401, "wrong": 401},  # Bearer semantics: 401 for every refusal
     None: {},
 }
 
@@ -66,8 +68,8 @@ def stored(pg) -> int:
 
 
 def failures(client, **labels) -> float:
-    return metric_sum(metric_values(client.get("/metrics").text), "mlops_auth_failures_total",
-                      **labels)
+    text = client.get("/metrics", headers={"X-API-Key": READ}).text
+    return metric_sum(metric_values(text), "mlops_auth_failures_total", **labels)
 
 
 def auth_log(service_env) -> list[dict]:
@@ -132,14 +134,20 @@ def test_keys_and_token_from_files(make_app, pg, tmp_path):
 
 
 @pytest.mark.parametrize(("env", "message"), [
-    ({"MLOPS_API_KEY": "a-key-123", "MLOPS_API_KEY_FILE": "/x"}, "not both"),
+    ({"MLOPS_API_KEY": FULL_A, "MLOPS_API_KEY_FILE": "/x"}, "not both"),
     ({"MLOPS_READ_API_KEY_FILE": "/nonexistent"}, "MLOPS_READ_API_KEY_FILE cannot be read"),
     ({"MLOPS_METRICS_TOKEN_FILE": "/nonexistent"}, "MLOPS_METRICS_TOKEN_FILE cannot be read"),
-    ({"MLOPS_READ_API_KEY": "read-only-1"}, "needs MLOPS_API_KEY"),
-    ({"MLOPS_API_KEY": "same-key-1", "MLOPS_READ_API_KEY": "same-key-1"}, "in both"),
-    ({"MLOPS_API_KEY": "key-one-1,,key-two-2"}, "empty key"),
-    ({"MLOPS_API_KEY": "a-key-123", "MLOPS_AUTH_MODE": "loose"}, "enforce or warn"),
+    ({"MLOPS_READ_API_KEY": READ}, "needs MLOPS_API_KEY"),
+    ({"MLOPS_API_KEY": FULL_A, "MLOPS_READ_API_KEY": FULL_A}, "in both"),
+    ({"MLOPS_API_KEY": f"{FULL_A},,{FULL_B}"}, "empty key"),
+    ({"MLOPS_API_KEY": FULL_A, "MLOPS_AUTH_MODE": "loose"}, "enforce or warn"),
     ({"MLOPS_AUTH_MODE": "warn"}, "needs MLOPS_API_KEY"),
+    ({"MLOPS_API_KEY": "a"}, r"MLOPS_API_KEY must be at least 16 characters \(it has 1\)"),
+    ({"MLOPS_API_KEY": f"{FULL_A},short-key-15chr"},
+     r"MLOPS_API_KEY must be at least 16 characters \(key 2 of 2 has 15\)"),
+    ({"MLOPS_API_KEY": FULL_A, "MLOPS_READ_API_KEY": "r-8chars"},
+     "MLOPS_READ_API_KEY must be at least 16"),
+    ({"MLOPS_METRICS_TOKEN": "tok"}, "MLOPS_METRICS_TOKEN must be at least 16"),
 ])
 def test_bad_auth_settings_name_the_variable(env, message):
     with pytest.raises(ConfigError, match=message):
@@ -220,9 +228,80 @@ def test_data_responses_are_not_stored_by_caches(make_app):
     assert client.get("/nope").headers["Cache-Control"] == "no-store"
 
 
-def test_key_id_is_a_short_sha256_that_hides_the_key():
-    assert key_id("abc") == "ba7816bf8f01"
-    assert len(key_id(FULL_A)) == 12 and key_id(FULL_A) not in FULL_A
+def test_a_short_key_is_refused_without_echoing_it():
+    for env in ({"MLOPS_API_KEY": "sixteen-minus-1"}, {"MLOPS_API_KEY": "   sixteen-minus-1  "}):
+        with pytest.raises(ConfigError) as refused:
+            Settings.from_env({"DATABASE_URL": "postgresql://u@h/db", **env})
+        assert "sixteen" not in str(refused.value) and "MLOPS_API_KEY" in str(refused.value)
+    exactly = Settings.from_env({"DATABASE_URL": "postgresql://u@h/db",
+                                 "MLOPS_API_KEY": "sixteen-chars-16"})
+    assert exactly.api_keys == ("sixteen-chars-16",)
+
+
+def test_key_files_lose_a_utf8_bom_and_surrounding_whitespace(make_app, pg, tmp_path):
+    (tmp_path / "full").write_bytes(b"\xef\xbb\xbf" + f"  {FULL_A}\r\n{FULL_B}\r\n".encode())
+    (tmp_path / "token").write_bytes(b"\xef\xbb\xbf" + f"{TOKEN}\r\n".encode())
+    settings = Settings.from_env({"DATABASE_URL": "postgresql://u@h/db",
+                                  "MLOPS_API_KEY_FILE": str(tmp_path / "full"),
+                                  "MLOPS_METRICS_TOKEN_FILE": str(tmp_path / "token")})
+    assert settings.api_keys == (FULL_A, FULL_B)
+    assert settings.metrics_token == TOKEN
+    client = make_app(MLOPS_API_KEY_FILE=tmp_path / "full",
+                      MLOPS_METRICS_TOKEN_FILE=tmp_path / "token").test_client()
+    assert call(client, "track", FULL_A).status_code == 201
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
+def test_key_id_is_keyed_by_the_deployments_keys_and_hides_the_key(make_app):
+    app = make_app(**KEYS)
+    with app.app_context():
+        ids = {key: key_id(key) for key in (FULL_A, FULL_B, READ)}
+    assert all(len(i) == 12 and int(i, 16) >= 0 for i in ids.values())
+    assert len(set(ids.values())) == 3
+    # Not the unsalted SHA-256 a log reader could check guesses against.
+    assert ids[FULL_A] != hashlib.sha256(FULL_A.encode()).hexdigest()[:12]
+    # Stable: another process (app) with the same keys, in another order, agrees ...
+    same = make_app(MLOPS_API_KEY=f"{FULL_B},{FULL_A}", MLOPS_READ_API_KEY=READ)
+    assert key_id(FULL_A, same) == ids[FULL_A]
+    # ... and another deployment (other keys) names the same key otherwise.
+    other = make_app(MLOPS_API_KEY=f"{FULL_A},{WRONG}")
+    assert key_id(FULL_A, other) != ids[FULL_A]
+    # The id is what the rate limiter and the identity use.
+    with app.test_request_context("/", headers={"X-API-Key": READ}):
+        assert get_auth(app).identify().key_id == ids[READ]
+
+
+def test_a_valid_key_without_the_scope_and_an_unknown_key_get_the_same_403(make_app):
+    client = make_app(**KEYS).test_client()
+    for name in ("track", "batch", "erase_conversation", "erase_business"):
+        read, unknown = call(client, name, READ), call(client, name, WRONG)
+        assert read.status_code == unknown.status_code == 403, name
+        assert read.get_data() == unknown.get_data(), name
+        assert sorted(read.headers.items()) == sorted(unknown.headers.items()), name
+    assert call(client, "analytics", WRONG).get_data() == read.get_data()
+    missing = call(client, "track")
+    assert missing.status_code == 401 and missing.get_json()["message"] == \
+        "missing X-API-Key header"
+
+
+def test_metrics_with_keys_set_takes_a_read_key_or_the_token(make_app):
+    client = make_app(**KEYS, MLOPS_METRICS_TOKEN=TOKEN).test_client()
+    accepted = [{"Authorization": f"Bearer {TOKEN}"}, {"Authorization": f"Bearer {READ}"},
+                {"X-API-Key": READ}, {"X-API-Key": FULL_B}, {"Authorization": f"bearer {FULL_A}"}]
+    for headers in accepted:
+        assert client.get("/metrics", headers=headers).status_code == 200, headers
+    refused = [{}, {"Authorization": f"Bearer {WRONG}"}, {"X-API-Key": WRONG},
+               {"X-API-Key": TOKEN}, {"Authorization": f"Basic {READ}"}]
+    bodies = set()
+    for headers in refused:
+        response = client.get("/metrics", headers=headers)
+        assert response.status_code == 401, headers
+        assert response.headers["WWW-Authenticate"] == 'Bearer realm="metrics"'
+        bodies.add(response.get_data())
+    assert len(bodies) == 1
+    warn = make_app(**KEYS, MLOPS_AUTH_MODE="warn").test_client()  # no token: keys only
+    assert warn.get("/metrics").status_code == 401
+    assert warn.get("/metrics", headers={"X-API-Key": READ}).status_code == 200
 
 
 def test_no_key_or_token_reaches_a_log_line_or_a_response(make_app, service_env):
@@ -311,7 +390,8 @@ def test_enforce_refuses_the_unedited_app_loudly(gunicorn, pg, tmp_path):
     replies = run_chat_client(server.url, messages, None, tmp_path)
     assert replies == [{"track": 401, "refresh": 200}] * len(messages)
     assert stored_sessions(pg, tag) == 0
-    values = metric_values(requests.get(f"{server.url}/metrics", timeout=5).text)
+    values = metric_values(requests.get(f"{server.url}/metrics", headers={"X-API-Key": READ},
+                                        timeout=5).text)
     assert metric_sum(values, "mlops_auth_failures_total", scope="write",
                       reason="missing_key") == len(messages)
     assert "request refused: no valid credential for its scope" in server.log()

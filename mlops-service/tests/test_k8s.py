@@ -337,13 +337,69 @@ def test_production_scales_two_to_ten_on_cpu_with_a_disruption_budget(rendered):
         assert constraint["labelSelector"]["matchLabels"].items() <= pod_labels.items()
 
 
-def test_production_network_policy_admits_only_the_service_port(rendered):
+# The labels README documents for the clients the NetworkPolicy admits.
+CLIENT_LABEL = {"mlops-service/client": "true"}
+PROMETHEUS_PODS = {"app.kubernetes.io/name": "prometheus"}
+PROMETHEUS_NAMESPACE = {"kubernetes.io/metadata.name": "monitoring"}
+
+
+def test_production_network_policy_admits_only_the_chat_app_and_prometheus(rendered):
     objects = rendered["production"]
     policy = one(objects, "NetworkPolicy", "mlops-service")
     pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 5001}]}]
+    rules = policy["spec"]["ingress"]
+    for rule in rules:  # a rule without `from` would admit every source
+        assert rule["ports"] == [{"protocol": "TCP", "port": 5001}]
+        assert rule["from"] and all(peer.get("podSelector", {}).get("matchLabels")
+                                    for peer in rule["from"]), rule
+        assert not any("ipBlock" in peer for peer in rule["from"])
+    peers = [(peer.get("namespaceSelector"), peer["podSelector"]["matchLabels"])
+             for rule in rules for peer in rule["from"]]
+    assert peers == [({}, CLIENT_LABEL),
+                     ({"matchLabels": PROMETHEUS_NAMESPACE}, PROMETHEUS_PODS)]
+    documented = (DEPLOY / "overlays" / "production" / "networkpolicy.yaml").read_text()
+    for labels in (CLIENT_LABEL, PROMETHEUS_PODS, PROMETHEUS_NAMESPACE):
+        for key, value in labels.items():
+            assert key in documented and value in documented
+
+
+def _secret_refs(container: dict) -> dict[str, dict]:
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def test_production_requires_an_api_key_and_a_metrics_token_from_a_secret(rendered):
+    """Required secretKeyRefs: a missing Secret or key leaves the pod in
+    CreateContainerConfigError, so the rollout stops instead of serving open."""
+    objects = rendered["production"]
+    assert not [o for o in objects if o["kind"] == "Secret"]  # created by the operator
+    refs = _secret_refs(service_container(objects))
+    for name in ("MLOPS_API_KEY", "MLOPS_METRICS_TOKEN"):
+        assert refs[name] == {"name": "mlops-auth", "key": name}, refs.get(name)
+        assert "optional" not in refs[name]
+    assert refs["MLOPS_READ_API_KEY"]["optional"] is True
+    # What the pod's environment gives the service: keys enforced, /metrics behind the token.
+    env = {k: v for k, v in env_of(service_container(objects)).items() if v is not None}
+    env |= {"DATABASE_URL": "postgresql://u@h/db",
+            "MLOPS_API_KEY": "k" * 43, "MLOPS_METRICS_TOKEN": "t" * 43}
+    settings = Settings.from_env(env)
+    assert (settings.auth_mode, settings.metrics_token) == ("enforce", "t" * 43)
+    assert settings.host == "0.0.0.0"  # the pod IP: Service, Prometheus, kubelet
+    with pytest.raises(ConfigError, match="MLOPS_API_KEY must be at least 16"):
+        Settings.from_env({**env, "MLOPS_API_KEY": "changeme"})
+    # The local overlay stays zero-config (its cluster is the developer's own).
+    assert "MLOPS_API_KEY" not in _secret_refs(service_container(rendered["local"]))
+    steps = (DEPLOY / "overlays" / "production" / "kustomization.yaml").read_text()
+    assert "create secret generic mlops-auth" in steps
+    assert "MLOPS_API_KEY=" in steps and "MLOPS_METRICS_TOKEN=" in steps
+
+
+def test_the_servicemonitor_sends_the_pods_metrics_token(with_servicemonitor):
+    (endpoint,) = one(with_servicemonitor, "ServiceMonitor", "mlops-service")["spec"]["endpoints"]
+    token = _secret_refs(service_container(with_servicemonitor))["MLOPS_METRICS_TOKEN"]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": token}
 
 
 # -- the readiness the manifests rely on -------------------------------------------------

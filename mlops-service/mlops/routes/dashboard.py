@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, send_from_directory
+from flask import Blueprint, request, send_from_directory
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "dashboard"
 
@@ -40,10 +40,20 @@ SECURITY_HEADERS = {
 }
 
 
-@bp.after_request
+def is_dashboard_path(path: str) -> bool:
+    """``/`` and everything under ``/dashboard``, however many slashes a client sends;
+    and ``/static``, where Flask's default static route serves the same files."""
+    segments = [part for part in path.split("/") if part]
+    return not segments or segments[0] in ("dashboard", "static")
+
+
+@bp.after_app_request
 def _security_headers(response):
-    """The page's headers, on the page and on every asset this blueprint serves."""
-    response.headers.update(SECURITY_HEADERS)
+    """The page's headers on the page, its assets, and every redirect or error
+    answered for a dashboard path (those never reach this blueprint's own hooks:
+    routing answers them before a view is chosen)."""
+    if is_dashboard_path(request.path):
+        response.headers.update(SECURITY_HEADERS)
     return response
 
 

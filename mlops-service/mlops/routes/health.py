@@ -1,4 +1,12 @@
-"""``GET /health`` (liveness), ``/health/ready`` (readiness) and ``/health/detailed``."""
+"""``GET /health`` (liveness), ``/health/ready`` (readiness) and ``/health/detailed``.
+
+All three answer without a key (probes carry none). The database's own
+error text (host, port, user, server message) is in the service log (the
+pool logs it when the database goes down), and goes to a caller only with a
+key granting ``read``; others see ``unavailable`` or
+``misconfigured``. With keys set, ``/health/detailed``'s details need the
+``read`` scope too.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, jsonify
 
+from ..auth import HEADER, get_auth
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..draining import is_draining
 from ..services import get_services
@@ -21,19 +30,28 @@ bp = Blueprint("health", __name__)
 PING_TIMEOUT_MS = 500
 
 
-def _database_status(services) -> dict:
+def _database_status(services, reveal: bool) -> dict:
     """One real round trip: ``{"status": "up"|"down", "latency_ms", "error"?}``.
 
     Bounded by ``PING_TIMEOUT_MS`` whatever state the database is in.
+    ``error`` is the database's message when ``reveal``, else only its kind
+    (``unavailable`` or ``misconfigured``); ``mlops.db`` logs the message
+    when the database goes down.
     """
     started = time.perf_counter()
     try:
         with services.db.deadline(PING_TIMEOUT_MS):
             services.db.ping()
     except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
-        return {"status": "down", "error": str(exc),
+        kind = "misconfigured" if isinstance(exc, DatabaseMisconfigured) else "unavailable"
+        return {"status": "down", "error": str(exc) if reveal else kind,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
     return {"status": "up", "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+
+def _reveal() -> bool:
+    """Whether this caller may read details: keys are set and its key grants ``read``."""
+    return get_auth().allows("read")
 
 
 def _spool_status(services) -> dict:
@@ -65,7 +83,8 @@ def ready():
     database is not asked: an instance whose Postgres is away still takes
     events into its spool, so it stays in the load balancer's pool.
     Body: ``{"status": "ready"|"unavailable"|"draining", "database": {...},
-    "spool": {depth, oldest_age_seconds, ...}}``; on 503, ``reason`` says why.
+    "spool": {depth, oldest_age_seconds, ...}}``; on 503, ``reason`` says why
+    (the database's own message only to a key with the ``read`` scope).
     """
     services = get_services()
     if is_draining():
@@ -74,7 +93,7 @@ def ready():
     if not services.settings.readiness_checks_database:
         return jsonify({"status": "ready", "database": {"status": "not_checked"},
                         "spool": _spool_status(services)})
-    database = _database_status(services)
+    database = _database_status(services, _reveal())
     body = {"status": "ready" if database["status"] == "up" else "unavailable",
             "database": database, "spool": _spool_status(services)}
     if database["status"] != "up":
@@ -88,12 +107,30 @@ def detailed():
     """Everything an operator asks first: uptime (s), version, database, pool, spool.
 
     Always 200 (it reports, it does not judge); ``status`` is ``"healthy"`` or
-    ``"degraded"`` (database down).
+    ``"degraded"`` (database down). With API keys set and no key granting
+    ``read``, only what the open ``/health/ready`` tells: ``{"status",
+    "service", "database": {"status"}, "auth", "timestamp", "details"}``, where
+    ``details`` says what to send for the rest. The version, pool, spool and
+    the database's error text need the key (they help an attacker more than
+    a prober).
     """
     services = get_services()
-    database = _database_status(services)
+    auth = "api_key" if services.settings.api_key else "open"
+    reveal = _reveal()
+    database = _database_status(services, reveal)
+    status = "healthy" if database["status"] == "up" else "degraded"
+    if auth == "api_key" and not reveal:
+        return jsonify({
+            "status": status,
+            "service": "mlops-service",
+            "database": {"status": database["status"]},
+            "auth": auth,
+            "timestamp": datetime.now(UTC).isoformat(),
+            "details": f"send an {HEADER} with the read scope for version, database, "
+                       "pool and spool",
+        })
     return jsonify({
-        "status": "healthy" if database["status"] == "up" else "degraded",
+        "status": status,
         "service": "mlops-service",
         "version": __version__,
         "pid": os.getpid(),
@@ -101,6 +138,6 @@ def detailed():
         "database": database,
         "pool": {"max_connections": services.db.pool_size, "in_use": services.db.pool_in_use()},
         "spool": _spool_status(services),
-        "auth": "api_key" if services.settings.api_key else "open",
+        "auth": auth,
         "timestamp": datetime.now(UTC).isoformat(),
     })
