@@ -1,9 +1,10 @@
 """gunicorn settings for mlops-service (``gunicorn -c gunicorn.conf.py app:app``).
 
 Read by gunicorn from the working directory. Environment: ``HOST`` (bind
-address, default 0.0.0.0), ``SERVICE_PORT`` (default 5001),
-``WEB_CONCURRENCY`` (workers, default 2), ``GUNICORN_WORKER_CONNECTIONS``
-(concurrent connections per worker, default 1000), ``PROMETHEUS_MULTIPROC_DIR`` (default: a fresh
+address, default 127.0.0.1, this machine only; the image sets 0.0.0.0),
+``SERVICE_PORT`` (default 5001), ``WEB_CONCURRENCY`` (workers, default 2),
+``GUNICORN_WORKER_CONNECTIONS`` (concurrent connections per worker, default
+1000), ``PROMETHEUS_MULTIPROC_DIR`` (default: a fresh
 temporary directory), ``SHUTDOWN_DELAY_SECONDS`` (default 0; see
 ``when_ready``).
 """
@@ -19,7 +20,7 @@ _own_prometheus_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
 if _own_prometheus_dir:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mlops-prometheus-")
 
-bind = f"{os.environ.get('HOST') or '0.0.0.0'}:{os.environ.get('SERVICE_PORT', '5001')}"
+bind = f"{os.environ.get('HOST') or '127.0.0.1'}:{os.environ.get('SERVICE_PORT', '5001')}"
 # One worker per core, each serving its connections as gevent greenlets, so
 # concurrent /track calls share one commit (measurements: bench/layouts.md).
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))

@@ -50,7 +50,7 @@ class Settings:
     """
 
     database_url: str
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     service_port: int = 5001
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     read_api_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -109,7 +109,7 @@ class Settings:
 
         return cls(
             database_url=_database_url(env.get("DATABASE_URL")),
-            host=env.get("HOST", "0.0.0.0"),
+            host=env.get("HOST", "127.0.0.1"),
             service_port=_integer(env, "SERVICE_PORT", 5001, low=1, high=65535),
             **_auth(env),
             trusted_proxies=_integer(env, "TRUSTED_PROXIES", 0, low=0, high=10),

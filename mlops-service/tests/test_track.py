@@ -257,7 +257,9 @@ def test_an_api_key_guards_writes_and_analytics(make_app, method, path, payload)
     assert call(path, headers={"X-API-Key": "s3cret-key-of-16-chars"},
                 **kwargs).status_code in (200, 201, 207)
     assert client.get("/health").status_code == 200
-    assert client.get("/metrics").status_code == 200
+    assert client.get("/metrics").status_code == 401  # keys set: /metrics needs one too
+    assert client.get("/metrics", headers={"X-API-Key": "s3cret-key-of-16-chars"}
+                      ).status_code == 200
 
 
 def test_without_a_key_everything_is_open(client):
