@@ -19,9 +19,11 @@ import collections
 import functools
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,6 +38,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import store
 from .db import Database, DatabaseMisconfigured, DatabaseUnavailable
+from .erased_series import ErasedSeries
 from .schemas import MetricsEvent
 from .spool import Spool
 
@@ -141,7 +144,8 @@ EVENTS_QUEUED = Counter(
 EVENTS_REPLAYED = Counter(
     "mlops_events_replayed", "Spooled events moved into Postgres by the flusher.")
 EVENTS_REJECTED = Counter(
-    "mlops_events_rejected", "Events refused, by reason (invalid, spool_full).",
+    "mlops_events_rejected", "Events refused, by reason (invalid, spool_full, "
+    "event_id_conflict: the id is stored for another business).",
     ["reason"])
 
 # --- access control (mlops/auth.py, mlops/limits.py) ---
@@ -215,6 +219,15 @@ class Telemetry:
                                     cache_seconds=cache_seconds, version=version)
         self._state_registry = CollectorRegistry(auto_describe=False)
         self._state_registry.register(self.state)
+        self.erased = ErasedSeries(
+            (AI_REQUESTS, AI_TOKENS, AI_COST, APPOINTMENTS_REQUESTED, APPOINTMENTS_BOOKED,
+             HUMAN_HANDOFFS),
+            Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]) if multiprocess else None)
+
+    def forget_business(self, business_id: str) -> None:
+        """Drop an erased business's labelled series from ``/metrics`` in every worker
+        of this server (``mlops.erased_series``); it counts from 0 if it comes back."""
+        self.erased.forget(business_id)
 
     def record_stored(self, records: Iterable[store.Record], *, replayed: bool = False) -> None:
         """Count events whose rows were just committed (call after the commit).
@@ -246,8 +259,9 @@ class Telemetry:
                 increments[HUMAN_HANDOFFS, (business, reason)] += 1
             observations[AI_RESPONSE_TIME, ()].append(e.response_time_ms / 1000.0)
             _gen_ai_observations(e, model, observations)
-        for (counter, labels), amount in increments.items():
-            counter.labels(*labels).inc(amount)
+        with self.erased.counting():
+            for (counter, labels), amount in increments.items():
+                counter.labels(*labels).inc(amount)
         for (histogram, labels), values in observations.items():
             observe_all(histogram.labels(*labels) if labels else histogram, values)
 
@@ -255,11 +269,21 @@ class Telemetry:
         """The ``/metrics`` body and content type (Prometheus text format 0.0.4)."""
         if self._multiprocess:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry)
+            registry.register(_Filtered(MultiProcessCollector(None), self.erased.visible))
         else:
             registry = REGISTRY
         return generate_latest(registry) + generate_latest(self._state_registry), \
             CONTENT_TYPE_LATEST
+
+
+class _Filtered:
+    """A collector yielding ``collector``'s families through ``keep``."""
+
+    def __init__(self, collector, keep) -> None:
+        self._collector, self._keep = collector, keep
+
+    def collect(self):
+        return self._keep(self._collector.collect())
 
 
 def _gen_ai_observations(event: MetricsEvent, model: str, observations: dict) -> None:
