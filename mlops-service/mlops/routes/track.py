@@ -18,6 +18,8 @@ from ..telemetry import EVENTS_REJECTED
 bp = Blueprint("track", __name__)
 
 STATUS_FOR = {"stored": 201, "queued": 202}
+# Not mutated: what the error says.
+_CONFLICT = "event_id is already stored for another business"  # pragma: no mutate
 
 
 def _json_body(limit: int) -> bytes:
@@ -41,10 +43,13 @@ def track():
     optional. Answers 201 ``{"status": "success", "storage": "stored",
     "event_id", "timestamp"}`` once the row is committed in Postgres, or 202
     with ``"storage": "queued"`` once it is fsynced to the local spool while
-    Postgres is away. Errors: 401/403 (API key, ``write`` scope), 413 (body
-    over ``MAX_BODY_BYTES``), 415 (not JSON), 422 (each bad field named), 429
-    with ``Retry-After`` (``RATE_LIMIT_TRACK``), 503 with ``Retry-After`` when
-    the database is away and the spool is full.
+    Postgres is away. Sending the same ``event_id`` again for the same
+    business is a replay: 201 again, stored once. Errors: 401/403 (API key,
+    ``write`` scope), 409 ``event_id_conflict`` naming ``event_id`` when that
+    id is stored for another business (nothing stored), 413 (body over
+    ``MAX_BODY_BYTES``), 415 (not JSON), 422 (each bad field named), 429 with
+    ``Retry-After`` (``RATE_LIMIT_TRACK``), 503 with ``Retry-After`` when the
+    database is away and the spool is full.
     """
     services = get_services()
     try:
@@ -52,7 +57,10 @@ def track():
     except InvalidRequest:
         EVENTS_REJECTED.labels("invalid").inc()
         raise
-    storage, (record,) = services.ingestor.submit([event])
+    storage, (record,), conflicts = services.ingestor.submit([event])
+    if conflicts:
+        return error_response(409, "event_id_conflict", _CONFLICT,
+                              [{"field": "event_id", "problem": _CONFLICT}])
     return jsonify({
         "status": "success",
         "message": "Metrics tracked successfully",
@@ -72,9 +80,9 @@ def track_batch():
     (or spooled together); invalid ones are reported and skipped. Answers 207
     with ``results``: one ``{"index", "status", "event_id"|"error"}`` per item,
     in input order, where ``status`` is what ``/track`` would have answered
-    (201, 202 or 422). Errors for the whole body: 413, 415, 422 (not an
-    array, too many items, not JSON), 401/403 (``write`` scope), 429
-    (``RATE_LIMIT_BATCH``), 503 (spool full).
+    (201, 202, 409 with ``error`` naming ``event_id``, or 422). Errors for
+    the whole body: 413, 415, 422 (not an array, too many items, not JSON),
+    401/403 (``write`` scope), 429 (``RATE_LIMIT_BATCH``), 503 (spool full).
     """
     services = get_services()
     limit = services.settings.max_batch_events
@@ -94,11 +102,15 @@ def track_batch():
     if valid:
         # A batch is not the chat app's fire-and-forget call: it may take the
         # statement timeout, not /track's short deadline.
-        storage, records = services.ingestor.submit(
+        storage, records, conflicts = services.ingestor.submit(
             valid, timeout_ms=services.settings.db_statement_timeout_ms)
-        for index, record in zip(positions, records, strict=True):
-            results[index] = {"index": index, "status": STATUS_FOR[storage],
-                              "event_id": record.event_id}
+        for position, (index, record) in enumerate(zip(positions, records, strict=True)):
+            if position in conflicts:
+                results[index] = {"index": index, "status": 409, "event_id": record.event_id,
+                                  "error": [{"field": "event_id", "problem": _CONFLICT}]}
+            else:
+                results[index] = {"index": index, "status": STATUS_FOR[storage],
+                                  "event_id": record.event_id}
     return jsonify({
         "status": "success" if len(valid) == len(parsed) else "partial",
         "storage": storage,
