@@ -8,6 +8,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import psycopg2
 import pytest
 from conftest import empty_tables, metric_sum, metric_values, query
 from hypothesis import HealthCheck, given, settings
@@ -230,3 +231,144 @@ def test_random_erasures_leave_rollups_equal_to_raw(db, pg, seed_, erase, days):
     for index in erase:
         store.erase_conversation(db, f"{business}-{index}", 5000)
     assert_matches_raw(pg, store.analytics(db, business, days), business, days)
+
+
+# --- the audit trail (migrations/0011_erasure_audit.sql) ---------------------
+
+READ_KEY = "erasure-test-read-key-0123456789"
+
+
+def audit_rows(client, target_id: str, key: str = KEY) -> list[dict]:
+    """The rows of GET /erasures about ``target_id``, newest first, every page."""
+    rows, before = [], None
+    while True:
+        page = client.get("/erasures", query_string={"limit": 50, **(
+            {"before": before} if before else {})}, headers={"X-API-Key": key})
+        assert page.status_code == 200, page.get_json()
+        body = page.get_json()
+        rows += [r for r in body["erasures"] if r["target_id"] == target_id]
+        if body["next_before"] is None:
+            return rows
+        before = body["next_before"]
+
+
+def test_the_audit_row_outlives_200k_later_messages_and_names_the_key(make_app, db, pg):
+    app = make_app(MLOPS_API_KEY=KEY)
+    client = app.test_client()
+    business = str(uuid.uuid4())
+    seed(db, varied(30, [business], seed=5))
+    erased = client.delete(f"/businesses/{business}", headers={"X-API-Key": KEY})
+    assert erased.status_code == 200
+
+    # 200k later messages through the store's COPY path (10k per transaction).
+    event = MetricsEvent.model_validate({**SUCCESS, "business_id": f"load-{uuid.uuid4()}"})
+    for _ in range(20):
+        at = datetime.now(UTC)
+        stored = store.insert_events(
+            db, [store.Record(str(uuid.uuid4()), at, event) for _ in range(10_000)], 60_000)
+        assert len(stored) == 10_000
+    assert query(pg, "SELECT count(*) FROM mlops_events") == [(200_000,)]
+
+    (row,) = audit_rows(client, business)
+    assert row["outcome"] == "erased" and row["target"] == "business_id"
+    assert row["key_id"] == hashlib.sha256(KEY.encode()).hexdigest()[:12]
+    assert row["events"] == 30 and row["spooled_events"] == 0 and row["rollup_changes"] > 0
+    assert row["detail"]["removed"] == erased.get_json()["removed"]
+
+
+def test_the_audit_trail_is_append_only(client, pg):
+    assert client.delete("/conversations/audit-append-only").status_code == 200
+    (audit_id,) = query(pg, "SELECT max(id) FROM mlops_erasure_audit")[0]
+    for sql in ("UPDATE mlops_erasure_audit SET key_id = 'someone-else' WHERE id = %s",
+                "DELETE FROM mlops_erasure_audit WHERE id = %s",
+                "TRUNCATE mlops_erasure_audit"):
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege, match="append-only"):
+            query(pg, sql, audit_id) if "%s" in sql else query(pg, sql)
+    assert query(pg, "SELECT key_id, target_id FROM mlops_erasure_audit WHERE id = %s",
+                 audit_id) == [("none", "audit-append-only")]
+
+
+def test_refusals_are_audited_and_the_trail_needs_an_erase_key(make_app):
+    app = make_app(MLOPS_API_KEY=KEY, MLOPS_READ_API_KEY=READ_KEY)
+    client = app.test_client()
+    target = f"b-{uuid.uuid4()}"
+    assert client.delete(f"/businesses/{target}").status_code == 401
+    assert client.delete(f"/businesses/{target}",
+                         headers={"X-API-Key": READ_KEY}).status_code == 403
+    assert client.delete(f"/sessions/{target}",
+                         headers={"X-API-Key": "wrong"}).status_code == 403
+    assert client.get("/erasures", headers={"X-API-Key": READ_KEY}).status_code == 403
+    assert client.get("/erasures").status_code == 401
+
+    rows = audit_rows(client, target)
+    assert [(r["outcome"], r["target"], r["key_id"], r["detail"]) for r in rows] == [
+        ("refused", "session_id", hashlib.sha256(b"wrong").hexdigest()[:12],
+         {"status": 403, "reason": "forbidden"}),
+        ("refused", "business_id", hashlib.sha256(READ_KEY.encode()).hexdigest()[:12],
+         {"status": 403, "reason": "forbidden"}),
+        ("refused", "business_id", "none", {"status": 401, "reason": "unauthorized"}),
+    ]
+    assert {r["events"] for r in rows} == {0}
+
+
+def test_the_trail_pages_newest_first(client):
+    targets = [f"c-{uuid.uuid4()}" for _ in range(5)]
+    for target in targets:
+        assert client.delete(f"/conversations/{target}").status_code == 200
+    seen, before = [], None
+    while len(seen) < 5:
+        body = client.get("/erasures", query_string={"limit": 2, **(
+            {"before": before} if before else {})}).get_json()
+        assert len(body["erasures"]) == 2 and body["next_before"] == body["erasures"][-1]["id"]
+        seen += [r["target_id"] for r in body["erasures"]]
+        before = body["next_before"]
+    assert seen[:5] == targets[::-1]
+    bad = client.get("/erasures?limit=0")
+    assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "limit"
+
+
+# --- erasure by session_id --------------------------------------------------
+
+def test_a_session_leaves_events_rollups_spool_and_cannot_come_back(client, app, db, pg):
+    business, other = str(uuid.uuid4()), str(uuid.uuid4())
+    session = f"sess-{uuid.uuid4()}"
+    events = varied(120, [business, other], seed=31)
+    lone = f"conv-{uuid.uuid4()}"  # a conversation held only by this session
+    for i, event in enumerate(events):
+        if i % 3 == 0:
+            event["session_id"] = session
+        if i in (0, 6):
+            event["conversation_id"] = lone
+    mine = [e for e in events if e["session_id"] == session]
+    held = records(mine[:4], days_ago=1)  # copies still in flight somewhere
+    rest = [e for e in events if not any(e is m for m in mine[:4])]
+    store.insert_events(db, held + records(rest[:60], days_ago=1) + records(rest[60:]), 5000)
+    outbox = get_services(app).outbox
+    outbox.stop(drain_seconds=5)
+    outbox.spool.put([(str(uuid.uuid4()), time.time(), MetricsEvent.model_validate(
+        {**SUCCESS, "session_id": s}).model_dump_json()) for s in (session, "stays")])
+
+    response = client.delete(f"/sessions/{session}")
+
+    assert response.status_code == 200
+    removed = response.get_json()["removed"]
+    assert response.get_json()["erased"] == {"session_id": session}
+    assert removed["mlops_events"] == len(mine) and removed["spooled_events"] == 1
+    assert removed["mlops_rollup_conversations"] == 1  # the lone one; the others keep events
+    assert query(pg, "SELECT count(*) FROM mlops_events WHERE session_id = %s",
+                 session) == [(0,)]
+    assert query(pg, "SELECT count(*) FROM mlops_rollup_conversations "
+                     "WHERE conversation_id = %s", lone) == [(0,)]
+    assert [json.loads(e.payload)["session_id"] for e in outbox.spool.peek(10)] == ["stays"]
+    for b in (business, other):
+        assert_matches_raw(pg, store.analytics(db, b, 7), b, 7)
+    assert_totals_match_raw(pg, store.business_totals(db, 30), 30)
+    assert store.insert_events(db, held[:2], 5000) == set()  # the function's path
+    unrelated = records([e for e in rest if e["session_id"] != session][:70])
+    assert store.insert_events(db, held + unrelated, 5000) == {  # COPY's path
+        r.event_id for r in unrelated}
+    assert query(pg, "SELECT count(*) FROM mlops_events WHERE session_id = %s",
+                 session) == [(0,)]
+    (row,) = audit_rows(client, session)
+    assert (row["target"], row["events"], row["spooled_events"]) == (
+        "session_id", len(mine), 1)

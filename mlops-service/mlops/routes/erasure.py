@@ -61,7 +61,7 @@ class ErasuresQuery(BaseModel):
     """Query of ``GET /erasures``: a page size, and the ``id`` to continue below."""
 
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
-    before: Annotated[int | None, Field(ge=1)] = None
+    before: Annotated[int | None, Field(ge=1, le=2**63 - 1)] = None
 
 
 def _requester() -> store.Requester:
