@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg2
 import pytest
+import requests
 from conftest import empty_tables, metric_sum, metric_values, query
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -372,3 +376,66 @@ def test_a_session_leaves_events_rollups_spool_and_cannot_come_back(client, app,
     (row,) = audit_rows(client, session)
     assert (row["target"], row["events"], row["spooled_events"]) == (
         "session_id", len(mine), 1)
+
+
+# --- /metrics (mlops/erased_series.py) --------------------------------------
+
+def business_series(text: str, business: str) -> dict:
+    return {k: v for k, v in metric_values(text).items() if ("business_id", business) in k[1]}
+
+
+def test_an_erased_business_leaves_metrics_in_one_process(client):
+    business = str(uuid.uuid4())
+    for _ in range(3):
+        assert client.post("/track", json={**SUCCESS, "business_id": business}).status_code \
+            == 201
+    assert business_series(client.get("/metrics").get_data(as_text=True), business)
+    assert client.delete(f"/businesses/{business}").status_code == 200
+    assert business_series(client.get("/metrics").get_data(as_text=True), business) == {}
+
+
+def _multiproc_dir(server) -> Path:
+    """The server's PROMETHEUS_MULTIPROC_DIR (gunicorn.conf.py makes it with mkdtemp)."""
+    pid = server.worker_pids()[0]
+    (directory,) = [path.parent for path in Path(tempfile.gettempdir()).glob(
+        f"mlops-prometheus-*/counter_{pid}.db")]
+    return directory
+
+
+def test_an_erased_business_leaves_metrics_of_every_gunicorn_worker(gunicorn):
+    server = gunicorn(workers=2)
+    directory = _multiproc_dir(server)
+    business, other = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def post(business_id: str) -> int:
+        return requests.post(f"{server.url}/track", json={**SUCCESS, "business_id": business_id},
+                             timeout=10).status_code
+
+    def counted_by() -> set[int]:
+        """Workers whose metric files hold a series of ``business``."""
+        return {pid for pid in server.worker_pids()
+                if business.encode() in (directory / f"counter_{pid}.db").read_bytes()}
+
+    assert post(other) == 201
+    deadline = time.monotonic() + 30
+    with ThreadPoolExecutor(8) as pool:
+        while len(counted_by()) < 2:  # both workers count it: a remove() in one is not enough
+            assert time.monotonic() < deadline, "one worker took every request"
+            assert set(pool.map(post, [business] * 16)) == {201}
+
+    def scrape() -> str:
+        response = requests.get(f"{server.url}/metrics", timeout=10)
+        assert response.status_code == 200
+        return response.text
+
+    assert business_series(scrape(), business)
+    assert requests.delete(f"{server.url}/businesses/{business}", timeout=30).status_code == 200
+
+    for _ in range(10):  # whichever worker answers
+        text = scrape()
+        assert business_series(text, business) == {}
+        assert business_series(text, other)
+    # Coming back, it counts from zero.
+    assert [post(business) for _ in range(3)] == [201] * 3
+    assert metric_sum(metric_values(scrape()), "ai_requests_total", business_id=business) == 3
+    assert "Traceback" not in server.log()

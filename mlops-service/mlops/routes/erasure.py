@@ -10,8 +10,9 @@ flight). The same transaction appends one row to the append-only audit
 table ``mlops_erasure_audit`` (who: the caller's key id; what; how much),
 which ``GET /erasures`` reads; a request refused for want of an ``erase``
 key (401/403) is appended too. A business's labelled series leave this
-replica's ``/metrics`` at once (``Telemetry.forget_business``); the
-Postgres-derived gauges drop the erased data at their next refresh.
+replica's ``/metrics`` at once (``Telemetry.forget_business``), and the
+Postgres-derived gauges are marked stale for every worker (re-read by the
+erasing worker at once, by the others at their next scrape).
 """
 
 from __future__ import annotations
@@ -198,6 +199,8 @@ def _erase(field: str, value: str, erase):
         log.error("erasure failed: database unavailable",
                   extra={"error": str(exc), "target": field, "spooled_events": spooled})
         return error_response(503, "database_unavailable", f"database unavailable: {exc}")
+    # The Postgres-derived gauges: stale for every worker, re-read here.
+    services.telemetry.state.request_refresh()
     now = datetime.now(UTC).isoformat()
     key = request.headers.get(HEADER)
     audit.info("erasure", extra={
