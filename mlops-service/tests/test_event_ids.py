@@ -62,7 +62,10 @@ def test_a_batch_reports_each_conflict_and_stores_the_rest(client, pg):
         response = client.post("/track/batch", json=items + padding)
 
         assert response.status_code == 207
-        results = response.get_json()["results"]
+        body = response.get_json()
+        assert (body["status"], body["accepted"], body["rejected"]) == (
+            "partial", size - 2, 2)
+        results = body["results"]
         assert [r["status"] for r in results[:len(items)]] == [
             409, 201, 201, 201, 201, 409, 201]
         assert {r["status"] for r in results[len(items):]} <= {201}

@@ -80,7 +80,8 @@ def track_batch():
     (or spooled together); invalid ones are reported and skipped. Answers 207
     with ``results``: one ``{"index", "status", "event_id"|"error"}`` per item,
     in input order, where ``status`` is what ``/track`` would have answered
-    (201, 202, 409 with ``error`` naming ``event_id``, or 422). Errors for
+    (201, 202, 409 with ``error`` naming ``event_id``, or 422); ``accepted``
+    counts the 201/202 items, ``rejected`` the others. Errors for
     the whole body: 413, 415, 422 (not an array, too many items, not JSON),
     401/403 (``write`` scope), 429 (``RATE_LIMIT_BATCH``), 503 (spool full).
     """
@@ -98,7 +99,7 @@ def track_batch():
             positions.append(index)
     EVENTS_REJECTED.labels("invalid").inc(len(parsed) - len(valid))
 
-    storage = None
+    storage, conflicts = None, set()
     if valid:
         # A batch is not the chat app's fire-and-forget call: it may take the
         # statement timeout, not /track's short deadline.
@@ -111,11 +112,12 @@ def track_batch():
             else:
                 results[index] = {"index": index, "status": STATUS_FOR[storage],
                                   "event_id": record.event_id}
+    accepted = len(valid) - len(conflicts)
     return jsonify({
-        "status": "success" if len(valid) == len(parsed) else "partial",
+        "status": "success" if accepted == len(parsed) else "partial",
         "storage": storage,
-        "accepted": len(valid),
-        "rejected": len(parsed) - len(valid),
+        "accepted": accepted,
+        "rejected": len(parsed) - accepted,
         "results": results,
     }), 207
 
