@@ -58,7 +58,7 @@ def create_app(settings=None) -> Flask:
         db, spool, max_businesses=settings.metrics_max_businesses,
         max_series=settings.metrics_max_series,
         cache_seconds=settings.metrics_cache_seconds, version=__version__,
-        multiprocess=settings.prometheus_multiproc_dir is not None)
+        multiproc_dir=settings.prometheus_multiproc_dir)
     deliver = Delivery(db, telem)
     outbox = Outbox(spool, deliver, timeout_ms=db.default_timeout_ms)
     ingestor = Ingestor(GroupCommit(deliver), outbox, timeout_ms=settings.db_insert_timeout_ms)

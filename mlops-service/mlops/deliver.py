@@ -9,6 +9,7 @@ once whichever writer commits it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -16,7 +17,9 @@ from collections.abc import Sequence
 
 from . import store
 from .db import Database, DatabaseUnavailable
-from .telemetry import Telemetry
+from .telemetry import EVENTS_REJECTED, Telemetry
+
+log = logging.getLogger(__name__)
 
 
 class Delivery:
@@ -27,8 +30,15 @@ class Delivery:
         self.telemetry = telemetry
 
     def __call__(self, records: Sequence[store.Record], *, timeout_ms: int,
-                 skip_if_down: bool = False, replayed: bool = False) -> set[str]:
+                 skip_if_down: bool = False, replayed: bool = False) -> store.Inserted:
         """Insert ``records`` within ``timeout_ms`` (in all); return the event ids newly stored.
+
+        Records whose ``event_id`` another business holds are not stored: they
+        are in the result's ``conflicts`` and counted in
+        ``mlops_events_rejected_total{reason="event_id_conflict"}``; those
+        ``replayed`` from the spool, whose request was answered long ago, are
+        also logged (a warning naming event and business), since no one else
+        learns of them.
 
         ``skip_if_down`` fails at once while the database's breaker is open
         (see ``Database.deadline``); ``replayed`` marks records coming from
@@ -39,8 +49,20 @@ class Delivery:
         """
         with self.db.deadline(timeout_ms, skip_if_down=skip_if_down):
             inserted = store.insert_events(self.db, list(records), timeout_ms)
-        self.telemetry.record_stored([r for r in records if r.event_id in inserted],
-                                     replayed=replayed)
+        new, counted = [], set()
+        for r in records:  # an id given twice in one delivery is stored (and counted) once
+            if r.event_id in inserted and (r.event_id, r.event.business_id) not in \
+                    inserted.conflicts and r.event_id not in counted:
+                counted.add(r.event_id)
+                new.append(r)
+        self.telemetry.record_stored(new, replayed=replayed)
+        if inserted.conflicts:
+            EVENTS_REJECTED.labels("event_id_conflict").inc(len(inserted.conflicts))
+            if replayed:
+                for event_id, business_id in sorted(inserted.conflicts):
+                    log.warning("spooled event dropped: its event_id is stored for another "
+                                "business", extra={"event_id": event_id,
+                                                   "business_id": business_id})
         return inserted
 
 
@@ -58,7 +80,7 @@ class _Waiting:
         self.records = records
         self.deadline = deadline  # time.monotonic()
         self.done = threading.Event()
-        self.inserted: set[str] = set()  # pragma: no mutate - read only once the group stored
+        self.inserted = store.Inserted()  # pragma: no mutate - read only once the group stored
         self.error: BaseException | None = None
 
 
@@ -90,8 +112,9 @@ class GroupCommit:
         self._thread: threading.Thread | None = None
         self._stopped = False  # pragma: no mutate - None is as false
 
-    def __call__(self, records: Sequence[store.Record], *, timeout_ms: int) -> set[str]:
-        """Deliver ``records`` within ``timeout_ms`` (in all); return the event ids newly stored.
+    def __call__(self, records: Sequence[store.Record], *, timeout_ms: int) -> store.Inserted:
+        """Deliver ``records`` within ``timeout_ms`` (in all); return the event ids newly stored,
+        with the conflicts among ``records`` (:class:`mlops.store.Inserted`).
 
         Fails at once while the database's breaker is open. Batches of more
         than ``max_records`` are delivered alone, in the caller's thread.
@@ -170,5 +193,7 @@ class GroupCommit:
                     waiting.done.set()
                 continue
             for waiting in group:
-                waiting.inserted = {r.event_id for r in waiting.records} & inserted
+                mine = {(r.event_id, r.event.business_id) for r in waiting.records}
+                waiting.inserted = store.Inserted(
+                    {event_id for event_id, _ in mine} & inserted, mine & inserted.conflicts)
                 waiting.done.set()

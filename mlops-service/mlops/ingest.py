@@ -34,24 +34,29 @@ class Ingestor:
         self._timeout_ms = timeout_ms
 
     def submit(self, events: Sequence[MetricsEvent], *,
-               timeout_ms: int | None = None) -> tuple[str, list[Record]]:
-        """Store ``events`` (already validated); return ``("stored"|"queued", records)``.
+               timeout_ms: int | None = None) -> tuple[str, list[Record], set[int]]:
+        """Store ``events`` (already validated); return ``("stored"|"queued", records,
+        conflicts)``.
 
         Each event gets its ``event_id`` (the client's, or a new UUID) and the
-        server receive time. ``timeout_ms`` (default ``DB_INSERT_TIMEOUT_MS``)
-        bounds the wait for Postgres. Raises :class:`mlops.spool.SpoolFull`
-        when the database is away and the spool is at its cap (nothing was
-        stored).
+        server receive time. ``conflicts``: positions in ``events`` of those not
+        stored because their ``event_id`` is stored for another business
+        (known only when stored; a queued event's conflict shows when the
+        outbox delivers it, see ``mlops.deliver.Delivery``). ``timeout_ms``
+        (default ``DB_INSERT_TIMEOUT_MS``) bounds the wait for Postgres.
+        Raises :class:`mlops.spool.SpoolFull` when the database is away and
+        the spool is at its cap (nothing was stored).
         """
         now = datetime.now(UTC)
         records = [Record(e.event_id or str(uuid.uuid4()), now, e) for e in events]
         try:
-            self._commit(records, timeout_ms=timeout_ms or self._timeout_ms)
+            inserted = self._commit(records, timeout_ms=timeout_ms or self._timeout_ms)
         except (DatabaseUnavailable, DatabaseMisconfigured):
             self._outbox.put(records)
             EVENTS_QUEUED.inc(len(records))
-            return "queued", records
-        return "stored", records
+            return "queued", records, set()
+        return "stored", records, {i for i, r in enumerate(records)
+                                   if (r.event_id, r.event.business_id) in inserted.conflicts}
 
     def stop(self) -> None:
         """From now on, every request goes to the outbox (at shutdown)."""

@@ -5,6 +5,12 @@ the event is fsynced, so an event acknowledged as ``queued`` survives a
 crash of the process or the machine. One file is shared by every gunicorn
 worker (SQLite serialises writers across processes); events leave it in
 arrival order, oldest first.
+
+Every connection sets ``secure_delete``, so the bytes of a deleted event
+are overwritten with zeros in the page that held it (SQLite, "PRAGMA
+secure_delete"); :meth:`Spool.discard` (erasure) also checkpoints the WAL
+with ``TRUNCATE``, so the page images that still held the erased event in
+the write-ahead log leave the disk too.
 """
 
 from __future__ import annotations
@@ -56,6 +62,10 @@ class SpoolFull(Exception):
     """The spool reached its size cap; the caller answers 503 with Retry-After."""
 
 
+class SpoolBusy(Exception):
+    """Another connection kept the WAL from being checkpointed within the busy timeout."""
+
+
 @dataclass(frozen=True)
 class SpooledEvent:
     """One queued event: its position, idempotency key, receive time and JSON."""
@@ -85,6 +95,7 @@ class Spool:
                                    isolation_level=None)
             _enable_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")  # pragma: no mutate
+            conn.execute("PRAGMA secure_delete=ON")
             self._local.conn = conn
         return conn
 
@@ -120,12 +131,19 @@ class Spool:
         """Delete every waiting event whose JSON ``field`` equals ``value``; return how many.
 
         For erasure. ``field`` is a top-level key of the event (a fixed name
-        from the caller, never user input).
+        from the caller, never user input). The deleted bytes are zeroed
+        (``secure_delete``) and the WAL is checkpointed into the database
+        file and truncated to 0 bytes, waiting up to the busy timeout for
+        readers of other workers; raises ``SpoolBusy`` if one still holds
+        an old snapshot (the erased bytes may then remain in the WAL).
         """
         conn = self._connect()
         with conn:
             conn.execute("BEGIN IMMEDIATE")  # pragma: no mutate
             cursor = conn.execute(_DISCARD, (f"$.{field}", value))
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise SpoolBusy("the spool's WAL could not be truncated: a reader holds it")
         return cursor.rowcount
 
     def depth(self) -> int:

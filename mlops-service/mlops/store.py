@@ -17,6 +17,7 @@ before it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -196,8 +197,8 @@ def insert_sql(source: str, shard: int | str) -> str:
     benchmark's loader). Returns the inserted ``event_id``s. Rows whose
     ``event_id`` is already stored are skipped and left out of the rollups
     (``RETURNING`` yields only new rows); so are rows received before an
-    erasure of their conversation or business (``mlops_erasures``), such as
-    a copy of an erased event still in some replica's spool.
+    erasure of their conversation, session or business (``mlops_erasures``),
+    such as a copy of an erased event still in some replica's spool.
     """
     columns = ", ".join(_INSERT_COLUMNS)
     return f"""
@@ -210,6 +211,9 @@ WITH ins AS (
       AND NOT EXISTS (
         SELECT FROM mlops_erasures x WHERE x.erased = 'business_id'
           AND x.id = s.business_id AND s.received_at <= x.erased_at)
+      AND NOT EXISTS (
+        SELECT FROM mlops_erasures x WHERE x.erased = 'session_id'
+          AND x.id = s.session_id AND s.received_at <= x.erased_at)
     ON CONFLICT (event_id) DO NOTHING
     RETURNING {_ROLLED_COLUMNS}, event_id
 ), {_rollup_ctes('ins', shard)}
@@ -226,8 +230,9 @@ _ARRAY_TYPES = (
 
 # The migration holding the current insert_function_sql(); 0003 held the
 # first version, 0005 the one before mlops_rollup_epoch, 0007 the one before
-# mlops_erasures, 0009 the one that let Postgres re-plan every call.
-INSERT_FUNCTION_MIGRATION = "0010_insert_function_generic_plan.sql"
+# mlops_erasures, 0009 the one that let Postgres re-plan every call, 0010
+# the one before erasure by session.
+INSERT_FUNCTION_MIGRATION = "0012_insert_function_sessions.sql"
 
 
 def insert_function_sql() -> str:
@@ -265,11 +270,45 @@ _CALL_SQL = (
 )
 
 
-def insert_events(db: Database, records: list[Record], timeout_ms: int) -> set[str]:
+class Inserted(set):
+    """The ``event_id``s an insert stored anew (a set of str), plus its ``conflicts``.
+
+    ``conflicts``: ``(event_id, business_id)`` of the records refused because
+    their ``event_id`` is stored for another business (an id is unique over
+    every business, migrations/0001_events.sql). Records whose id is stored
+    for their own business are replays: neither new nor conflicts.
+    """
+
+    def __init__(self, ids=(), conflicts=frozenset()) -> None:
+        super().__init__(ids)
+        self.conflicts: frozenset[tuple[str, str]] = frozenset(conflicts)
+
+
+_OWNERS_SQL = "SELECT event_id, business_id FROM mlops_events WHERE event_id = ANY(%s)"
+
+
+def _find_conflicts(cur, records: list[Record], inserted: set[str], timeout_ms: int) -> Inserted:
+    """``inserted`` with the records whose id another business holds (one more
+    query, only when some record was not new or an id came twice)."""
+    ids = collections.Counter(r.event_id for r in records)
+    doubtful = [i for i, n in ids.items() if i not in inserted or n > 1]
+    if not doubtful:
+        return Inserted(inserted)
+    cur.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)};" + _OWNERS_SQL, (doubtful,))
+    owner = dict(cur.fetchall())
+    # An id absent from the table was refused by an erasure (mlops_erasures): no conflict.
+    return Inserted(inserted, {
+        (r.event_id, r.event.business_id) for r in records
+        if owner.get(r.event_id, r.event.business_id) != r.event.business_id})
+
+
+def insert_events(db: Database, records: list[Record], timeout_ms: int) -> Inserted:
     """Insert ``records`` and update the rollups in one transaction; return the ids stored.
 
     Idempotent: an ``event_id`` already present is skipped (``ON CONFLICT DO
-    NOTHING``), left out of the returned set and out of the rollups.
+    NOTHING``), left out of the returned set and out of the rollups; when
+    it is present for another business, the record is listed in the
+    result's ``conflicts`` (:class:`Inserted`).
     ``timeout_ms`` bounds the transaction's statements. Up to
     ``COPY_THRESHOLD - 1`` records go as one call of ``mlops_insert_events``
     (one round trip, a cached plan); larger batches are COPYed into a
@@ -278,21 +317,22 @@ def insert_events(db: Database, records: list[Record], timeout_ms: int) -> set[s
     Raises the errors of ``Database.run``.
     """
     if not records:
-        return set()
+        return Inserted()
     shard = random.randrange(SHARDS)
     if len(records) < COPY_THRESHOLD:
         columns = [list(values) for values in zip(*(r.row() for r in records), strict=True)]
 
-        def work(cur) -> set[str]:
+        def work(cur) -> Inserted:
             cur.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)};" + _CALL_SQL,
                         (*columns, shard))
-            return {row[0] for row in cur.fetchall()}
+            return _find_conflicts(cur, records, {row[0] for row in cur.fetchall()},
+                                   timeout_ms)
 
         return db.run(work)
 
     data = "".join(r.copy_line() for r in records)
 
-    def copy_work(cur) -> set[str]:
+    def copy_work(cur) -> Inserted:
         cur.execute(
             f"SET LOCAL statement_timeout = {int(timeout_ms)};"
             "CREATE TEMP TABLE mlops_staging ON COMMIT DROP AS "
@@ -300,7 +340,8 @@ def insert_events(db: Database, records: list[Record], timeout_ms: int) -> set[s
         copy_from(cur, f"COPY mlops_staging ({', '.join(_INSERT_COLUMNS)}) FROM STDIN",
                   io.StringIO(data))
         cur.execute(insert_sql(f"SELECT {', '.join(_INSERT_COLUMNS)} FROM mlops_staging", shard))
-        return {row[0] for row in cur.fetchall()}
+        return _find_conflicts(cur, records, {row[0] for row in cur.fetchall()},
+                                   timeout_ms)
 
     return db.run(lambda cur: _transaction(cur, copy_work))
 
@@ -759,56 +800,141 @@ _ERASE_CONVERSATION_STEPS = (
 )
 
 
+_ERASE_SESSION_STEPS = (
+    # Every raw row of the session, through mlops_events_session_idx.
+    """WITH gone AS (DELETE FROM mlops_events WHERE session_id = %(id)s RETURNING *)
+    INSERT INTO mlops_erased SELECT * FROM gone""",
+)
+
+# The conversations a session erasure emptied: those with no raw event left
+# over the days of their span. (A conversation whose other events retention
+# already deleted goes too: its span was all the rollup knew of it.)
+_DROP_EMPTIED_CONVERSATIONS_SQL = """
+DELETE FROM mlops_rollup_conversations r
+USING (SELECT DISTINCT business_id, conversation_id FROM mlops_erased
+       WHERE conversation_id IS NOT NULL) c
+WHERE r.business_id = c.business_id AND r.conversation_id = c.conversation_id
+  AND NOT EXISTS (
+    SELECT FROM mlops_events e
+    WHERE e.business_id = r.business_id AND e.conversation_id = r.conversation_id
+      AND e.received_at >= (r.first_day::timestamp AT TIME ZONE 'UTC')
+      AND e.received_at < ((r.last_day + 1)::timestamp AT TIME ZONE 'UTC'))"""
+
 # Events received up to now for the erased id are refused from now on (insert_sql).
 _TOMBSTONE_SQL = """
 INSERT INTO mlops_erasures (erased, id, erased_at) VALUES (%s, %s, now())
 ON CONFLICT (erased, id) DO UPDATE SET erased_at = EXCLUDED.erased_at"""
 
+# One row of the append-only audit trail (migrations/0011_erasure_audit.sql).
+_AUDIT_SQL = """
+INSERT INTO mlops_erasure_audit (outcome, key_id, target, target_id, events, spooled_events,
+                                 rollup_changes, detail)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+RETURNING id, at"""
+# Whatever each erasure reports beyond these keys is a count of rollup rows changed.
+_NOT_ROLLUP_COUNTS = ("mlops_events", "spooled_events")
 
-def erase_conversation(db: Database, conversation_id: str, timeout_ms: int) -> dict[str, int]:
+
+@dataclass(frozen=True)
+class Requester:
+    """Who asked for an erasure: ``mlops.auth.key_id`` of their key, or ``"none"``."""
+
+    key_id: str = "none"
+
+
+def _audit(cur, outcome: str, key: str, target: str, target_id: str,
+           counts: dict[str, int], detail: dict) -> tuple[int, datetime]:
+    rollup = sum(v for k, v in counts.items() if k not in _NOT_ROLLUP_COUNTS)
+    cur.execute(_AUDIT_SQL, (outcome, key, target, target_id, counts.get("mlops_events", 0),
+                             counts.get("spooled_events", 0), rollup, Json(detail)))
+    return cur.fetchone()
+
+
+def _erase_rows(cur, field: str, value: str, steps: tuple[str, ...]) -> dict[str, int]:
+    """Move the rows ``steps`` delete into temp table ``mlops_erased``, subtract
+    them from the counting rollups and tombstone ``value``; return the counts."""
+    cur.execute("CREATE TEMP TABLE mlops_erased ON COMMIT DROP AS "
+                "SELECT * FROM mlops_events WITH NO DATA")
+    for step in steps:
+        cur.execute(step, {"id": value})
+    cur.execute("SELECT count(*) FROM mlops_erased")
+    counts = {"mlops_events": cur.fetchone()[0]}
+    recomputed = 0
+    for table, sql in (("mlops_rollup_daily", _SUBTRACT_DAILY_SQL),
+                       ("mlops_rollup_latency", _SUBTRACT_LATENCY_SQL),
+                       ("mlops_rollup_intents", _SUBTRACT_INTENTS_SQL)):
+        cur.execute(sql)
+        old, put = cur.fetchone()
+        counts[table] = old - put
+        recomputed += put
+    if field == "conversation_id":
+        cur.execute("DELETE FROM mlops_rollup_conversations WHERE conversation_id = %s",
+                    (value,))
+    else:
+        cur.execute(_DROP_EMPTIED_CONVERSATIONS_SQL)
+    counts["mlops_rollup_conversations"] = cur.rowcount
+    counts["rollup_rows_recomputed"] = recomputed
+    cur.execute(_BUMP_EPOCH_SQL)
+    cur.execute(_TOMBSTONE_SQL, (field, value))
+    return counts
+
+
+def _erase(db: Database, field: str, value: str, timeout_ms: int, work,
+           requester: Requester, spooled_events: int) -> dict[str, int]:
+    """Run ``work(cur) -> counts`` under the maintenance lock, and write its audit
+    row in the same transaction: the trail holds an erasure if and only if it happened."""
+    def audited(cur):
+        counts = work(cur)
+        counts["spooled_events"] = spooled_events
+        _audit(cur, "erased", requester.key_id, field, value, counts, {"removed": counts})
+        return counts
+
+    return _locked(db, audited, wait=True, timeout_ms=timeout_ms)
+
+
+def erase_conversation(db: Database, conversation_id: str, timeout_ms: int, *,
+                       requester: Requester = Requester(),
+                       spooled_events: int = 0) -> dict[str, int]:
     """Delete one conversation's events and its share of every rollup, in one transaction.
 
     Returns rows removed per table (``mlops_events``,
     ``mlops_rollup_conversations``, and for ``mlops_rollup_daily``,
     ``mlops_rollup_latency`` and ``mlops_rollup_intents`` the rows left empty) plus
     ``rollup_rows_recomputed``: the rows rewritten as (shard total - the
-    conversation's share). Rollups of days whose raw rows retention already
-    deleted keep their anonymous counts; the conversation id goes from
-    every table. Zeros when nothing matches. Events of the conversation
-    received before now are refused from now on, so copies still in a
-    spool or in flight elsewhere do not bring it back (``mlops_erasures``).
+    conversation's share), and ``spooled_events`` as given (the caller's
+    count of spooled copies it discarded). Rollups of days whose raw rows
+    retention already deleted keep their anonymous counts; the conversation
+    id goes from every table. Zeros when nothing matches. Events of the
+    conversation received before now are refused from now on, so copies
+    still in a spool or in flight elsewhere do not bring it back
+    (``mlops_erasures``). The same transaction appends the audit row
+    (``mlops_erasure_audit``) naming ``requester``.
     """
-    def work(cur):
-        cur.execute("CREATE TEMP TABLE mlops_erased ON COMMIT DROP AS "
-                    "SELECT * FROM mlops_events WITH NO DATA")
-        for step in _ERASE_CONVERSATION_STEPS:
-            cur.execute(step, {"id": conversation_id})
-        cur.execute("SELECT count(*) FROM mlops_erased")
-        counts = {"mlops_events": cur.fetchone()[0]}
-        recomputed = 0
-        for table, sql in (("mlops_rollup_daily", _SUBTRACT_DAILY_SQL),
-                           ("mlops_rollup_latency", _SUBTRACT_LATENCY_SQL),
-                           ("mlops_rollup_intents", _SUBTRACT_INTENTS_SQL)):
-            cur.execute(sql)
-            old, put = cur.fetchone()
-            counts[table] = old - put
-            recomputed += put
-        cur.execute("DELETE FROM mlops_rollup_conversations WHERE conversation_id = %s",
-                    (conversation_id,))
-        counts["mlops_rollup_conversations"] = cur.rowcount
-        counts["rollup_rows_recomputed"] = recomputed
-        cur.execute(_BUMP_EPOCH_SQL)
-        cur.execute(_TOMBSTONE_SQL, ("conversation_id", conversation_id))
-        return counts
-
-    return _locked(db, work, wait=True, timeout_ms=timeout_ms)
+    return _erase(db, "conversation_id", conversation_id, timeout_ms,
+                  lambda cur: _erase_rows(cur, "conversation_id", conversation_id,
+                                          _ERASE_CONVERSATION_STEPS),
+                  requester, spooled_events)
 
 
-def erase_business(db: Database, business_id: str, timeout_ms: int) -> dict[str, int]:
+def erase_session(db: Database, session_id: str, timeout_ms: int, *,
+                  requester: Requester = Requester(), spooled_events: int = 0) -> dict[str, int]:
+    """Delete one session's events (of every business) and their share of every rollup.
+
+    As :func:`erase_conversation`, with the same keys; a conversation's
+    rollup row goes once none of its events is left.
+    """
+    return _erase(db, "session_id", session_id, timeout_ms,
+                  lambda cur: _erase_rows(cur, "session_id", session_id, _ERASE_SESSION_STEPS),
+                  requester, spooled_events)
+
+
+def erase_business(db: Database, business_id: str, timeout_ms: int, *,
+                   requester: Requester = Requester(), spooled_events: int = 0) -> dict[str, int]:
     """Delete every event and rollup row of one business, in one transaction.
 
-    Returns rows removed per table; zeros when nothing matches. Events of
-    the business received before now are refused from now on, as for
+    Returns rows removed per table and ``spooled_events`` as given; zeros
+    when nothing matches. Events of the business received before now are
+    refused from now on, and the audit row is appended, as for
     :func:`erase_conversation`.
     """
     def work(cur):
@@ -820,4 +946,42 @@ def erase_business(db: Database, business_id: str, timeout_ms: int) -> dict[str,
         cur.execute(_TOMBSTONE_SQL, ("business_id", business_id))
         return counts
 
-    return _locked(db, work, wait=True, timeout_ms=timeout_ms)
+    return _erase(db, "business_id", business_id, timeout_ms, work, requester, spooled_events)
+
+
+def record_erasure_refusal(db: Database, requester: Requester, target: str, target_id: str,
+                           status: int, reason: str) -> None:
+    """Append a refused erasure (HTTP ``status``, ``reason`` such as ``wrong_key``) to
+    the audit trail. Raises the errors of ``Database.run``."""
+    def work(cur):
+        cur.execute(db.timeout_prefix())
+        _audit(cur, "refused", requester.key_id, target, target_id, {},
+               {"status": status, "reason": reason})
+
+    db.run(lambda cur: _transaction(cur, work))
+
+
+_AUDIT_PAGE_SQL = """
+SELECT id, at, outcome, key_id, target, target_id, events, spooled_events, rollup_changes,
+       detail
+FROM mlops_erasure_audit WHERE id < %(before)s ORDER BY id DESC LIMIT %(limit)s"""
+_AUDIT_FIELDS = ("id", "at", "outcome", "key_id", "target", "target_id", "events",
+                 "spooled_events", "rollup_changes", "detail")
+
+
+def erasure_audit(db: Database, limit: int, before: int | None = None) -> list[dict]:
+    """Up to ``limit`` audit rows, newest first, with ``id`` below ``before`` (all when None).
+
+    Each row: ``id``, ``at`` (ISO 8601), ``outcome`` (``erased``/``refused``),
+    ``key_id``, ``target``, ``target_id``, ``events``, ``spooled_events``,
+    ``rollup_changes``, ``detail``. One index range scan on the primary key.
+    """
+    def work(cur):
+        cur.execute(db.timeout_prefix() + _AUDIT_PAGE_SQL,
+                    {"before": before if before is not None else 2**63 - 1, "limit": limit})
+        return cur.fetchall()
+
+    rows = [dict(zip(_AUDIT_FIELDS, row, strict=True)) for row in db.run(work)]
+    for row in rows:
+        row["at"] = row["at"].isoformat()
+    return rows

@@ -22,6 +22,7 @@ import math
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,6 +37,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import store
 from .db import Database, DatabaseMisconfigured, DatabaseUnavailable
+from .erased_series import ErasedSeries
 from .schemas import MetricsEvent
 from .spool import Spool
 
@@ -141,7 +143,8 @@ EVENTS_QUEUED = Counter(
 EVENTS_REPLAYED = Counter(
     "mlops_events_replayed", "Spooled events moved into Postgres by the flusher.")
 EVENTS_REJECTED = Counter(
-    "mlops_events_rejected", "Events refused, by reason (invalid, spool_full).",
+    "mlops_events_rejected", "Events refused, by reason (invalid, spool_full, "
+    "event_id_conflict: the id is stored for another business).",
     ["reason"])
 
 # --- access control (mlops/auth.py, mlops/limits.py) ---
@@ -217,20 +220,30 @@ class Telemetry:
 
     ``max_series`` is each labelled family's :class:`SeriesBudget`;
     ``max_businesses`` caps the per-business gauges read from Postgres;
-    ``multiprocess`` says whether gunicorn.conf.py set ``PROMETHEUS_MULTIPROC_DIR``.
+    ``multiproc_dir`` is ``PROMETHEUS_MULTIPROC_DIR`` when gunicorn.conf.py set
+    it (prometheus_client's multiprocess mode), else None.
     """
 
     def __init__(self, db: Database, spool: Spool, *, max_businesses: int,
                  max_series: int, cache_seconds: float, version: str,
-                 multiprocess: bool = False) -> None:
+                 multiproc_dir: Path | None = None) -> None:
         self._budgets = {family: SeriesBudget(family, max_series) for family in (
             AI_REQUESTS, AI_TOKENS, AI_COST, APPOINTMENTS_REQUESTED, APPOINTMENTS_BOOKED,
             HUMAN_HANDOFFS, GEN_AI_TOKEN_USAGE, GEN_AI_DURATION)}
-        self._multiprocess = multiprocess
+        self._multiprocess = multiproc_dir is not None
         self.state = StateCollector(db, spool, max_businesses=max_businesses,
                                     cache_seconds=cache_seconds, version=version)
         self._state_registry = CollectorRegistry(auto_describe=False)
         self._state_registry.register(self.state)
+        self.erased = ErasedSeries(
+            (AI_REQUESTS, AI_TOKENS, AI_COST, APPOINTMENTS_REQUESTED, APPOINTMENTS_BOOKED,
+             HUMAN_HANDOFFS),
+            multiproc_dir)
+
+    def forget_business(self, business_id: str) -> None:
+        """Drop an erased business's labelled series from ``/metrics`` in every worker
+        of this server (``mlops.erased_series``); it counts from 0 if it comes back."""
+        self.erased.forget(business_id)
 
     def record_stored(self, records: Iterable[store.Record], *, replayed: bool = False) -> None:
         """Count events whose rows were just committed (call after the commit).
@@ -261,8 +274,9 @@ class Telemetry:
             observations[AI_RESPONSE_TIME, ()].append(e.response_time_ms / 1000.0)
             _gen_ai_observations(e, observations)
         budgets = self._budgets
-        for (counter, labels), amount in increments.items():
-            counter.labels(*budgets[counter](labels)).inc(amount)
+        with self.erased.counting():
+            for (counter, labels), amount in increments.items():
+                counter.labels(*budgets[counter](labels)).inc(amount)
         for (histogram, labels), values in observations.items():
             observe_all(histogram.labels(*budgets[histogram](labels)) if labels else histogram,
                         values)
@@ -271,11 +285,21 @@ class Telemetry:
         """The ``/metrics`` body and content type (Prometheus text format 0.0.4)."""
         if self._multiprocess:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry)
+            registry.register(_Filtered(MultiProcessCollector(None), self.erased.visible))
         else:
             registry = REGISTRY
         return generate_latest(registry) + generate_latest(self._state_registry), \
             CONTENT_TYPE_LATEST
+
+
+class _Filtered:
+    """A collector yielding ``collector``'s families through ``keep``."""
+
+    def __init__(self, collector, keep) -> None:
+        self._collector, self._keep = collector, keep
+
+    def collect(self):
+        return self._keep(self._collector.collect())
 
 
 def _gen_ai_observations(event: MetricsEvent, observations: dict) -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import psycopg2
 import pytest
+import requests
 from conftest import empty_tables, metric_sum, metric_values, query
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,6 +20,7 @@ from payloads import SUCCESS, varied
 from rollup_checks import assert_matches_raw, assert_totals_match_raw
 
 from mlops import store
+from mlops.auth import key_id
 from mlops.config import Settings
 from mlops.db import Database
 from mlops.retention import Maintenance
@@ -161,7 +166,7 @@ def test_erasure_needs_the_key_and_the_audit_names_it_by_hash(make_app, path):
     assert client.delete(path, headers={"X-API-Key": "wrong"}).status_code == 403
     assert client.delete(path, headers={"X-API-Key": KEY}).status_code == 200
     (line,) = audit_lines(app)
-    assert line["key_id"] == hashlib.sha256(KEY.encode()).hexdigest()[:12]
+    assert line["key_id"] == key_id(KEY, app)
     log = (get_services(app).settings.log_dir / "mlops-service.log").read_text()
     assert KEY not in log
 
@@ -230,3 +235,207 @@ def test_random_erasures_leave_rollups_equal_to_raw(db, pg, seed_, erase, days):
     for index in erase:
         store.erase_conversation(db, f"{business}-{index}", 5000)
     assert_matches_raw(pg, store.analytics(db, business, days), business, days)
+
+
+# --- the audit trail (migrations/0011_erasure_audit.sql) ---------------------
+
+READ_KEY = "erasure-test-read-key-0123456789"
+
+
+def audit_rows(client, target_id: str, key: str = KEY) -> list[dict]:
+    """The rows of GET /erasures about ``target_id``, newest first, every page."""
+    rows, before = [], None
+    while True:
+        page = client.get("/erasures", query_string={"limit": 50, **(
+            {"before": before} if before else {})}, headers={"X-API-Key": key})
+        assert page.status_code == 200, page.get_json()
+        body = page.get_json()
+        rows += [r for r in body["erasures"] if r["target_id"] == target_id]
+        if body["next_before"] is None:
+            return rows
+        before = body["next_before"]
+
+
+def test_the_audit_row_outlives_200k_later_messages_and_names_the_key(make_app, db, pg):
+    app = make_app(MLOPS_API_KEY=KEY)
+    client = app.test_client()
+    business = str(uuid.uuid4())
+    seed(db, varied(30, [business], seed=5))
+    erased = client.delete(f"/businesses/{business}", headers={"X-API-Key": KEY})
+    assert erased.status_code == 200
+
+    # 200k later messages through the store's COPY path (10k per transaction).
+    event = MetricsEvent.model_validate({**SUCCESS, "business_id": f"load-{uuid.uuid4()}"})
+    for _ in range(20):
+        at = datetime.now(UTC)
+        stored = store.insert_events(
+            db, [store.Record(str(uuid.uuid4()), at, event) for _ in range(10_000)], 60_000)
+        assert len(stored) == 10_000
+    assert query(pg, "SELECT count(*) FROM mlops_events") == [(200_000,)]
+
+    (row,) = audit_rows(client, business)
+    assert row["outcome"] == "erased" and row["target"] == "business_id"
+    assert row["key_id"] == key_id(KEY, app)
+    assert row["events"] == 30 and row["spooled_events"] == 0 and row["rollup_changes"] > 0
+    assert row["detail"]["removed"] == erased.get_json()["removed"]
+
+
+def test_the_audit_trail_is_append_only(client, pg):
+    assert client.delete("/conversations/audit-append-only").status_code == 200
+    (audit_id,) = query(pg, "SELECT max(id) FROM mlops_erasure_audit")[0]
+    for sql in ("UPDATE mlops_erasure_audit SET key_id = 'someone-else' WHERE id = %s",
+                "DELETE FROM mlops_erasure_audit WHERE id = %s",
+                "TRUNCATE mlops_erasure_audit"):
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege, match="append-only"):
+            query(pg, sql, audit_id) if "%s" in sql else query(pg, sql)
+    assert query(pg, "SELECT key_id, target_id FROM mlops_erasure_audit WHERE id = %s",
+                 audit_id) == [("none", "audit-append-only")]
+
+
+def test_refusals_are_audited_and_the_trail_needs_an_erase_key(make_app):
+    app = make_app(MLOPS_API_KEY=KEY, MLOPS_READ_API_KEY=READ_KEY)
+    client = app.test_client()
+    target = f"b-{uuid.uuid4()}"
+    assert client.delete(f"/businesses/{target}").status_code == 401
+    assert client.delete(f"/businesses/{target}",
+                         headers={"X-API-Key": READ_KEY}).status_code == 403
+    assert client.delete(f"/sessions/{target}",
+                         headers={"X-API-Key": "wrong"}).status_code == 403
+    assert client.get("/erasures", headers={"X-API-Key": READ_KEY}).status_code == 403
+    assert client.get("/erasures").status_code == 401
+
+    rows = audit_rows(client, target)
+    assert [(r["outcome"], r["target"], r["key_id"], r["detail"]) for r in rows] == [
+        ("refused", "session_id", key_id("wrong", app),
+         {"status": 403, "reason": "forbidden"}),
+        ("refused", "business_id", key_id(READ_KEY, app),
+         {"status": 403, "reason": "forbidden"}),
+        ("refused", "business_id", "none", {"status": 401, "reason": "unauthorized"}),
+    ]
+    assert {r["events"] for r in rows} == {0}
+
+
+def test_the_trail_pages_newest_first(client):
+    targets = [f"c-{uuid.uuid4()}" for _ in range(5)]
+    for target in targets:
+        assert client.delete(f"/conversations/{target}").status_code == 200
+    seen, before = [], None
+    while len(seen) < 5:
+        body = client.get("/erasures", query_string={"limit": 2, **(
+            {"before": before} if before else {})}).get_json()
+        assert len(body["erasures"]) == 2 and body["next_before"] == body["erasures"][-1]["id"]
+        seen += [r["target_id"] for r in body["erasures"]]
+        before = body["next_before"]
+    assert seen[:5] == targets[::-1]
+    bad = client.get("/erasures?limit=0")
+    assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "limit"
+
+
+# --- erasure by session_id --------------------------------------------------
+
+def test_a_session_leaves_events_rollups_spool_and_cannot_come_back(client, app, db, pg):
+    business, other = str(uuid.uuid4()), str(uuid.uuid4())
+    session = f"sess-{uuid.uuid4()}"
+    events = varied(120, [business, other], seed=31)
+    lone = f"conv-{uuid.uuid4()}"  # a conversation held only by this session
+    for i, event in enumerate(events):
+        if i % 3 == 0:
+            event["session_id"] = session
+        if i in (0, 6):
+            event["conversation_id"] = lone
+    mine = [e for e in events if e["session_id"] == session]
+    held = records(mine[:4], days_ago=1)  # copies still in flight somewhere
+    rest = [e for e in events if not any(e is m for m in mine[:4])]
+    store.insert_events(db, held + records(rest[:60], days_ago=1) + records(rest[60:]), 5000)
+    outbox = get_services(app).outbox
+    outbox.stop(drain_seconds=5)
+    outbox.spool.put([(str(uuid.uuid4()), time.time(), MetricsEvent.model_validate(
+        {**SUCCESS, "session_id": s}).model_dump_json()) for s in (session, "stays")])
+
+    response = client.delete(f"/sessions/{session}")
+
+    assert response.status_code == 200
+    removed = response.get_json()["removed"]
+    assert response.get_json()["erased"] == {"session_id": session}
+    assert removed["mlops_events"] == len(mine) and removed["spooled_events"] == 1
+    assert removed["mlops_rollup_conversations"] == 1  # the lone one; the others keep events
+    assert query(pg, "SELECT count(*) FROM mlops_events WHERE session_id = %s",
+                 session) == [(0,)]
+    assert query(pg, "SELECT count(*) FROM mlops_rollup_conversations "
+                     "WHERE conversation_id = %s", lone) == [(0,)]
+    assert [json.loads(e.payload)["session_id"] for e in outbox.spool.peek(10)] == ["stays"]
+    for b in (business, other):
+        assert_matches_raw(pg, store.analytics(db, b, 7), b, 7)
+    assert_totals_match_raw(pg, store.business_totals(db, 30), 30)
+    assert store.insert_events(db, held[:2], 5000) == set()  # the function's path
+    unrelated = records([e for e in rest if e["session_id"] != session][:70])
+    assert store.insert_events(db, held + unrelated, 5000) == {  # COPY's path
+        r.event_id for r in unrelated}
+    assert query(pg, "SELECT count(*) FROM mlops_events WHERE session_id = %s",
+                 session) == [(0,)]
+    (row,) = audit_rows(client, session)
+    assert (row["target"], row["events"], row["spooled_events"]) == (
+        "session_id", len(mine), 1)
+
+
+# --- /metrics (mlops/erased_series.py) --------------------------------------
+
+def business_series(text: str, business: str) -> dict:
+    return {k: v for k, v in metric_values(text).items() if ("business_id", business) in k[1]}
+
+
+def test_an_erased_business_leaves_metrics_in_one_process(client):
+    business = str(uuid.uuid4())
+    for _ in range(3):
+        assert client.post("/track", json={**SUCCESS, "business_id": business}).status_code \
+            == 201
+    assert business_series(client.get("/metrics").get_data(as_text=True), business)
+    assert client.delete(f"/businesses/{business}").status_code == 200
+    assert business_series(client.get("/metrics").get_data(as_text=True), business) == {}
+
+
+def _multiproc_dir(server) -> Path:
+    """The server's PROMETHEUS_MULTIPROC_DIR (gunicorn.conf.py makes it with mkdtemp)."""
+    pid = server.worker_pids()[0]
+    (directory,) = [path.parent for path in Path(tempfile.gettempdir()).glob(
+        f"mlops-prometheus-*/counter_{pid}.db")]
+    return directory
+
+
+def test_an_erased_business_leaves_metrics_of_every_gunicorn_worker(gunicorn):
+    server = gunicorn(workers=2)
+    directory = _multiproc_dir(server)
+    business, other = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def post(business_id: str) -> int:
+        return requests.post(f"{server.url}/track", json={**SUCCESS, "business_id": business_id},
+                             timeout=10).status_code
+
+    def counted_by() -> set[int]:
+        """Workers whose metric files hold a series of ``business``."""
+        return {pid for pid in server.worker_pids()
+                if business.encode() in (directory / f"counter_{pid}.db").read_bytes()}
+
+    assert post(other) == 201
+    deadline = time.monotonic() + 30
+    with ThreadPoolExecutor(8) as pool:
+        while len(counted_by()) < 2:  # both workers count it: a remove() in one is not enough
+            assert time.monotonic() < deadline, "one worker took every request"
+            assert set(pool.map(post, [business] * 16)) == {201}
+
+    def scrape() -> str:
+        response = requests.get(f"{server.url}/metrics", timeout=10)
+        assert response.status_code == 200
+        return response.text
+
+    assert business_series(scrape(), business)
+    assert requests.delete(f"{server.url}/businesses/{business}", timeout=30).status_code == 200
+
+    for _ in range(10):  # whichever worker answers
+        text = scrape()
+        assert business_series(text, business) == {}
+        assert business_series(text, other)
+    # Coming back, it counts from zero.
+    assert [post(business) for _ in range(3)] == [201] * 3
+    assert metric_sum(metric_values(scrape()), "ai_requests_total", business_id=business) == 3
+    assert "Traceback" not in server.log()

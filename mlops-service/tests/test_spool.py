@@ -99,3 +99,28 @@ def test_a_thread_that_never_used_the_spool_may_close_it(tmp_path):
     thread.start()
     thread.join(5)
     assert errors == [] and spool.depth() == 0  # this thread's connection is still open
+
+
+def _on_disk(spool: Spool, needle: bytes) -> list[str]:
+    """The spool's files (database, WAL) whose bytes contain ``needle``."""
+    return [path.name for path in spool.path.parent.glob("spool.sqlite3*")
+            if needle in path.read_bytes()]
+
+
+def test_discarded_events_leave_no_bytes_in_the_database_or_its_wal(tmp_path):
+    spool = Spool(tmp_path, 1 << 20)
+    reader = Spool(tmp_path, 1 << 20)  # another worker's connection, as under gunicorn
+    erased = b"erase-me-0f3c9a"
+    kept = b"keep-me-7d21b4"
+    rows = [(f"evt-{i}", 0.0, json.dumps({"business_id": business, "i": i, "pad": "x" * 500}))
+            for i, business in enumerate([erased.decode(), kept.decode()] * 20)]
+    spool.put(rows)
+    assert reader.depth() == 40
+    assert _on_disk(spool, erased)  # the check below can see the bytes when they are there
+
+    assert spool.discard("business_id", erased.decode()) == 20
+
+    assert _on_disk(spool, erased) == []
+    assert _on_disk(spool, kept)  # what stays is still on disk
+    assert reader.depth() == 20
+    assert {json.loads(e.payload)["business_id"] for e in reader.peek(100)} == {kept.decode()}

@@ -106,7 +106,7 @@ def test_a_request_stores_directly_while_the_database_answers(parts, pg):
     p = parts()
     batch = events(3)
     before = scrape()
-    storage, records = p.ingestor.submit(batch)
+    storage, records, _ = p.ingestor.submit(batch)
     assert storage == "stored" and [r.event for r in records] == batch
     assert sorted(stored(pg, [r.event_id for r in records])) == sorted(
         r.event_id for r in records)
@@ -118,7 +118,7 @@ def test_a_request_stores_directly_while_the_database_answers(parts, pg):
 def test_events_without_an_id_get_one_and_a_utc_receive_time(parts):
     p = parts()
     event = parse_event(SUCCESS)
-    _, (record,) = p.ingestor.submit([event])
+    _, (record,), _ = p.ingestor.submit([event])
     assert uuid.UUID(record.event_id)
     assert record.received_at.utcoffset() == timedelta(0)
 
@@ -155,7 +155,7 @@ def test_a_request_spools_when_the_database_is_away_then_the_flusher_delivers(pa
     away = parts("postgresql://postgres@127.0.0.1:1/postgres")
     batch = events(5)
     before = scrape()
-    storage, records = away.ingestor.submit(batch)
+    storage, records, _ = away.ingestor.submit(batch)
     assert storage == "queued" and away.spool.depth() == 5
     assert metric_sum(scrape(), "mlops_events_queued_total") - metric_sum(
         before, "mlops_events_queued_total") == 5
@@ -445,7 +445,7 @@ def test_a_caller_past_its_deadline_while_queued_spools_and_is_stored_once(
         first = pool.submit(p.ingestor.submit, [r.event for r in blocked], timeout_ms=10_000)
         await_(lambda: inserts_waiting_on_a_lock(pg) == 1)
         started = time.monotonic()
-        storage, (late,) = p.ingestor.submit(events(1), timeout_ms=150)
+        storage, (late,), _ = p.ingestor.submit(events(1), timeout_ms=150)
         waited = time.monotonic() - started
         assert storage == "queued" and 0.14 <= waited < 1.0, (storage, waited)
         assert p.spool.depth() == 1

@@ -29,6 +29,7 @@ def _errors(*codes: int) -> dict:
     text = {401: "Missing X-API-Key", 403: "Wrong X-API-Key, or a key without this scope",
             404: "No such route: an id holding a line break cannot be routed",
             413: "Body too large", 415: "Content-Type is not application/json",
+            409: "event_id already stored for another business (errors names event_id)",
             422: "Invalid fields, each named", 429: "Rate limit exceeded; see Retry-After",
             503: "Database unavailable (and, for writes, spool full)"}
     return {str(c): _json(_ERROR, text[c]) for c in codes}
@@ -91,7 +92,7 @@ def document() -> dict:
                 "responses": {
                     "201": _json({"$ref": "#/components/schemas/TrackResult"}, "Stored"),
                     "202": _json({"$ref": "#/components/schemas/TrackResult"}, "Queued"),
-                    **_errors(401, 403, 413, 415, 422, 429, 503)}}},
+                    **_errors(401, 403, 409, 413, 415, 422, 429, 503)}}},
             "/track/batch": {"post": {
                 "summary": "Store many events in one transaction", "security": security,
                 "requestBody": {"required": True, **_json(
@@ -120,6 +121,28 @@ def document() -> dict:
                                 "schema": path_id}],
                 "responses": {"200": _json(json_object, "Erased (zeros when nothing matched)"),
                               **_errors(401, 403, 404, 422, 429, 503)}}},
+            "/sessions/{session_id}": {"delete": {
+                "summary": "Erase one session: its events, spooled events and rollup share",
+                "security": security,
+                "parameters": [{"name": "session_id", "in": "path", "required": True,
+                                "schema": path_id}],
+                "responses": {"200": _json(json_object, "Erased (zeros when nothing matched)"),
+                              **_errors(401, 403, 404, 422, 429, 503)}}},
+            "/erasures": {"get": {
+                "summary": "The erasure audit trail, newest first (needs an erase key)",
+                "security": security,
+                "parameters": [
+                    {"name": "limit", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
+                                "default": 100}},
+                    {"name": "before", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}}],
+                "responses": {"200": _json({
+                    "type": "object", "required": ["erasures", "next_before"],
+                    "properties": {
+                        "erasures": {"type": "array", "items": {"type": "object"}},
+                        "next_before": {"type": ["integer", "null"]}}}, "One page"),
+                    **_errors(401, 403, 422, 429, 503)}}},
             "/businesses/{business_id}": {"delete": {
                 "summary": "Erase one business: its events, spooled events and rollups",
                 "security": security, "parameters": [business],

@@ -19,6 +19,8 @@ from ..telemetry import EVENTS_REJECTED
 bp = Blueprint("track", __name__)
 
 STATUS_FOR = {"stored": 201, "queued": 202}
+# Not mutated: what the error says.
+_CONFLICT = "event_id is already stored for another business"  # pragma: no mutate
 
 
 @bp.post("/track")
@@ -31,11 +33,14 @@ def track():
     optional. Answers 201 ``{"status": "success", "storage": "stored",
     "event_id", "timestamp"}`` once the row is committed in Postgres, or 202
     with ``"storage": "queued"`` once it is fsynced to the local spool while
-    Postgres is away. Errors: 401/403 (API key, ``write`` scope), 413 (body
-    over ``MAX_BODY_BYTES``), 408 (body slower than ``BODY_READ_TIMEOUT_SECONDS``),
-    415 (not JSON), 422 (each bad field named), 429
-    with ``Retry-After`` (``RATE_LIMIT_TRACK``), 503 with ``Retry-After`` when
-    the database is away and the spool is full.
+    Postgres is away. Sending the same ``event_id`` again for the same
+    business is a replay: 201 again, stored once. Errors: 401/403 (API key,
+    ``write`` scope), 408 (body slower than ``BODY_READ_TIMEOUT_SECONDS``),
+    409 ``event_id_conflict`` naming ``event_id`` when that id is stored for
+    another business (nothing stored), 413 (body over ``MAX_BODY_BYTES``),
+    415 (not JSON), 422 (each bad field named), 429 with ``Retry-After``
+    (``RATE_LIMIT_TRACK``), 503 with ``Retry-After`` when the database is
+    away and the spool is full.
     """
     services = get_services()
     try:
@@ -43,7 +48,10 @@ def track():
     except InvalidRequest:
         EVENTS_REJECTED.labels("invalid").inc()
         raise
-    storage, (record,) = services.ingestor.submit([event])
+    storage, (record,), conflicts = services.ingestor.submit([event])
+    if conflicts:
+        return error_response(409, "event_id_conflict", _CONFLICT,
+                              [{"field": "event_id", "problem": _CONFLICT}])
     return jsonify({
         "status": "success",
         "message": "Metrics tracked successfully",
@@ -63,11 +71,12 @@ def track_batch():
     (or spooled together); invalid ones are reported and skipped. Answers 207
     with ``results``: one ``{"index", "status", "event_id"|"error"}`` per item,
     in input order, where ``status`` is what ``/track`` would have answered
-    (201, 202 or 422). Errors for the whole body: 413 (over
-    ``MAX_BATCH_BODY_BYTES``), 415, 422 (not an array, too many items, not
-    JSON; the length is checked before any item), 408 (body slower than
-    ``BODY_READ_TIMEOUT_SECONDS``), 401/403 (``write`` scope), 429
-    (``RATE_LIMIT_BATCH``), 503 (spool full).
+    (201, 202, 409 with ``error`` naming ``event_id``, or 422); ``accepted``
+    counts the 201/202 items, ``rejected`` the others. Errors for the whole
+    body: 413 (over ``MAX_BATCH_BODY_BYTES``), 415, 422 (not an array, too
+    many items, not JSON; the length is checked before any item), 408 (body
+    slower than ``BODY_READ_TIMEOUT_SECONDS``), 401/403 (``write`` scope),
+    429 (``RATE_LIMIT_BATCH``), 503 (spool full).
     """
     services = get_services()
     limit = services.settings.max_batch_events
@@ -83,20 +92,25 @@ def track_batch():
             positions.append(index)
     EVENTS_REJECTED.labels("invalid").inc(len(parsed) - len(valid))
 
-    storage = None
+    storage, conflicts = None, set()
     if valid:
         # A batch is not the chat app's fire-and-forget call: it may take the
         # statement timeout, not /track's short deadline.
-        storage, records = services.ingestor.submit(
+        storage, records, conflicts = services.ingestor.submit(
             valid, timeout_ms=services.settings.db_statement_timeout_ms)
-        for index, record in zip(positions, records, strict=True):
-            results[index] = {"index": index, "status": STATUS_FOR[storage],
-                              "event_id": record.event_id}
+        for position, (index, record) in enumerate(zip(positions, records, strict=True)):
+            if position in conflicts:
+                results[index] = {"index": index, "status": 409, "event_id": record.event_id,
+                                  "error": [{"field": "event_id", "problem": _CONFLICT}]}
+            else:
+                results[index] = {"index": index, "status": STATUS_FOR[storage],
+                                  "event_id": record.event_id}
+    accepted = len(valid) - len(conflicts)
     return jsonify({
-        "status": "success" if len(valid) == len(parsed) else "partial",
+        "status": "success" if accepted == len(parsed) else "partial",
         "storage": storage,
-        "accepted": len(valid),
-        "rejected": len(parsed) - len(valid),
+        "accepted": accepted,
+        "rejected": len(parsed) - accepted,
         "results": results,
     }), 207
 
