@@ -26,8 +26,10 @@ def _json(schema: dict, description: str) -> dict:
 
 
 def _errors(*codes: int) -> dict:
-    text = {401: "Missing X-API-Key", 403: "Wrong X-API-Key, or a key without this scope",
+    text = {401: "Missing X-API-Key",
+            403: "Unknown X-API-Key, or a key without this scope (one answer for both)",
             404: "No such route: an id holding a line break cannot be routed",
+            408: "The body did not arrive within BODY_READ_TIMEOUT_SECONDS",
             413: "Body too large", 415: "Content-Type is not application/json",
             409: "event_id already stored for another business (errors names event_id)",
             422: "Invalid fields, each named", 429: "Rate limit exceeded; see Retry-After",
@@ -92,20 +94,20 @@ def document() -> dict:
                 "responses": {
                     "201": _json({"$ref": "#/components/schemas/TrackResult"}, "Stored"),
                     "202": _json({"$ref": "#/components/schemas/TrackResult"}, "Queued"),
-                    **_errors(401, 403, 409, 413, 415, 422, 429, 503)}}},
+                    **_errors(401, 403, 408, 409, 413, 415, 422, 429, 503)}}},
             "/track/batch": {"post": {
                 "summary": "Store many events in one transaction", "security": security,
                 "requestBody": {"required": True, **_json(
                     {"type": "array", "items": event, "minItems": 1}, "Events")},
                 "responses": {
                     "207": _json({"$ref": "#/components/schemas/BatchResult"}, "Per item"),
-                    **_errors(401, 403, 413, 415, 422, 429, 503)}}},
+                    **_errors(401, 403, 408, 413, 415, 422, 429, 503)}}},
             "/refresh-metrics": {"post": {
                 "summary": "Recompute Postgres-derived gauges (no key needed)",
                 "requestBody": {"required": False, **_json(
                     {"$ref": "#/components/schemas/RefreshRequest"}, "Trigger")},
                 "responses": {"200": _json(json_object, "Refreshed"),
-                              **_errors(415, 422, 429, 503)}}},
+                              **_errors(408, 413, 415, 422, 429, 503)}}},
             "/analytics/{business_id}": {"get": {
                 "summary": "Aggregates for one business", "security": security,
                 "parameters": [business, {
@@ -178,15 +180,19 @@ def document() -> dict:
             "/health/ready": {"get": {"summary": "Readiness (database round trip)",
                                       "responses": {"200": _json(json_object, "Ready"),
                                                     "503": _json(json_object, "Not ready")}}},
-            "/health/detailed": {"get": {"summary": "Uptime, version, database, pool, spool",
-                                         "responses": {"200": _json(json_object, "Report")}}},
+            "/health/detailed": {"get": {
+                "summary": "Uptime, version, database, pool, spool (details need a read key "
+                           "when keys are set)",
+                "security": [{"ApiKey": []}, {}],
+                "responses": {"200": _json(json_object, "Report")}}},
             "/metrics": {"get": {
-                "summary": "Prometheus metrics (Bearer token when MLOPS_METRICS_TOKEN is set)",
-                "security": [{"MetricsToken": []}, {}],
+                "summary": "Prometheus metrics (Bearer MLOPS_METRICS_TOKEN, or a key with the "
+                           "read scope, when either is set)",
+                "security": [{"MetricsToken": []}, {"ApiKey": []}, {}],
                 "responses": {"200": {
                     "description": "Prometheus text format",
                     "content": {"text/plain": {"schema": {"type": "string"}}}},
-                    "401": _json(_ERROR, "Missing or wrong bearer token")}}},
+                    "401": _json(_ERROR, "Missing or wrong credentials")}}},
         },
     }
 
