@@ -66,7 +66,7 @@ lint: install ## ruff on the Python code, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check $(SERVICE) bench
 	$(VENV)/bin/hadolint $(SERVICE)/Dockerfile
 
-audit: install ## pip-audit the pinned requirements for known vulnerabilities (.ci/audit.py)
+audit: install ## pip-audit every package of the locks; fails if it could check none (.ci/audit.py)
 	$(PYTHON) .ci/audit.py
 
 test: install tools ## Run every test (database: see README; container tests need Docker)
