@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from baseimage import build_command
 from payloads import FAILURE, SUCCESS
 from pgcluster import free_port
 from servers import SERVICE_DIR
@@ -32,7 +33,8 @@ REPO_DIR = SERVICE_DIR.parent
 def image():
     """The service image, built once for this module's projects."""
     tag = f"mlops-service:backup-dev-{uuid.uuid4().hex[:8]}"
-    docker("build", "-t", tag, str(SERVICE_DIR), timeout=900)
+    args, dockerfile = build_command(tag)
+    docker(*args, input=dockerfile, timeout=900)
     yield tag
     docker("rmi", "-f", tag, check=False)
 
