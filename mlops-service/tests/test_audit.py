@@ -92,8 +92,14 @@ def test_only_the_could_not_check_outcome_is_accepted_on_request(monkeypatch, ca
 
 
 def test_pip_audit_is_asked_about_every_pinned_package_of_the_locks():
-    """A real pip-audit run: its report names each package the three locks pin."""
+    """A real pip-audit run: its report names each package the three locks pin.
+
+    Skipped only where pip-audit cannot reach PyPI at all (.ci/offline-check's
+    namespace): it then fails without a report, and `make audit` with it.
+    """
     report, error = audit.run()
+    if report is None and "ConnectionError" in error:
+        pytest.skip("pip-audit cannot reach PyPI from here")
     assert report is not None, error
     pinned = set().union(*(pins(path) for path in LOCKS.values()))
     assert {dep["name"] for dep in report["dependencies"]} == pinned
