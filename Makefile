@@ -16,21 +16,37 @@ UPLOT_VERSION := 1.6.32
 UPLOT_SHA256  := 4b8a8191e425658e3ea8c8c1314b0fc679c861ee3a1af2b20c7b16ba50b5133d
 VENDOR_DIR    := $(SERVICE)/mlops/static/dashboard/vendor
 
-.PHONY: help install tools system-deps screenshot lint audit test run docker-build docker-run up down logs bench clean mutation
+.PHONY: help install lock tools system-deps screenshot lint audit test run docker-build docker-run
+.PHONY: up down logs bench clean mutation
 .PHONY: check-monitoring assets
 .PHONY: backup restore dev test-container
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-install: $(VENV)/.installed ## Create .venv with the service's and the test tools' packages
+install: $(VENV)/.installed ## Create .venv from the lock requirements-dev.txt (service, test and lint tools)
 
-$(VENV)/.installed: $(SERVICE)/requirements.txt $(SERVICE)/requirements-dev.txt \
-                     $(SERVICE)/requirements-embedded.txt
+# Installs are from the hashed locks only (pip --require-hashes: every package
+# pinned, every file checked against PyPI's sha256). `make lock` writes them.
+PIP_INSTALL := $(VENV)/bin/pip install --quiet --disable-pip-version-check --require-hashes
+
+$(VENV)/.installed: $(SERVICE)/requirements-dev.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(SERVICE)/requirements-dev.txt \
-	  -r $(SERVICE)/requirements-embedded.txt
+	$(PIP_INSTALL) -r $(SERVICE)/requirements-dev.txt
 	touch $@ $(VENV)/.runtime
+
+# pip-compile resolves against PyPI alone (no pip.conf, extra index or
+# find-links of this machine), so each hash is that of a file on PyPI: every
+# platform's wheels and the sdist of each pinned version.
+LOCK_ENV := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT \
+  PIP_CONFIG_FILE=/dev/null PIP_INDEX_URL=https://pypi.org/simple
+PIP_COMPILE := $(LOCK_ENV) $(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe \
+  --strip-extras $(if $(UPGRADE),--upgrade)
+
+lock: install ## Re-lock requirements*.txt from requirements*.in (UPGRADE=1: newest allowed dependencies)
+	cd $(SERVICE) && for name in requirements requirements-embedded requirements-dev; do \
+	  $(PIP_COMPILE) --output-file=$$name.txt $$name.in || exit 1; \
+	done
 
 tools: $(PROMTOOL) $(PROMETHEUS) ## Fetch promtool and prometheus (binaries from Debian's package; nothing is installed)
 
@@ -86,7 +102,7 @@ lint: install ## ruff on the Python code, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check $(SERVICE) bench
 	$(VENV)/bin/hadolint $(SERVICE)/Dockerfile
 
-audit: install ## pip-audit the pinned requirements for known vulnerabilities (.ci/audit.py)
+audit: install ## pip-audit every package of the locks; fails if it could check none (.ci/audit.py)
 	$(PYTHON) .ci/audit.py
 
 test: system-deps install tools ## Run every test (database: see README; container tests need Docker)
@@ -99,8 +115,7 @@ test-container: install ## Run the container tests only; fail, not skip, without
 # the service's packages and the embedded PostgreSQL used when DATABASE_URL is unset.
 $(VENV)/.runtime: $(SERVICE)/requirements.txt $(SERVICE)/requirements-embedded.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(SERVICE)/requirements.txt \
-	  -r $(SERVICE)/requirements-embedded.txt
+	$(PIP_INSTALL) -r $(SERVICE)/requirements.txt -r $(SERVICE)/requirements-embedded.txt
 	touch $@
 
 run: $(VENV)/.runtime ## Serve on :5001 with gunicorn against $$DATABASE_URL (unset: an embedded PostgreSQL)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from baseimage import build_command, use_local_base
 from payloads import FAILURE, SUCCESS
 from pgcluster import free_port
 from servers import SERVICE_DIR
@@ -32,7 +33,8 @@ REPO_DIR = SERVICE_DIR.parent
 def image():
     """The service image, built once for this module's projects."""
     tag = f"mlops-service:backup-dev-{uuid.uuid4().hex[:8]}"
-    docker("build", "-t", tag, str(SERVICE_DIR), timeout=900)
+    args, dockerfile = build_command(tag)
+    docker(*args, input=dockerfile, timeout=900)
     yield tag
     docker("rmi", "-f", tag, check=False)
 
@@ -47,6 +49,7 @@ class Project:
         shutil.copytree(SERVICE_DIR, self.dir, ignore=shutil.ignore_patterns(
             ".env", "logs", "data", "backups", "__pycache__", ".pytest_cache", ".ruff_cache",
             ".hypothesis"))
+        use_local_base(self.dir)  # `make dev` builds the image from this copy
         self.name = f"mlops-test-{uuid.uuid4().hex[:8]}"
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from baseimage import build_command, use_local_base
 from conftest import EMPTY_TABLES_SQL, query
 from payloads import FAILURE, SUCCESS
 from pgcluster import free_port
@@ -48,9 +49,10 @@ def engine():
 
 @pytest.fixture(scope="module")
 def image():
-    """The image built from mlops-service/ exactly as `docker build` does."""
+    """The image built from mlops-service/ exactly as `docker build` does (baseimage.py)."""
     tag = f"mlops-service:test-{uuid.uuid4().hex[:8]}"
-    docker("build", "-t", tag, str(SERVICE_DIR), timeout=900)
+    args, dockerfile = build_command(tag)
+    docker(*args, input=dockerfile, timeout=900)
     yield tag
     docker("rmi", "-f", tag, check=False)
 
@@ -140,6 +142,7 @@ def compose_project(tmp_path):
     checkout = tmp_path / "mlops-service"
     shutil.copytree(SERVICE_DIR, checkout, ignore=shutil.ignore_patterns(
         ".env", "logs", "data", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"))
+    use_local_base(checkout)
     project = f"mlops-test-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "MLOPS_API_KEY")}
     env |= {"MLOPS_PORT": str(free_port()), "MLOPS_CONTAINER_NAME": project,

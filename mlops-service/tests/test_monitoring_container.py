@@ -21,6 +21,7 @@ import uuid
 import pytest
 import requests
 import yaml
+from baseimage import use_local_base
 from payloads import SUCCESS
 from pgcluster import free_port
 from servers import SERVICE_DIR
@@ -56,6 +57,7 @@ def project(tmp_path):
     checkout = tmp_path / "mlops-service"
     shutil.copytree(SERVICE_DIR, checkout, ignore=shutil.ignore_patterns(
         ".env", "logs", "data", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"))
+    use_local_base(checkout)
     shutil.copytree(MONITORING, tmp_path / "monitoring")
     name = f"mlops-mon-{uuid.uuid4().hex[:8]}"
     env = {k: v for k, v in os.environ.items()
