@@ -1,6 +1,6 @@
 """Access control: scoped API keys in ``X-API-Key``, a bearer token for ``/metrics``.
 
-Scopes, and which keys grant them (README.md, "Authentication"):
+Scopes, and which keys grant them (docs/security.md, "Authentication"):
 
 ==========  =====================================================  ==========================
 scope       endpoints                                              keys

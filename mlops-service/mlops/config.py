@@ -44,7 +44,7 @@ def embedded_pgdata(environ: Mapping[str, str] | None = None) -> Path | None:
 
 @dataclass(frozen=True)
 class Settings:
-    """The service's configuration; see README.md's configuration table.
+    """The service's configuration; see the settings table in docs/configuration.md.
 
     Units are in the field names: ``*_bytes``, ``*_seconds``, ``*_ms``.
     """

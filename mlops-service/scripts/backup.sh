@@ -22,7 +22,7 @@ compose_database_only() {
     'import json, sys; print(json.load(sys.stdin)["services"]["mlops-service"]["environment"].get("DATABASE_URL") or "")')
   host=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.urlsplit(sys.argv[1]).hostname or "")' "$url")
   if [[ "$host" != "postgres" ]]; then
-    die "$1" "DATABASE_URL points at ${host:-another database}, not the compose Postgres: use Neon's point-in-time restore and branches for it (README: Backups)"
+    die "$1" "DATABASE_URL points at ${host:-another database}, not the compose Postgres: use Neon's point-in-time restore and branches for it (docs/operations.md: Backups)"
   fi
 }
 

@@ -358,7 +358,7 @@ def stored_sessions(pg, tag: str) -> int:
 
 
 @pytest.mark.parametrize(("mode", "clients"), [
-    # The modes README recommends for each client: no key (or warn while
+    # The modes docs/security.md recommends for each client: no key (or warn while
     # rolling out) for the published app, warn then enforce for the edited one.
     ("off", ["published", "edited"]),
     ("warn", ["published", "edited"]),

@@ -47,7 +47,7 @@ def kustomize(path: Path) -> list[dict]:
     """``kubectl kustomize path`` as a list of objects."""
     if shutil.which("kubectl") is None:
         pytest.fail("kubectl not found: it renders the manifests (kubectl kustomize); "
-                    "the machine image ships it, see README's Kubernetes section")
+                    "the machine image ships it, see docs/kubernetes.md")
     out = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr

@@ -219,10 +219,10 @@ def test_promtool_checks_config_and_rules_and_runs_the_rule_unit_tests(stack):
     assert "SUCCESS" in out
 
 
-def test_every_alert_has_a_runbook_in_the_readme_and_a_unit_test():
-    readme = (REPO / "README.md").read_text()
+def test_every_alert_has_a_runbook_in_the_monitoring_page_and_a_unit_test():
+    page = (REPO / "docs" / "monitoring.md").read_text()
     anchors = {re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-")
-               for h in re.findall(r"^#+ (.+)$", readme, flags=re.M)}
+               for h in re.findall(r"^#+ (.+)$", page, flags=re.M)}
     unit_tests = "".join(p.read_text() for p in (PROM_DIR / "tests").glob("*.yml"))
     alerts = [rule for path in (PROM_DIR / "rules").glob("*.yml")
               for group in yaml.safe_load(path.read_text())["groups"]
@@ -231,7 +231,7 @@ def test_every_alert_has_a_runbook_in_the_readme_and_a_unit_test():
     for rule in alerts:
         notes = rule["annotations"]
         assert notes["summary"] and notes["description"], rule["alert"]
-        anchor = notes["runbook_url"].partition("README.md#")[2]
+        anchor = notes["runbook_url"].partition("docs/monitoring.md#")[2]
         assert anchor == rule["alert"].lower() and anchor in anchors, rule["alert"]
         assert rule["labels"]["severity"] in ("critical", "warning")
         assert f"alertname: {rule['alert']}\n" in unit_tests, rule["alert"]
