@@ -1,5 +1,6 @@
 """Rate limits: a burst gets 429 + Retry-After and recovers; counted per key or address;
-in memory per worker, or in Redis shared by every worker.
+in memory divided among the workers, or in Redis shared by every worker; at the
+defaults a chat app at 500 messages/s is never refused, a runaway client is.
 
 Redis: ``TEST_REDIS_URL`` if set, else the local server at 127.0.0.1:6379;
 each test uses a key prefix of its own.
@@ -7,10 +8,16 @@ each test uses a key prefix of its own.
 
 from __future__ import annotations
 
+import http.client
+import json
+import math
 import os
 import socket
+import threading
 import time
 import uuid
+from collections import Counter
+from dataclasses import dataclass, field
 
 import pytest
 import redis
@@ -19,6 +26,7 @@ from conftest import metric_sum, metric_values, query
 from payloads import SUCCESS
 
 from mlops.config import ConfigError, Settings
+from mlops.limits import per_process
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 KEY = "rate-key-full-01a9"
@@ -144,17 +152,33 @@ def test_bad_rate_limit_settings_name_the_variable(env, message):
 def test_the_defaults_leave_room_for_a_busy_chat_app():
     settings = Settings.from_env({"DATABASE_URL": "postgresql://u@h/db"})
     assert settings.rate_limit_enabled
-    assert settings.rate_limit_track == settings.rate_limit_refresh == "100/second"
+    # twice a 500 messages/s peak (test_a_chat_app_at_500_messages_a_second_...)
+    assert settings.rate_limit_track == settings.rate_limit_refresh == "1000/second"
     assert settings.rate_limit_storage_uri == "memory://"
+    assert settings.rate_limit_processes == 1
+    assert Settings.from_env({"DATABASE_URL": "postgresql://u@h/db",
+                              "WEB_CONCURRENCY": "4"}).rate_limit_processes == 4
 
 
-# --- two real gunicorn workers ---------------------------------------------------------------
+@pytest.mark.parametrize(("limit", "processes", "each"), [
+    ("1000/second", 1, "1000 per 1 second"),
+    ("1000/second", 2, "1000 per 1 second"),  # twice the even share: the whole limit
+    ("1000/second", 4, "500 per 1 second"),
+    ("10/minute", 3, "7 per 1 minute"),  # rounded up
+    ("1/second", 8, "1 per 1 second"),  # never 0
+    ("10/second;300 per 5 minutes", 4, "5 per 1 second;150 per 5 minute"),
+])
+def test_each_worker_enforces_twice_its_even_share_of_the_limit(limit, processes, each):
+    assert per_process(limit, processes) == each
 
-def pinned_sessions(url: str, timeout: float = 30.0) -> list[requests.Session]:
-    """Two keep-alive sessions whose connections were accepted by different workers.
 
-    Waits (up to ``timeout``) for the second worker, which may still be booting;
-    each round asks every held session again, which keeps its connection alive.
+# --- real gunicorn workers ------------------------------------------------------------------
+
+def pinned_sessions(url: str, workers: int, timeout: float = 30.0) -> list[requests.Session]:
+    """One keep-alive session per worker: their connections were accepted by different workers.
+
+    Waits (up to ``timeout``) for workers that may still be booting; each
+    round asks every held session again, which keeps its connection alive.
     """
     held: list[requests.Session] = []
     deadline = time.monotonic() + timeout
@@ -168,28 +192,32 @@ def pinned_sessions(url: str, timeout: float = 30.0) -> list[requests.Session]:
             if session not in by_pid.values():
                 session.close()
         held = list(by_pid.values())
-        if len(held) == 2:
+        if len(held) == workers:
             return held
         time.sleep(0.05)
-    raise AssertionError(f"every connection went to one worker ({len(held)} held)")
+    raise AssertionError(f"connections reached only {len(held)} of {workers} workers")
 
 
 def worker_burst(url: str, sessions: list[requests.Session], n: int) -> list[requests.Response]:
-    """``n`` /track calls alternating between the sessions, so both workers take half."""
+    """``n`` /track calls taking the sessions in turn, so every worker takes its share."""
     pids = [s.get(f"{url}/health/detailed", timeout=5).json()["pid"] for s in sessions]
-    replies = [sessions[i % 2].post(f"{url}/track", json=SUCCESS, timeout=5) for i in range(n)]
+    replies = [sessions[i % len(sessions)].post(f"{url}/track", json=SUCCESS, timeout=5)
+               for i in range(n)]
     again = [s.get(f"{url}/health/detailed", timeout=5).json()["pid"] for s in sessions]
-    assert pids == again and len(set(pids)) == 2, "a session changed worker mid-burst"
+    assert pids == again and len(set(pids)) == len(sessions), "a session changed worker"
     return replies
 
 
 LIMIT = 6
 
 
-def test_in_memory_counts_are_per_worker(gunicorn):
-    server = gunicorn(workers=2, RATE_LIMIT_ENABLED="true", RATE_LIMIT_TRACK=f"{LIMIT}/minute")
-    replies = worker_burst(server.url, pinned_sessions(server.url), 4 * LIMIT)
-    # Each worker lets LIMIT through: the documented reason to use Redis with several.
+@pytest.mark.parametrize("workers", [2, 4])
+def test_in_memory_the_service_takes_twice_the_limit_whatever_the_worker_count(gunicorn,
+                                                                               workers):
+    server = gunicorn(workers=workers, RATE_LIMIT_ENABLED="true",
+                      RATE_LIMIT_TRACK=f"{LIMIT}/minute")
+    replies = worker_burst(server.url, pinned_sessions(server.url, workers), 4 * LIMIT)
+    # Each worker counts its own requests and takes 2 x LIMIT / workers of them.
     assert sum(r.status_code == 201 for r in replies) == 2 * LIMIT
 
 
@@ -197,12 +225,13 @@ def test_with_redis_the_limit_holds_across_workers_and_recovers(gunicorn, redis_
     server = gunicorn(workers=2, RATE_LIMIT_ENABLED="true",
                       RATE_LIMIT_TRACK=f"{LIMIT}/8 seconds", RATE_LIMIT_STORAGE_URI=REDIS_URL,
                       RATE_LIMIT_KEY_PREFIX=redis_prefix, LOG_LEVEL="INFO")
-    sessions = pinned_sessions(server.url)
+    sessions = pinned_sessions(server.url, 2)
     replies = worker_burst(server.url, sessions, 4 * LIMIT)
     statuses = [r.status_code for r in replies]
     assert statuses.count(201) == LIMIT and statuses.count(429) == 3 * LIMIT, statuses
     refused = replies[-1]
     assert refused.json()["error"] == "rate_limited"
+    assert refused.json()["message"].startswith(f"rate limit of {LIMIT}/8 seconds exceeded")
     retry_after = int(refused.headers["Retry-After"])
     assert 1 <= retry_after <= 9
 
@@ -213,3 +242,127 @@ def test_with_redis_the_limit_holds_across_workers_and_recovers(gunicorn, redis_
     assert metric_sum(values, "mlops_rate_limited_requests_total", endpoint="/track") == 3 * LIMIT
     assert '"rate_limits": "redis"' in server.log()
     assert REDIS_URL not in server.log()
+
+
+# --- load tests: one client at a chat app's peak, and a runaway one --------------------------
+
+@dataclass
+class Load:
+    """What one client's load run saw: statuses by (path, status), errors, rate sent."""
+
+    statuses: Counter = field(default_factory=Counter)
+    retry_after: Counter = field(default_factory=Counter)  # of 429s, by header value
+    errors: list[str] = field(default_factory=list)
+    tracks_sent: int = 0
+    seconds: float = 0.0
+
+    @property
+    def track_rate(self) -> float:
+        """/track calls sent per second."""
+        return self.tracks_sent / self.seconds
+
+    def count(self, status: int, path: str | None = None) -> int:
+        return sum(n for (p, s), n in self.statuses.items() if s == status and path in (None, p))
+
+
+TRACK_BODY = json.dumps(SUCCESS).encode()
+REFRESH_BODY = b'{"trigger": "new_metrics"}'
+JSON = {"Content-Type": "application/json"}
+
+
+def one_client(url: str, seconds: float, connections: int, messages_per_second: float | None,
+               refresh: bool = True) -> Load:
+    """One client address sending like the chat app's server, over keep-alive connections.
+
+    Each message is ``POST /track`` then ``POST /refresh-metrics`` on the same
+    connection, never retried. Message i is due ``i / messages_per_second``
+    seconds after the start, taken by connection ``i % connections`` (one
+    thread each, stdlib ``http.client``: light enough for 1000 calls/s here);
+    a connection running late sends at once. ``messages_per_second=None``: a
+    runaway client, every connection sending as fast as it is answered.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    load, lock = Load(), threading.Lock()
+    start = time.monotonic() + 0.2  # every thread is ready and waiting by then
+    stop = start + seconds
+
+    def connection(k: int) -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        mine, retry_after, sent, i = Counter(), Counter(), 0, k
+
+        def post(path, body):
+            conn.request("POST", path, body, JSON)
+            reply = conn.getresponse()
+            reply.read()
+            mine[path, reply.status] += 1
+            if reply.status == 429:
+                retry_after[reply.getheader("Retry-After")] += 1
+
+        while True:
+            due = start + i / messages_per_second if messages_per_second else time.monotonic()
+            if due >= stop:
+                break
+            if (wait := due - time.monotonic()) > 0:
+                time.sleep(wait)
+            try:
+                post("/track", TRACK_BODY)
+                sent += 1
+                if refresh:
+                    post("/refresh-metrics", REFRESH_BODY)
+            except (OSError, http.client.HTTPException) as exc:
+                with lock:
+                    load.errors.append(repr(exc))
+                conn.close()
+            i += connections
+        conn.close()
+        with lock:
+            load.statuses.update(mine)
+            load.retry_after.update(retry_after)
+            load.tracks_sent += sent
+
+    threads = [threading.Thread(target=connection, args=(k,)) for k in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    load.seconds = max(time.monotonic(), stop) - start
+    return load
+
+
+PEAK = 500  # messages per second from one chat app: the issue's "realistic peak"
+
+
+@pytest.mark.load
+@pytest.mark.parametrize("workers", [2, 4])
+def test_a_chat_app_at_500_messages_a_second_is_never_refused_at_the_defaults(gunicorn,
+                                                                              workers):
+    server = gunicorn(workers=workers, RATE_LIMIT_ENABLED="true")  # every limit at its default
+    load = one_client(server.url, seconds=3, connections=100, messages_per_second=PEAK)
+    assert not load.errors, load.errors[:5]
+    assert load.count(429) == 0, load.statuses
+    # Really at the peak: 1500 messages answered within 3.33 s of the first.
+    assert load.track_rate >= 0.9 * PEAK, f"only {load.track_rate:.0f} /track/s"
+    assert load.count(201, "/track") + load.count(202, "/track") == load.tracks_sent
+    assert load.count(200, "/refresh-metrics") == load.tracks_sent
+
+
+RUNAWAY_LIMIT = 50  # per second: far below what one client can send here
+
+
+@pytest.mark.load
+@pytest.mark.parametrize("workers", [2, 4])
+def test_a_runaway_client_is_refused_and_the_service_takes_at_most_twice_the_limit(gunicorn,
+                                                                                  workers):
+    server = gunicorn(workers=workers, RATE_LIMIT_ENABLED="true",
+                      RATE_LIMIT_TRACK=f"{RUNAWAY_LIMIT}/second")
+    load = one_client(server.url, seconds=1.5, connections=32, messages_per_second=None,
+                      refresh=False)
+    assert not load.errors, load.errors[:5]
+    assert load.track_rate >= 8 * RUNAWAY_LIMIT, f"sent only {load.track_rate:.0f} /track/s"
+    taken = load.count(201) + load.count(202)
+    assert taken + load.count(429) == load.tracks_sent
+    # Each worker's moving window of one second takes its share at most once a second.
+    assert 0 < taken <= 2 * RUNAWAY_LIMIT * math.ceil(load.seconds), (load.seconds, load.statuses)
+    assert load.count(429) > load.tracks_sent / 2
+    # The one-second window, rounded up to whole seconds by Flask-Limiter's reset_at (+1 s).
+    assert load.retry_after and set(load.retry_after) <= {"1", "2"}, load.retry_after
