@@ -21,8 +21,8 @@ client on that route, whatever the number of gunicorn workers.
 * ``memory://`` (the default): each worker counts only the requests it
   serves, and one client's keep-alive connections are spread over the
   workers unevenly (each connection stays with the worker that accepted it;
-  measured with one client's 32 connections: 27 of them on one of 2 workers,
-  12 on one of 4). So each of ``WEB_CONCURRENCY`` = N workers enforces
+  measured here: up to 29 of one client's 32 connections on one of 2
+  workers, up to 125 of 200 on one of 4). So each of ``WEB_CONCURRENCY`` = N workers enforces
   :func:`per_process` of the limit, ``ceil(limit x min(N, 2) / N)``: with
   one worker the limit itself; with N >= 2, twice its even share. A client
   sending at the limit is then never refused while no worker serves more
