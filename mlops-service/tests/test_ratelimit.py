@@ -210,11 +210,15 @@ def worker_burst(url: str, sessions: list[requests.Session], n: int) -> list[req
 LIMIT = 6
 
 
-@pytest.mark.parametrize("workers", [2, 4])
-def test_in_memory_the_service_takes_twice_the_limit_whatever_the_worker_count(gunicorn,
-                                                                               workers):
-    server = gunicorn(workers=workers, RATE_LIMIT_ENABLED="true",
-                      RATE_LIMIT_TRACK=f"{LIMIT}/minute")
+@pytest.mark.parametrize(("web_concurrency", "command_line", "workers"), [
+    (2, "", 2),
+    (4, "", 4),
+    (1, "--workers 4", 4),  # gunicorn's command line wins; each worker still learns 4
+])
+def test_in_memory_the_service_takes_twice_the_limit_whatever_the_worker_count(
+        gunicorn, web_concurrency, command_line, workers):
+    server = gunicorn(workers=web_concurrency, GUNICORN_CMD_ARGS=command_line,
+                      RATE_LIMIT_ENABLED="true", RATE_LIMIT_TRACK=f"{LIMIT}/minute")
     replies = worker_burst(server.url, pinned_sessions(server.url, workers), 4 * LIMIT)
     # Each worker counts its own requests and takes 2 x LIMIT / workers of them.
     assert sum(r.status_code == 201 for r in replies) == 2 * LIMIT
