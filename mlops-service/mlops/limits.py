@@ -9,8 +9,9 @@ comes from ``X-Forwarded-For`` only behind ``TRUSTED_PROXIES`` proxies
 (werkzeug's ProxyFix, wired in ``create_app``); unknown keys are counted by
 address, so inventing keys does not buy fresh limits.
 
-What a limit means: the most requests per period the service takes from one
-client on that route, whatever the number of gunicorn workers.
+What a limit means: a rate per client and route for the whole service,
+whatever the number of gunicorn workers; how exactly it holds depends on
+the storage (``RATE_LIMIT_STORAGE_URI``):
 
 * ``redis://host:6379/0`` (or ``rediss://``, ``redis+unix://``): every
   worker and replica shares one count, so the limit is exact. If Redis stops
@@ -22,12 +23,15 @@ client on that route, whatever the number of gunicorn workers.
   serves, and one client's keep-alive connections are spread over the
   workers unevenly (each connection stays with the worker that accepted it;
   measured here: up to 29 of one client's 32 connections on one of 2
-  workers, up to 125 of 200 on one of 4). So each of ``WEB_CONCURRENCY`` = N workers enforces
-  :func:`per_process` of the limit, ``ceil(limit x min(N, 2) / N)``: with
-  one worker the limit itself; with N >= 2, twice its even share. A client
+  workers, up to 125 of 200 on one of 4). So each of N workers
+  (``WEB_CONCURRENCY``, which gunicorn.conf.py sets in every worker to the
+  number running) enforces :func:`per_process` of the limit,
+  ``ceil(limit x min(N, 2) / N)``: with one worker the limit itself; with
+  N >= 2, twice its even share. A client
   sending at the limit is then never refused while no worker serves more
   than twice its even share of that client's requests (with 2 workers:
-  never), and a client is always refused above twice the limit.
+  never), and the service never takes more than twice the limit from one
+  client. With several replicas, each counts on its own: use Redis.
 
 Cost of a 429 and how to size a limit: the refused request is not stored.
 The course's chat app sends each event once, with no retry, so for it a 429
@@ -41,7 +45,9 @@ capacity.
 Strategy: limits' moving window, which counts the requests of exactly the
 last period, so ``Retry-After`` is the time until the oldest counted request
 leaves the window. A refused request gets 429 in the JSON error shape with
-``Retry-After`` (seconds) and is counted in ``mlops_rate_limited_requests_total``.
+``Retry-After`` in whole seconds (Flask-Limiter rounds the reset time up and
+adds up to a second: 1 or 2 for a one-second window) and is counted in
+``mlops_rate_limited_requests_total``.
 """
 
 from __future__ import annotations
