@@ -84,6 +84,13 @@ def when_ready(server):
     draining.delay_sigterm(shutdown_delay_seconds)
 
 
+def post_fork(server, worker):
+    """Worker, before loading the app: ``WEB_CONCURRENCY`` says how many workers run now
+    (also when set by ``--workers``), so each divides the memory:// rate limits
+    among them (mlops/limits.py)."""
+    os.environ["WEB_CONCURRENCY"] = str(server.num_workers)
+
+
 def post_worker_init(worker):
     """Worker, app loaded: read the Postgres-derived gauges once, in the background,
     so the first /refresh-metrics or scrape after a start pays no connect and full read."""
