@@ -292,7 +292,8 @@ def servers(service_env, tmp_path, database_url):
 @pytest.fixture
 def haproxy_binary():
     if shutil.which("haproxy") is None:
-        pytest.fail("haproxy not found: `apt-get install -y haproxy` (`make system-deps` installs it)")
+        pytest.fail("haproxy not found: `apt-get install -y haproxy` "
+                    "(`make system-deps` installs it)")
 
 
 def test_a_rolling_update_behind_a_load_balancer_refuses_and_loses_nothing(
