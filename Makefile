@@ -105,7 +105,7 @@ lint: install ## ruff on the Python code, hadolint on the Dockerfile
 audit: install ## pip-audit every package of the locks; fails if it could check none (.ci/audit.py)
 	$(PYTHON) .ci/audit.py
 
-test: system-deps install tools ## Run every test (database: see README; container tests need Docker)
+test: system-deps install tools ## Run every test (database: see docs/development.md; container tests need Docker)
 	cd $(SERVICE) && $(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-container: install ## Run the container tests only; fail, not skip, without Docker
