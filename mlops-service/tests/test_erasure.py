@@ -413,8 +413,10 @@ def test_an_erased_business_leaves_metrics_of_every_gunicorn_worker(gunicorn):
 
     def counted_by() -> set[int]:
         """Workers whose metric files hold a series of ``business``."""
-        return {pid for pid in server.worker_pids()
-                if business.encode() in (directory / f"counter_{pid}.db").read_bytes()}
+        files = {pid: directory / f"counter_{pid}.db" for pid in server.worker_pids()}
+        # A worker's file appears with its first count.
+        return {pid for pid, path in files.items()
+                if path.exists() and business.encode() in path.read_bytes()}
 
     assert post(other) == 201
     deadline = time.monotonic() + 30

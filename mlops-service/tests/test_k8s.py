@@ -464,8 +464,12 @@ def test_the_image_serves_under_the_pods_security_context(rendered, image, datab
     # 0777 with the fsGroup, so what works here works there.
     for mount in container["volumeMounts"]:
         flags += ["-v", mount["mountPath"]]
+    # What the pod's Secrets would hold (the optional read key is left out).
+    secrets = {"DATABASE_URL": database_url, "MLOPS_API_KEY": "k8s-test-api-key-0123456789",
+               "MLOPS_METRICS_TOKEN": "k8s-test-metrics-token-0123456789"}
     for name, value in env_of(container).items():
-        flags += ["-e", f"{name}={value if value is not None else database_url}"]
+        if value is not None or name in secrets:
+            flags += ["-e", f"{name}={value if value is not None else secrets[name]}"]
     name = f"mlops-k8s-{uuid.uuid4().hex[:8]}"
     run = subprocess.run(["docker", "run", "-d", "--name", name, "--network", "host",
                           *flags, "-e", f"SERVICE_PORT={port}", image],
@@ -484,9 +488,12 @@ def test_the_image_serves_under_the_pods_security_context(rendered, image, datab
             time.sleep(0.2)
         event_id = str(uuid.uuid4())
         response = requests.post(f"{url}/track", json={**SUCCESS, "event_id": event_id},
-                                 timeout=5)
+                                 headers={"X-API-Key": secrets["MLOPS_API_KEY"]}, timeout=5)
         assert response.status_code == 201, response.text
-        assert "mlops_events_stored_total" in requests.get(f"{url}/metrics", timeout=5).text
+        assert requests.get(f"{url}/metrics", timeout=5).status_code == 401
+        bearer = {"Authorization": f"Bearer {secrets['MLOPS_METRICS_TOKEN']}"}
+        assert "mlops_events_stored_total" in requests.get(f"{url}/metrics", headers=bearer,
+                                                           timeout=5).text
         # The preStop command exists in the image and runs as the pod's user.
         pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
         assert subprocess.run(["docker", "exec", name, pre_stop[0], "0"],
