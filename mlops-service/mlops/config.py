@@ -213,7 +213,7 @@ def _log_level(raw: str) -> str:
     return level
 
 
-# Characters: the shortest API key or /metrics token accepted (issue 23). A
+# Characters: the shortest API key or /metrics token accepted. A
 # key from ``secrets.token_urlsafe(32)`` has 43.
 MIN_SECRET_CHARS = 16
 

@@ -142,9 +142,8 @@ def erase_business(business_id: str):
     Errors: 401/403, 422, 429, 503.
     """
     _validate(_BusinessPath, business_id=business_id)
-    response = _erase("business_id", business_id, store.erase_business)
-    get_services().telemetry.forget_business(business_id)
-    return response
+    return _erase("business_id", business_id, store.erase_business,
+                  on_erased=get_services().telemetry.forget_business)
 
 
 @bp.get("/erasures")
@@ -184,7 +183,11 @@ def _validate(model: type[BaseModel], **path) -> None:
         raise InvalidRequest(field_errors(exc)) from None
 
 
-def _erase(field: str, value: str, erase):
+def _erase(field: str, value: str, erase, on_erased=None):
+    """Erase ``value`` of ``field`` from the spool, then Postgres (``erase``); audit it.
+
+    ``on_erased(value)`` runs once both are done, never after a refusal.
+    """
     services = get_services()
     # The spool first: an event flushed from it after this point would carry
     # data back into Postgres after its erasure.
@@ -202,6 +205,8 @@ def _erase(field: str, value: str, erase):
         return error_response(503, "database_unavailable", f"database unavailable: {exc}")
     # The Postgres-derived gauges: stale for every worker, re-read here.
     services.telemetry.state.request_refresh()
+    if on_erased is not None:
+        on_erased(value)
     now = datetime.now(UTC).isoformat()
     key = request.headers.get(HEADER)
     audit.info("erasure", extra={
