@@ -1,4 +1,4 @@
-"""What the service exposes, and to whom (issue 23).
+"""What the service exposes, and to whom.
 
 * compose publishes the port on the host's loopback unless told otherwise;
 * with keys set, /metrics and /health/detailed's details need a credential,
