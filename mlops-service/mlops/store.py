@@ -302,13 +302,26 @@ def _find_conflicts(cur, records: list[Record], inserted: set[str], timeout_ms: 
         if owner.get(r.event_id, r.event.business_id) != r.event.business_id})
 
 
+def _first_of_each_id(records: list[Record]) -> list[Record]:
+    """``records`` without those whose ``event_id`` came earlier in the list.
+
+    An id given twice in one insert is stored from its first record: which of
+    two rows one statement inserts first is the plan's choice, not the list's.
+    """
+    first: dict[str, Record] = {}
+    for record in records:
+        first.setdefault(record.event_id, record)
+    return list(first.values())
+
+
 def insert_events(db: Database, records: list[Record], timeout_ms: int) -> Inserted:
     """Insert ``records`` and update the rollups in one transaction; return the ids stored.
 
     Idempotent: an ``event_id`` already present is skipped (``ON CONFLICT DO
     NOTHING``), left out of the returned set and out of the rollups; when
     it is present for another business, the record is listed in the
-    result's ``conflicts`` (:class:`Inserted`).
+    result's ``conflicts`` (:class:`Inserted`). An id given twice in
+    ``records`` is stored from its first record.
     ``timeout_ms`` bounds the transaction's statements. Up to
     ``COPY_THRESHOLD - 1`` records go as one call of ``mlops_insert_events``
     (one round trip, a cached plan); larger batches are COPYed into a
@@ -319,8 +332,9 @@ def insert_events(db: Database, records: list[Record], timeout_ms: int) -> Inser
     if not records:
         return Inserted()
     shard = random.randrange(SHARDS)
-    if len(records) < COPY_THRESHOLD:
-        columns = [list(values) for values in zip(*(r.row() for r in records), strict=True)]
+    rows = _first_of_each_id(records)
+    if len(rows) < COPY_THRESHOLD:
+        columns = [list(values) for values in zip(*(r.row() for r in rows), strict=True)]
 
         def work(cur) -> Inserted:
             cur.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)};" + _CALL_SQL,
@@ -330,7 +344,7 @@ def insert_events(db: Database, records: list[Record], timeout_ms: int) -> Inser
 
         return db.run(work)
 
-    data = "".join(r.copy_line() for r in records)
+    data = "".join(r.copy_line() for r in rows)
 
     def copy_work(cur) -> Inserted:
         cur.execute(
