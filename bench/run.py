@@ -239,6 +239,30 @@ def post(url: str, body: object) -> int:
         return response.status
 
 
+# Bodies a hostile client may send, each refused before it costs a worker much
+# (mlops/bodies.py, schemas.parse_batch): what they do to a worker's peak memory.
+HOSTILE_BODIES = (
+    ("4 MB [{},…] batch", "/track/batch", b"[" + b",".join([b"{}"] * 1_333_333) + b"]"),
+    ("1 MiB [{},…] batch", "/track/batch", b"[" + b",".join([b"{}"] * 349_000) + b"]"),
+    ("50 MB /refresh-metrics", "/refresh-metrics", b"x" * 50_000_000),
+)
+
+
+def post_raw(url: str, data: bytes) -> tuple[int, float]:
+    """POST ``data`` as JSON; ``(status, seconds to the answer)``, 0 if the connection broke."""
+    request = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except OSError:
+        status = 0
+    return status, time.monotonic() - started
+
+
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
@@ -419,6 +443,11 @@ def main() -> None:
         print(f"bench: /metrics {series} series: p50 {scrape['p50']:.1f} ms", flush=True)
 
         rss = [peak_rss_mib(pid) for pid in worker_pids(server.pid)]
+        hostile = [(name, *post_raw(base + path, body)) for name, path, body in HOSTILE_BODIES]
+        hostile_rss = [peak_rss_mib(pid) for pid in worker_pids(server.pid)]
+        print("bench: hostile bodies: " + ", ".join(
+            f"{name} {status} in {seconds:.2f} s" for name, status, seconds in hostile)
+            + f"; peak RSS {' / '.join(f'{r:.0f}' for r in hostile_rss)} MiB", flush=True)
         groups = group_costs(database_url, [SUCCESS, FAILURE])
         print("bench: insert_events CPU per event by group size: " + ", ".join(
             f"{n}: {c:.0f} + {p:.0f} µs" for n, c, p in groups), flush=True)
@@ -466,6 +495,10 @@ def main() -> None:
          f"{series} series, {WORKERS} workers; target ≤ 50 ms"),
         ("cold start to /health/ready", f"{cold_start:.2f} s", "target ≤ 3 s"),
         ("peak RSS per worker", " / ".join(f"{r:.0f}" for r in rss) + " MiB", "VmHWM"),
+        ("peak RSS per worker after hostile bodies",
+         " / ".join(f"{r:.0f}" for r in hostile_rss) + " MiB",
+         "; ".join(f"{name} → {status} in {seconds:.2f} s" for name, status, seconds in hostile)
+         + " (client-side time, body sent whole); target < 150 MiB"),
     ]
     table = "\n".join([
         f"# mlops-service benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
