@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -248,19 +249,24 @@ HOSTILE_BODIES = (
 )
 
 
-def post_raw(url: str, data: bytes) -> tuple[int, float]:
-    """POST ``data`` as JSON; ``(status, seconds to the answer)``, 0 if the connection broke."""
-    request = urllib.request.Request(url, data=data, method="POST",
-                                     headers={"Content-Type": "application/json"})
+def post_raw(port: int, path: str, data: bytes) -> tuple[int, float]:
+    """POST ``data`` as JSON on a fresh connection; ``(status, seconds to the answer)``,
+    counted from the headers or, for a body read whole, from its last byte.
+
+    The body goes after the server has had a second to answer the headers and
+    its first 64 KiB: a body refused for its length is answered before it is
+    sent, as a client reading while it writes would see.
+    """
+    head = (f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
     started = time.monotonic()
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            status = response.status
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-    except OSError:
-        status = 0
-    return status, time.monotonic() - started
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head + data[:65536])
+        if not select.select([sock], [], [], 1.0)[0]:
+            sock.sendall(data[65536:])
+            started = time.monotonic()  # from the body's last byte: the wait above was ours
+        status_line = sock.recv(4096).split(b"\r\n", 1)[0]
+    return int(status_line.split()[1]), time.monotonic() - started
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -443,7 +449,7 @@ def main() -> None:
         print(f"bench: /metrics {series} series: p50 {scrape['p50']:.1f} ms", flush=True)
 
         rss = [peak_rss_mib(pid) for pid in worker_pids(server.pid)]
-        hostile = [(name, *post_raw(base + path, body)) for name, path, body in HOSTILE_BODIES]
+        hostile = [(name, *post_raw(port, path, body)) for name, path, body in HOSTILE_BODIES]
         hostile_rss = [peak_rss_mib(pid) for pid in worker_pids(server.pid)]
         print("bench: hostile bodies: " + ", ".join(
             f"{name} {status} in {seconds:.2f} s" for name, status, seconds in hostile)
@@ -498,7 +504,7 @@ def main() -> None:
         ("peak RSS per worker after hostile bodies",
          " / ".join(f"{r:.0f}" for r in hostile_rss) + " MiB",
          "; ".join(f"{name} → {status} in {seconds:.2f} s" for name, status, seconds in hostile)
-         + " (client-side time, body sent whole); target < 150 MiB"),
+         + " (to the status line); target < 150 MiB"),
     ]
     table = "\n".join([
         f"# mlops-service benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
