@@ -1,4 +1,4 @@
-"""Access control: scoped API keys in ``X-API-Key``, a bearer token for ``/metrics``.
+"""Access control: scoped API keys (``X-API-Key`` or ``Authorization: Bearer``), a token for ``/metrics``.
 
 Scopes, and which keys grant them (docs/security.md, "Authentication"):
 
@@ -162,6 +162,16 @@ class Identity:
 FORBIDDEN_MESSAGE = f"the {HEADER} sent does not grant access to this endpoint"
 
 
+def bearer_token() -> str:
+    """The credential of this request's ``Authorization: Bearer <token>`` header, or "".
+
+    OpenTelemetry exporters send keys this way (``OTEL_EXPORTER_OTLP_HEADERS``),
+    so every route accepts a key as ``Bearer`` as well as in ``X-API-Key``.
+    """
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 class Auth:
     """One app's keys, mode, /metrics token and failure log."""
 
@@ -176,7 +186,7 @@ class Auth:
         """The current request's :class:`Identity` (worked out once per request)."""
         identity = g.get("mlops_identity")
         if identity is None:
-            given = request.headers.get(HEADER)
+            given = request.headers.get(HEADER) or bearer_token()
             if not given:
                 identity = Identity(None, frozenset(), "missing_key")
             else:
@@ -229,8 +239,7 @@ class Auth:
         """
         if self.metrics_open():
             return None
-        scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
-        bearer = bearer.strip() if scheme.lower() == "bearer" else ""
+        bearer = bearer_token()
         if bearer and self._metrics_token is not None and hmac.compare_digest(
                 self.keyring.digest(bearer), self._metrics_token):
             return None

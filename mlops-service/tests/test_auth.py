@@ -395,3 +395,15 @@ def test_enforce_refuses_the_unedited_app_loudly(gunicorn, pg, tmp_path):
     assert metric_sum(values, "mlops_auth_failures_total", scope="write",
                       reason="missing_key") == len(messages)
     assert "request refused: no valid credential for its scope" in server.log()
+
+
+
+def test_a_key_is_accepted_as_a_bearer_token_as_opentelemetry_exporters_send_it(make_app, pg):
+    """``OTEL_EXPORTER_OTLP_HEADERS=Authorization=Bearer <key>`` works like ``X-API-Key``."""
+    client = make_app(**KEYS).test_client()
+    assert call(client, "track", Authorization=f"Bearer {FULL_A}").status_code == 201
+    assert call(client, "track", Authorization=f"bearer  {FULL_B} ").status_code == 201
+    assert call(client, "track", Authorization=f"Bearer {READ}").status_code == 403
+    assert call(client, "analytics", Authorization=f"Bearer {READ}").status_code == 200
+    assert call(client, "track", Authorization=f"Basic {FULL_A}").status_code == 401
+    assert stored(pg) == 2
