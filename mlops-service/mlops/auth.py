@@ -1,4 +1,4 @@
-"""Access control: scoped API keys (``X-API-Key`` or ``Authorization: Bearer``), a token for ``/metrics``.
+"""Access control: scoped API keys (``X-API-Key`` or ``Bearer``), a token for ``/metrics``.
 
 Scopes, and which keys grant them (docs/security.md, "Authentication"):
 
