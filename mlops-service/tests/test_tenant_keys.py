@@ -5,20 +5,40 @@ A key limited to business A writes, reads and erases A; for B it gets the
 lists only A; it gets nothing that names every business (``/metrics``,
 ``GET /erasures``, other keys in ``/health/detailed``). An expired key is
 refused and logged. The unlimited keys of ``MLOPS_API_KEY`` and
-``MLOPS_READ_API_KEY`` keep every right (tests/test_auth.py).
+``MLOPS_READ_API_KEY`` keep every right (tests/test_auth.py). The dashboard,
+opened in Chromium with a key limited to two businesses, offers only those
+two and shows a refusal, not data, for a third.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import requests
 from conftest import metric_sum, metric_values, query
-from payloads import SUCCESS
+from payloads import SUCCESS, varied
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select
+from test_dashboard import (  # the browser, and how the dashboard's tests read the page
+    analytics,
+    assert_clean_console,
+    assert_page_matches,
+    browser,  # noqa: F401 (fixture)
+    loaded,
+    open_page,
+    page,  # noqa: F401 (fixture)
+    screenshot,
+    track,
+    wait,
+    wait_refreshed_after,
+)
 
 from mlops.auth import FORBIDDEN_MESSAGE, get_auth
 from mlops.config import ConfigError, Settings
@@ -327,3 +347,69 @@ def test_gunicorn_does_not_start_with_a_malformed_keys_file(gunicorn, tmp_path):
     assert "MLOPS_KEYS_FILE key 1 (x): scopes: List should have at least 1 item" \
         in str(failed.value)
     assert A_KEY not in str(failed.value)
+
+
+@pytest.mark.browser
+def test_the_dashboard_with_a_key_limited_to_two_businesses(gunicorn, page, tmp_path):  # noqa: F811
+    tag = uuid.uuid4().hex[:6]
+    mine, also_mine, other = f"dash-a-{tag}", f"dash-b-{tag}", f"dash-c-{tag}"
+    two = "tenant-dashboard-key-" + uuid.uuid4().hex
+    path = tmp_path / "keys.toml"
+    path.write_text(f'[[key]]\nname = "two-businesses"\nkey = "{two}"\nscopes = ["read"]\n'
+                    f'businesses = ["{mine}", "{also_mine}"]\n')
+    server = gunicorn(workers=2, MLOPS_API_KEY=FULL, MLOPS_KEYS_FILE=path)
+    # The third business is the busiest: the page must not open it by default.
+    for business, n in ((mine, 4), (also_mine, 2), (other, 9)):
+        track(server.url, varied(n, [business]), key=FULL)
+
+    open_page(page, server.url + "/")
+    assert page.find_element(By.ID, "key-form").get_attribute("data-reason") == "missing"
+    before = loaded(page)
+    page.find_element(By.ID, "api-key").send_keys(two + Keys.ENTER)
+    wait_refreshed_after(page, before)
+    wait(page, lambda d: d.find_element(By.ID, "main").is_displayed())
+    picker = Select(page.find_element(By.ID, "business"))
+    assert [o.get_attribute("value") for o in picker.options] == [mine, also_mine]
+    assert_page_matches(page, analytics(server.url, mine, 30, key=two))
+
+    # A hand-edited URL for the third business: the refusal, no figures, the key kept.
+    open_page(page, f"{server.url}/?business_id={other}")
+    refused = page.find_element(By.ID, "refused")
+    wait(page, lambda d: refused.is_displayed(), message="no refusal shown")
+    assert page.find_element(By.ID, "refused-business").text == other
+    assert not page.find_element(By.ID, "main").is_displayed()
+    assert not page.find_element(By.ID, "key-form").is_displayed()
+    assert page.find_element(By.ID, "business-name").text != other
+    picker = Select(page.find_element(By.ID, "business"))
+    assert [o.get_attribute("value") for o in picker.options] == ["", mine, also_mine]
+    assert picker.first_selected_option.get_attribute("value") == ""
+    assert page.execute_script("return sessionStorage.length") == 1
+    assert other not in page.find_element(By.TAG_NAME, "body").text.replace(
+        page.find_element(By.ID, "refused").text, "")
+    screenshot(page, "business-refused", 1366, 900)
+
+    # Choosing one of its businesses shows that business's figures.
+    before = loaded(page)
+    picker.select_by_value(also_mine)
+    wait_refreshed_after(page, before)
+    wait(page, lambda d: d.find_element(By.ID, "main").is_displayed())
+    assert not refused.is_displayed()
+    assert_page_matches(page, analytics(server.url, also_mine, 30, key=two))
+    page.execute_script("sessionStorage.clear()")
+    assert_clean_console(page, allow_statuses=(401, 403))
+
+
+def test_the_keys_file_example_in_the_docs_is_accepted(tmp_path):
+    security = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    example = re.search(r"^```toml\n(.*?)^```$", security, re.M | re.S).group(1)
+    for number, name in enumerate(re.findall(r'key_file = "([^"]+)"', example)):
+        (tmp_path / Path(name).name).write_text(f"example-key-{number}-0123456789\n")
+        example = example.replace(f'"{name}"', f'"{Path(name).name}"')
+    path = tmp_path / "keys.toml"
+    path.write_text(example)
+    settings = Settings.from_env({"DATABASE_URL": "postgresql://u@h/db",
+                                  "MLOPS_KEYS_FILE": str(path)})
+    grants = {spec.grant.name: spec.grant for spec in settings.scoped_keys}
+    assert grants["acme-dashboard"].limited_to("read") == {"acme"}
+    assert grants["partner-app"].limited_to("read") == {"partner-1", "partner-2"}
+    assert grants["partner-app"].limited_to("write") == {"partner-1"}
