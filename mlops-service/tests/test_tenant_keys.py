@@ -413,3 +413,20 @@ def test_the_keys_file_example_in_the_docs_is_accepted(tmp_path):
     assert grants["acme-dashboard"].limited_to("read") == {"acme"}
     assert grants["partner-app"].limited_to("read") == {"partner-1", "partner-2"}
     assert grants["partner-app"].limited_to("write") == {"partner-1"}
+
+
+def test_the_erasure_audit_names_a_bearer_key(make_app, tmp_path):
+    app = make_app(MLOPS_API_KEY=FULL, MLOPS_KEYS_FILE=keys_file(tmp_path))
+    client = app.test_client()
+    tag = uuid.uuid4().hex[:8]
+    assert client.post("/track", json=event(A, tag),
+                       headers={"X-API-Key": A_KEY}).status_code == 201
+    bearer = {"Authorization": f"Bearer {A_KEY}"}
+    assert client.delete(f"/conversations/conv-{tag}", headers=bearer).status_code == 200
+    assert client.delete(f"/conversations/other-{tag}", headers=bearer).status_code == 403
+    trail = client.get("/erasures", headers={"X-API-Key": FULL}).get_json()["erasures"]
+    with app.app_context():
+        expected = get_auth(app).keyring.key_id(A_KEY)
+    assert [(r["target_id"], r["outcome"], r["key_id"]) for r in trail
+            if tag in r["target_id"]] == [(f"other-{tag}", "refused", expected),
+                                          (f"conv-{tag}", "erased", expected)]

@@ -32,7 +32,7 @@ from flask import Blueprint, jsonify, make_response, request
 from pydantic import BaseModel, Field, ValidationError
 
 from .. import store
-from ..auth import FORBIDDEN_MESSAGE, HEADER, get_auth, key_id, require_scope
+from ..auth import FORBIDDEN_MESSAGE, HEADER, bearer_token, get_auth, key_id, require_scope
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..errors import error_response
 from ..limits import rate_limited
@@ -74,7 +74,7 @@ class ErasuresQuery(BaseModel):
 def _requester() -> store.Requester:
     """The caller as the audit names them: ``mlops.auth.key_id`` of the key they sent
     (a refused one included), or ``"none"`` without one or while auth is off."""
-    key = request.headers.get(HEADER)
+    key = request.headers.get(HEADER) or bearer_token()
     return store.Requester(key_id(key) if key and get_auth().mode != "off" else "none")
 
 
@@ -241,7 +241,7 @@ def _erase(field: str, value: str, erase, on_erased=None):
     if on_erased is not None:
         on_erased(value)
     now = datetime.now(UTC).isoformat()
-    key = request.headers.get(HEADER)
+    key = request.headers.get(HEADER) or bearer_token()
     audit.info("erasure", extra={
         "erased_at": now,
         "erased": {field: value},
