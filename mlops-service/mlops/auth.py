@@ -11,6 +11,17 @@ scope       endpoints                                              keys
 ``erase``   ``DELETE /conversations/<id>``, ``/businesses/<id>``   ``MLOPS_API_KEY``
 ==========  =====================================================  ==========================
 
+A key of ``MLOPS_KEYS_FILE`` (mlops/keys.py) grants the scopes its entry
+names, may be limited per scope to a list of business ids, and may expire.
+Routes that name a business ask :meth:`Auth.may` (or
+:meth:`Auth.check_business`, or :meth:`Auth.businesses` for a list); a
+refused business gets the same 403 as a refused key, whether the business
+exists or not, counted as ``business_not_allowed``. An expired key is
+refused like an unknown one, counted as ``expired_key`` and logged with its
+id (at most once per ``FAILURE_LOG_INTERVAL_SECONDS`` per key and process).
+``/metrics``, ``GET /erasures`` and every key's listing in
+``/health/detailed`` name every business, so a limited key gets none of them.
+
 ``POST /refresh-metrics`` takes no key (it only marks cached gauges stale,
 and is rate limited); ``/health``, ``/health/ready`` and ``/openapi.json``
 are open; ``/health/detailed`` shows its details to a key with the ``read``
@@ -37,28 +48,26 @@ logged or echoed: a key is named by :func:`key_id`.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import wraps
 from urllib.parse import urlsplit
 
 from flask import Flask, g, request
 
 from .errors import error_response
+from .keys import SCOPES, Grant, Keyring
 from .services import get_services
 from .telemetry import AUTH_FAILURES
 
 log = logging.getLogger(__name__)
 
 HEADER = "X-API-Key"
-SCOPES = ("write", "read", "erase")
-FULL_ACCESS = frozenset(SCOPES)
-READ_ONLY = frozenset({"read"})
 FAILURE_LOG_INTERVAL_SECONDS = 60.0
 
 
@@ -69,47 +78,6 @@ def key_id(key: str, app: Flask | None = None) -> str:
     does not reveal the key. See :meth:`Keyring.key_id`.
     """
     return get_auth(app).keyring.key_id(key)
-
-
-class Keyring:
-    """The configured keys and the scopes each grants, compared in constant time.
-
-    Every key is held as its HMAC-SHA256 under a secret derived from all the
-    configured keys (full and read). Comparisons are between 32-byte values
-    (``hmac.compare_digest``) and every key is compared on every call, so the
-    time taken says nothing about which key, or how much of one, matched.
-
-    The same HMAC names a key (:meth:`key_id`): its first 12 hex digits
-    (48 bits). Keyed, so a log line or a rate-limit bucket name cannot be
-    checked against guessed keys by anyone who does not hold every configured
-    key; derived from the keys, so every worker, instance and restart with
-    the same keys names a key the same way with nothing more to configure.
-    Changing the set of keys (a rotation) renames every key from then on.
-    """
-
-    def __init__(self, full: Iterable[str], read: Iterable[str]) -> None:
-        full, read = list(full), list(read)
-        material = "\n".join(sorted(full + read)).encode()  # keys hold no newline
-        self._secret = hashlib.sha256(b"mlops-service key id\0" + material).digest()
-        self._entries = [(self.digest(k), FULL_ACCESS) for k in full]
-        self._entries += [(self.digest(k), READ_ONLY) for k in read]
-
-    def digest(self, value: str) -> bytes:
-        """HMAC-SHA256 of ``value`` under this keyring's secret (32 bytes)."""
-        return hmac.new(self._secret, value.encode(), hashlib.sha256).digest()
-
-    def key_id(self, key: str) -> str:
-        """12 hex digits naming ``key`` (any string: a configured key or not)."""
-        return self.digest(key).hex()[:12]
-
-    def scopes_for(self, given: str) -> frozenset[str]:
-        """The scopes ``given`` grants: all three, ``{"read"}``, or none (unknown key)."""
-        digest = self.digest(given)
-        granted: frozenset[str] = frozenset()
-        for expected, scopes in self._entries:
-            if hmac.compare_digest(digest, expected):
-                granted = scopes
-        return granted
 
 
 class FailureLog:
@@ -126,9 +94,11 @@ class FailureLog:
         self._held_back = 0
         self._lock = threading.Lock()
 
-    def record(self, scope: str, reason: str, mode: str, stored: bool) -> bool:
+    def record(self, scope: str, reason: str, mode: str, stored: bool,
+               key_id: str | None = None) -> bool:
         """Note one failure; log it unless a line was written in the last interval.
 
+        ``key_id`` names the key when one was recognised (a business refusal).
         Returns whether a line was written.
         """
         with self._lock:
@@ -138,10 +108,16 @@ class FailureLog:
                 return False
             held_back, self._held_back, self._last = self._held_back, 0, now
         endpoint = request.url_rule.rule if request.url_rule else request.path
+        if stored:
+            message = "write stored without a valid API key (MLOPS_AUTH_MODE=warn)"
+        elif reason == BUSINESS_NOT_ALLOWED:
+            message = "request refused: the key does not reach this business"
+        else:
+            message = "request refused: no valid credential for its scope"
         log.warning(
-            "write stored without a valid API key (MLOPS_AUTH_MODE=warn)" if stored
-            else "request refused: no valid credential for its scope",
+            message,
             extra={"scope": scope, "reason": reason, "auth_mode": mode, "endpoint": endpoint,
+                   "key_id": key_id,
                    "remote_addr": request.remote_addr,
                    "failures_not_logged_since_last_line": held_back,
                    "log_interval_seconds": self.interval})
@@ -150,11 +126,15 @@ class FailureLog:
 
 @dataclass(frozen=True)
 class Identity:
-    """Who sent this request: a configured key (``key_id``, scopes), or nobody."""
+    """Who sent this request: a configured key (``key_id``, scopes, grant), or nobody."""
 
     key_id: str | None
     scopes: frozenset[str]
-    reason: str | None  # why no key was recognised: missing_key, wrong_key; None if one was
+    reason: str | None  # why no key is recognised: missing_key, wrong_key, expired_key
+    grant: Grant | None = None
+
+
+BUSINESS_NOT_ALLOWED = "business_not_allowed"
 
 
 # The one refusal for a key that is unknown or lacks the scope: the same
@@ -177,10 +157,35 @@ class Auth:
 
     def __init__(self, settings, clock: Callable[[], float] = time.monotonic) -> None:
         self.mode: str = settings.auth_mode
-        self.keyring = Keyring(settings.api_keys, settings.read_api_keys)
+        self.keyring = Keyring(settings.api_keys, settings.read_api_keys,
+                               settings.scoped_keys)
         token = settings.metrics_token
         self._metrics_token = self.keyring.digest(token) if token else None
         self.failures = FailureLog(clock=clock)
+        self._expired_logged: dict[str, float] = {}  # key id -> clock() of its last line
+        self._clock = clock
+
+    def _valid_grant(self, given: str) -> tuple[Grant | None, str | None]:
+        """``given``'s grant and reason: (grant, None), or (None, wrong_key/expired_key)."""
+        grant = self.keyring.grant_for(given)
+        if grant is None:
+            return None, "wrong_key"
+        if grant.expired(datetime.now(UTC)):
+            self._log_expired(self.keyring.key_id(given), grant)
+            return None, "expired_key"
+        return grant, None
+
+    def _log_expired(self, key_id: str, grant: Grant) -> None:
+        """One line per expired key per ``FAILURE_LOG_INTERVAL_SECONDS`` in this process."""
+        now = self._clock()
+        last = self._expired_logged.get(key_id)
+        if last is not None and now - last < self.failures.interval:
+            return
+        self._expired_logged[key_id] = now
+        log.warning("request refused: the API key has expired",
+                    extra={"reason": "expired_key", "key_id": key_id, "key_name": grant.name,
+                           "expired_at": grant.expires_at.isoformat(),
+                           "remote_addr": request.remote_addr})
 
     def identify(self) -> Identity:
         """The current request's :class:`Identity` (worked out once per request)."""
@@ -190,9 +195,9 @@ class Auth:
             if not given:
                 identity = Identity(None, frozenset(), "missing_key")
             else:
-                scopes = self.keyring.scopes_for(given)
-                identity = Identity(self.keyring.key_id(given) if scopes else None, scopes,
-                                    None if scopes else "wrong_key")
+                grant, reason = self._valid_grant(given)
+                identity = (Identity(None, frozenset(), reason) if grant is None else
+                            Identity(self.keyring.key_id(given), grant.scopes, None, grant))
             g.mlops_identity = identity
         return identity
 
@@ -226,6 +231,46 @@ class Auth:
             return error_response(401, "unauthorized", f"missing {HEADER} header")
         return error_response(403, "forbidden", FORBIDDEN_MESSAGE)
 
+    def businesses(self, scope: str) -> frozenset[str] | None:
+        """The business ids this request's key is limited to in ``scope``; None: every one.
+
+        None also when auth is off, and for a request let through without a
+        recognised key (warn mode). Call it after :meth:`check` allowed ``scope``.
+        """
+        if self.mode == "off":
+            return None
+        grant = self.identify().grant
+        return grant.limited_to(scope) if grant is not None else None
+
+    def may(self, scope: str, business_id: str) -> bool:
+        """Whether this request's key may use ``scope`` on ``business_id`` (after
+        :meth:`check`). Counts and logs nothing: see :meth:`count_refusals`."""
+        allowed = self.businesses(scope)
+        return allowed is None or business_id in allowed
+
+    def count_refusals(self, scope: str, count: int = 1) -> None:
+        """Count ``count`` items of ``scope`` refused for their business
+        (``mlops_auth_failures_total{reason="business_not_allowed"}``) and log
+        (sparingly, as every failure). Answer each with :data:`FORBIDDEN_MESSAGE`."""
+        if count <= 0:
+            return
+        AUTH_FAILURES.labels(scope, BUSINESS_NOT_ALLOWED).inc(count)
+        self.failures.record(scope, BUSINESS_NOT_ALLOWED, self.mode, stored=False,
+                             key_id=self.identify().key_id)
+
+    def check_business(self, scope: str, business_id: str | None = None):
+        """``None`` if the request may use ``scope`` on ``business_id``, else the 403.
+
+        ``business_id=None`` asks for every business (a listing naming them
+        all): refused to a key limited in ``scope``. The 403 is the body
+        :meth:`check` sends for an unknown key, whether the business exists or not.
+        """
+        allowed = self.businesses(scope)
+        if allowed is None or (business_id is not None and business_id in allowed):
+            return None
+        self.count_refusals(scope)
+        return error_response(403, "forbidden", FORBIDDEN_MESSAGE)
+
     def metrics_open(self) -> bool:
         """Whether ``/metrics`` answers without credentials: no key and no token set."""
         return self.mode == "off" and self._metrics_token is None
@@ -245,7 +290,9 @@ class Auth:
             return None
         if self.mode != "off":
             for given in (bearer, request.headers.get(HEADER, "")):
-                if given and "read" in self.keyring.scopes_for(given):
+                grant = self._valid_grant(given)[0] if given else None
+                if grant is not None and "read" in grant.scopes \
+                        and grant.limited_to("read") is None:
                     return None
         given_any = bool(bearer or request.headers.get("Authorization")
                          or request.headers.get(HEADER))

@@ -17,6 +17,8 @@ from dotenv import load_dotenv
 from limits import parse_many
 from psycopg2.extensions import parse_dsn
 
+from .keys import KeysFileError, KeySpec, load_keys_file
+
 
 class ConfigError(Exception):
     """A setting is missing or malformed. ``str(error)`` is one line for the operator."""
@@ -54,6 +56,7 @@ class Settings:
     service_port: int = 5001
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     read_api_keys: tuple[str, ...] = field(default=(), repr=False)
+    scoped_keys: tuple[KeySpec, ...] = field(default=(), repr=False)  # MLOPS_KEYS_FILE
     auth_mode: str = "off"
     metrics_token: str | None = field(default=None, repr=False)
     trusted_proxies: int = 0
@@ -273,14 +276,19 @@ def _auth(env: Mapping[str, str]) -> dict:
     """
     full = _keys(env, "MLOPS_API_KEY")
     read = _keys(env, "MLOPS_READ_API_KEY")
-    if read and not full:
+    scoped = _scoped_keys(env)
+    writers = full or any("write" in spec.grant.scopes for spec in scoped)
+    if read and not writers:
         raise ConfigError("MLOPS_READ_API_KEY needs MLOPS_API_KEY too (no key could write)")
     if set(full) & set(read):
         raise ConfigError("a key is in both MLOPS_API_KEY and MLOPS_READ_API_KEY")
+    if {spec.key for spec in scoped} & (set(full) | set(read)):
+        raise ConfigError("a key of MLOPS_KEYS_FILE is also in MLOPS_API_KEY or "
+                          "MLOPS_READ_API_KEY (give each key once)")
     mode = env.get("MLOPS_AUTH_MODE", "enforce").lower()
     if mode not in {"enforce", "warn"}:
         raise ConfigError(f"MLOPS_AUTH_MODE must be enforce or warn, got {mode!r}")
-    if not full:
+    if not full and not scoped:
         if "MLOPS_AUTH_MODE" in env:
             raise ConfigError("MLOPS_AUTH_MODE needs MLOPS_API_KEY (without a key nothing "
                               "is checked)")
@@ -288,8 +296,19 @@ def _auth(env: Mapping[str, str]) -> dict:
     token = _secret(env, "MLOPS_METRICS_TOKEN")
     if token is not None:
         _long_enough("MLOPS_METRICS_TOKEN", (token,))
-    return {"api_keys": full, "read_api_keys": read, "auth_mode": mode,
+    return {"api_keys": full, "read_api_keys": read, "scoped_keys": scoped, "auth_mode": mode,
             "metrics_token": token}
+
+
+def _scoped_keys(env: Mapping[str, str]) -> tuple[KeySpec, ...]:
+    """The keys of ``MLOPS_KEYS_FILE`` (TOML; the format is in mlops/keys.py), or ()."""
+    path = env.get("MLOPS_KEYS_FILE")
+    if not path:
+        return ()
+    try:
+        return load_keys_file(Path(path))
+    except KeysFileError as exc:
+        raise ConfigError(f"MLOPS_KEYS_FILE {exc}") from None
 
 
 RATE_LIMIT_SCHEMES = ("memory://", "redis://", "rediss://", "redis+unix://")

@@ -999,3 +999,27 @@ def erasure_audit(db: Database, limit: int, before: int | None = None) -> list[d
     for row in rows:
         row["at"] = row["at"].isoformat()
     return rows
+
+
+# Each business holding events of a conversation or a session: a conversation
+# through its rollup row (indexed on conversation_id) and the raw rows the
+# backfill has not reached; a session through mlops_events_session_idx.
+_HOLDERS_SQL = {
+    "conversation_id": """
+        SELECT business_id FROM mlops_rollup_conversations WHERE conversation_id = %(id)s
+        UNION
+        SELECT e.business_id FROM mlops_events e JOIN mlops_rollup_backfill b
+          ON e.id > b.done_through AND e.id <= b.high_water
+        WHERE e.conversation_id = %(id)s""",
+    "session_id": "SELECT DISTINCT business_id FROM mlops_events WHERE session_id = %(id)s",
+}
+
+
+def businesses_holding(db: Database, field: str, value: str) -> frozenset[str]:
+    """The business ids with stored events whose ``field`` (``conversation_id`` or
+    ``session_id``) is ``value``; empty when none. Raises the errors of ``Database.run``."""
+    def work(cur):
+        cur.execute(db.timeout_prefix() + _HOLDERS_SQL[field], {"id": value})
+        return frozenset(row[0] for row in cur.fetchall())
+
+    return db.run(work)

@@ -151,7 +151,8 @@ EVENTS_REJECTED = Counter(
 AUTH_FAILURES = Counter(
     "mlops_auth_failures", "Requests without a valid credential for their scope, by scope "
     "(write, read, erase, metrics) and reason (missing_key, wrong_key, insufficient_scope, "
-    "missing_token, wrong_token). In MLOPS_AUTH_MODE=warn such writes are stored anyway.",
+    "expired_key, business_not_allowed: one per refused item, missing_token, wrong_token). "
+    "In MLOPS_AUTH_MODE=warn writes without a valid key are stored anyway.",
     ["scope", "reason"])
 RATE_LIMITED = Counter(
     "mlops_rate_limited_requests", "Requests refused with 429 by a rate limit, by route rule.",

@@ -8,7 +8,7 @@ from flask import Blueprint, jsonify, request
 from pydantic import BaseModel, ValidationError
 
 from .. import store
-from ..auth import require_scope
+from ..auth import get_auth, require_scope
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..errors import error_response
 from ..limits import rate_limited
@@ -40,7 +40,8 @@ def analytics(business_id: str):
     api_cost_usd, avg/p50/p95_response_time_ms, appointments_booked}],
     "by_intent": [{"intent_detected", "messages"}] (busiest first, ties by
     name), "timestamp"}``. An unknown business gets zeros and empty lists.
-    Errors: 401/403 (API key, ``read`` scope), 422 (bad ``days``), 429
+    Errors: 401/403 (API key, ``read`` scope; 403 too for a business the key
+    is not limited to, the same answer whether it exists or not), 422 (bad ``days``), 429
     (``RATE_LIMIT_READ``), 503 (database).
     """
     try:
@@ -48,6 +49,8 @@ def analytics(business_id: str):
             {"business_id": business_id, "days": request.args.get("days", "30")})
     except ValidationError as exc:
         raise InvalidRequest(field_errors(exc)) from None
+    if (refusal := get_auth().check_business("read", query.business_id)) is not None:
+        return refusal
     services = get_services()
     try:
         result = store.analytics(services.db, query.business_id, query.days)

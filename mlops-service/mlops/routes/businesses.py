@@ -8,7 +8,7 @@ from flask import Blueprint, jsonify, request
 from pydantic import BaseModel, ValidationError
 
 from .. import store
-from ..auth import require_scope
+from ..auth import get_auth, require_scope
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..errors import error_response
 from ..limits import rate_limited
@@ -35,7 +35,8 @@ def businesses():
     Units: tokens, US dollars; ``success_rate`` is the mean of the events'
     ``success_rate`` (0..1). Ties in ``messages`` are ordered by
     ``business_id`` so the list is stable between refreshes. A business with
-    no message in the window is not listed. Errors: 401/403 (key), 422 (bad
+    no message in the window is not listed, nor, for a key limited to some
+    businesses, any other business. Errors: 401/403 (key), 422 (bad
     ``days``), 503 (database).
     """
     try:
@@ -46,7 +47,9 @@ def businesses():
         totals = store.business_totals(get_services().db, query.days)
     except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
         return error_response(503, "database_unavailable", f"database unavailable: {exc}")
-    rows = sorted(totals, key=lambda row: (-row[1], row[0]))
+    allowed = get_auth().businesses("read")  # None: every business
+    rows = sorted((row for row in totals if allowed is None or row[0] in allowed),
+                  key=lambda row: (-row[1], row[0]))
     return jsonify({
         "days": query.days,
         "period": f"{query.days}_days",

@@ -3,6 +3,9 @@
 The page (``mlops/static/dashboard/``) holds no data, so it is open; what it
 shows comes from ``/businesses``, ``/analytics/<id>`` and ``/health/detailed``
 in the browser, with the ``X-API-Key`` the person types when those ask for it.
+With a key limited to some businesses (``MLOPS_KEYS_FILE``) ``/businesses``
+lists only those, so the picker offers only them, and ``?business_id=`` of
+another shows the page's refusal (``/analytics`` answers 403), never figures.
 Everything is served from this origin: no CDN, works offline.
 """
 

@@ -13,6 +13,12 @@ key (401/403) is appended too. A business's labelled series leave this
 replica's ``/metrics`` at once (``Telemetry.forget_business``), and the
 Postgres-derived gauges are marked stale for every worker (re-read by the
 erasing worker at once, by the others at their next scrape).
+
+A key limited to some businesses (``MLOPS_KEYS_FILE``) erases one of them,
+or a conversation or session whose stored events all belong to them; any
+other id gets the 403 of a refused key, whether it exists or not (one it
+holds no stored event of included), and ``GET /erasures``, which names
+every business's ids, is refused to it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from flask import Blueprint, jsonify, make_response, request
 from pydantic import BaseModel, Field, ValidationError
 
 from .. import store
-from ..auth import HEADER, get_auth, key_id, require_scope
+from ..auth import FORBIDDEN_MESSAGE, HEADER, bearer_token, get_auth, key_id, require_scope
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..errors import error_response
 from ..limits import rate_limited
@@ -68,7 +74,7 @@ class ErasuresQuery(BaseModel):
 def _requester() -> store.Requester:
     """The caller as the audit names them: ``mlops.auth.key_id`` of the key they sent
     (a refused one included), or ``"none"`` without one or while auth is off."""
-    key = request.headers.get(HEADER)
+    key = request.headers.get(HEADER) or bearer_token()
     return store.Requester(key_id(key) if key and get_auth().mode != "off" else "none")
 
 
@@ -109,6 +115,8 @@ def erase_conversation(conversation_id: str):
     (database, or the spool's WAL held by a reader past the busy timeout).
     """
     _validate(_ConversationPath, conversation_id=conversation_id)
+    if (refusal := _check_holders("conversation_id", conversation_id)) is not None:
+        return refusal
     return _erase("conversation_id", conversation_id, store.erase_conversation)
 
 
@@ -124,6 +132,8 @@ def erase_session(session_id: str):
     event. Errors: 401/403, 422, 429, 503.
     """
     _validate(_SessionPath, session_id=session_id)
+    if (refusal := _check_holders("session_id", session_id)) is not None:
+        return refusal
     return _erase("session_id", session_id, store.erase_session)
 
 
@@ -142,6 +152,8 @@ def erase_business(business_id: str):
     Errors: 401/403, 422, 429, 503.
     """
     _validate(_BusinessPath, business_id=business_id)
+    if (refusal := get_auth().check_business("erase", business_id)) is not None:
+        return refusal
     return _erase("business_id", business_id, store.erase_business,
                   on_erased=get_services().telemetry.forget_business)
 
@@ -162,8 +174,11 @@ def erasures():
     what left Postgres, the spool and the rollups, ``detail`` holds the
     erasure's ``removed`` or the refusal's ``status`` and ``reason``, and
     ``next_before`` is null on the last page. Needs an ``erase`` key (it names
-    erased ids). Errors: 401/403, 422 (bad ``limit``/``before``), 429, 503.
+    erased ids), limited to no business. Errors: 401/403, 422 (bad
+    ``limit``/``before``), 429, 503.
     """
+    if (refusal := get_auth().check_business("erase")) is not None:
+        return refusal
     try:
         query = ErasuresQuery.model_validate(request.args.to_dict())
     except ValidationError as exc:
@@ -181,6 +196,24 @@ def _validate(model: type[BaseModel], **path) -> None:
         model.model_validate(path)
     except ValidationError as exc:
         raise InvalidRequest(field_errors(exc)) from None
+
+
+def _check_holders(field: str, value: str):
+    """``None`` if the key may erase every stored event whose ``field`` is ``value``,
+    else the 403 (also when there is none: a limited key learns nothing of ids
+    that are not its businesses'), or a 503 when Postgres cannot say."""
+    auth = get_auth()
+    allowed = auth.businesses("erase")
+    if allowed is None:
+        return None
+    try:
+        holders = store.businesses_holding(get_services().db, field, value)
+    except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
+        return error_response(503, "database_unavailable", f"database unavailable: {exc}")
+    if holders and holders <= allowed:
+        return None
+    auth.count_refusals("erase")
+    return error_response(403, "forbidden", FORBIDDEN_MESSAGE)
 
 
 def _erase(field: str, value: str, erase, on_erased=None):
@@ -208,7 +241,7 @@ def _erase(field: str, value: str, erase, on_erased=None):
     if on_erased is not None:
         on_erased(value)
     now = datetime.now(UTC).isoformat()
-    key = request.headers.get(HEADER)
+    key = request.headers.get(HEADER) or bearer_token()
     audit.info("erasure", extra={
         "erased_at": now,
         "erased": {field: value},

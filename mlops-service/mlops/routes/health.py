@@ -113,9 +113,15 @@ def detailed():
     ``details`` says what to send for the rest. The version, pool, spool and
     the database's error text need the key (they help an attacker more than
     a prober).
+
+    With a read key, ``keys`` lists the configured keys: ``[{"key_id",
+    "source" (the variable naming it), "name", "scopes", "businesses" (per
+    scope a list, or null for every business), "expires_at", "expired"}]``,
+    never a key itself; a key limited to some businesses sees only its own
+    entry (the others name other businesses).
     """
     services = get_services()
-    auth = "api_key" if services.settings.api_key else "open"
+    auth = "api_key" if services.auth.mode != "off" else "open"
     reveal = _reveal()
     database = _database_status(services, reveal)
     status = "healthy" if database["status"] == "up" else "degraded"
@@ -139,5 +145,17 @@ def detailed():
         "pool": {"max_connections": services.db.pool_size, "in_use": services.db.pool_in_use()},
         "spool": _spool_status(services),
         "auth": auth,
+        **({"keys": _keys(services.auth)} if reveal else {}),
         "timestamp": datetime.now(UTC).isoformat(),
     })
+
+
+def _keys(auth) -> list[dict]:
+    """Each configured key as ``/health/detailed`` lists it; only the caller's own
+    when its ``read`` scope is limited to some businesses."""
+    own = auth.identify().key_id if auth.businesses("read") is not None else None
+    now = datetime.now(UTC)
+    return [{"key_id": key_id, "source": source, **grant.describe(),
+             "expired": grant.expired(now)}
+            for key_id, source, grant in auth.keyring.listing
+            if own is None or key_id == own]

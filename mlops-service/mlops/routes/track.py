@@ -8,7 +8,7 @@ from flask import Blueprint, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import UnsupportedMediaType
 
-from ..auth import require_scope
+from ..auth import FORBIDDEN_MESSAGE, get_auth, require_scope
 from ..bodies import REFRESH_BODY_BYTES, read_body
 from ..errors import error_response
 from ..limits import rate_limited
@@ -34,7 +34,8 @@ def track():
     with ``"storage": "queued"`` once it is fsynced to the local spool while
     Postgres is away. Sending the same ``event_id`` again for the same
     business is a replay: 201 again, stored once. Errors: 401/403 (API key,
-    ``write`` scope), 408 (body slower than ``BODY_READ_TIMEOUT_SECONDS``),
+    ``write`` scope; 403 too for a ``business_id`` the key is not limited to,
+    nothing stored), 408 (body slower than ``BODY_READ_TIMEOUT_SECONDS``),
     409 ``event_id_conflict`` naming ``event_id`` when that id is stored for
     another business (nothing stored), 413 (body over ``MAX_BODY_BYTES``),
     415 (not JSON), 422 (each bad field named), 429 with ``Retry-After``
@@ -47,6 +48,8 @@ def track():
     except InvalidRequest:
         EVENTS_REJECTED.labels("invalid").inc()
         raise
+    if (refusal := get_auth().check_business("write", event.business_id)) is not None:
+        return refusal
     storage, (record,), conflicts = services.ingestor.submit([event])
     if conflicts:
         return error_response(409, "event_id_conflict", _CONFLICT,
@@ -70,7 +73,9 @@ def track_batch():
     (or spooled together); invalid ones are reported and skipped. Answers 207
     with ``results``: one ``{"index", "status", "event_id"|"error"}`` per item,
     in input order, where ``status`` is what ``/track`` would have answered
-    (201, 202, 409 with ``error`` naming ``event_id``, or 422); ``accepted``
+    (201, 202, 403 with ``error`` naming ``business_id`` for a business the
+    key is not limited to, nothing said of that business, 409 with ``error`` naming
+    ``event_id``, or 422); ``accepted``
     counts the 201/202 items, ``rejected`` the others. Errors for the whole
     body: 413 (over ``MAX_BATCH_BODY_BYTES``), 415, 422 (not an array, too
     many items, not JSON; the length is checked before any item), 408 (body
@@ -82,14 +87,20 @@ def track_batch():
     parsed = parse_batch(read_body(services.settings.max_batch_body_bytes), limit)
 
     results: list[dict] = [{} for _ in parsed]
-    valid, positions = [], []
+    valid, positions, invalid = [], [], 0
+    allowed = get_auth().businesses("write")  # None: every business
     for index, item in enumerate(parsed):
         if isinstance(item, InvalidRequest):
             results[index] = {"index": index, "status": 422, "error": item.problems}
+            invalid += 1
+        elif allowed is not None and item.business_id not in allowed:
+            results[index] = {"index": index, "status": 403, "error": [
+                {"field": "business_id", "problem": FORBIDDEN_MESSAGE}]}
         else:
             valid.append(item)
             positions.append(index)
-    EVENTS_REJECTED.labels("invalid").inc(len(parsed) - len(valid))
+    EVENTS_REJECTED.labels("invalid").inc(invalid)
+    get_auth().count_refusals("write", len(parsed) - len(valid) - invalid)
 
     storage, conflicts = None, set()
     if valid:

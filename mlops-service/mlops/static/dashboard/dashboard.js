@@ -7,8 +7,10 @@
  *   /health/detailed            database up or down, spool depth
  * With a key configured the data endpoints answer 401/403: the page asks for
  * the key once, keeps it in sessionStorage (this tab only) and sends it as the
- * X-API-Key header, never in a URL. Refreshes every REFRESH_MS while the tab
- * is visible.
+ * X-API-Key header, never in a URL. A key limited to some businesses gets
+ * only those from /businesses, so the picker offers only them; a business it
+ * does not reach (a hand-edited URL) answers 403 on /analytics and the page
+ * says so, keeping the key. Refreshes every REFRESH_MS while the tab is visible.
  */
 "use strict";
 
@@ -152,7 +154,18 @@
       return;
     }
     const path = `/analytics/${encodeURIComponent(state.businessId)}?days=${state.days}`;
-    const data = await getJSON(path);
+    let data;
+    try {
+      data = await getJSON(path);
+    } catch (error) {
+      // /businesses took this key, so a 403 here is this business, not the key.
+      if (error.status !== 403 || !current()) throw error;
+      renderPicker(list.businesses, true);
+      $("#refused-business").textContent = state.businessId;
+      showOnly("refused");
+      state.shown = false;
+      return;
+    }
     if (!current()) return;
     renderAnalytics(data);
     showOnly("main");
@@ -163,6 +176,7 @@
     $("#main").hidden = which !== "main";
     $("#empty").hidden = which !== "empty";
     $("#key-form").hidden = which !== "key";
+    $("#refused").hidden = which !== "refused";
     if (which !== "key") clearAlert();
   }
 
@@ -244,7 +258,9 @@
     document.body.dataset.auth = body.auth || "";
   }
 
-  function renderPicker(businesses) {
+  // The businesses /businesses listed, and the one asked for when it has no
+  // message in the window; when that one was refused, none chosen instead.
+  function renderPicker(businesses, refused = false) {
     const select = $("#business");
     const options = businesses.map((b) => {
       const option = new Option(`${b.business_id} — ${INTEGER.format(b.messages)} messages`,
@@ -252,12 +268,15 @@
       option.title = `${b.messages} messages, ${b.tokens} tokens, ${b.api_cost_usd} USD`;
       return option;
     });
-    if (state.businessId && !businesses.some((b) => b.business_id === state.businessId)) {
+    if (refused) {
+      options.unshift(new Option("Choose a business", ""));
+    } else if (state.businessId
+               && !businesses.some((b) => b.business_id === state.businessId)) {
       options.unshift(new Option(`${state.businessId} — no messages`, state.businessId));
     }
     if (!options.length) options.push(new Option("No business yet", ""));
     select.replaceChildren(...options);
-    select.value = state.businessId || "";
+    select.value = refused ? "" : state.businessId || "";
     select.disabled = !state.businessId;
   }
 
