@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
@@ -62,6 +62,7 @@ _USAGE = frozenset({*INPUT_TOKENS, *OUTPUT_TOKENS, *TOTAL_TOKENS})
 _GEN_AI_MARKERS = frozenset({OPERATION, *PROVIDER, *MODEL})
 # What a contract field holds when a span has nothing for it.
 UNKNOWN = "unknown"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class SpanRejected(Exception):
@@ -236,5 +237,5 @@ def _call(span: Span, attrs: dict, resource: dict, business_keys: tuple[str, ...
     except InvalidRequest as exc:
         raise SpanRejected("; ".join(f"{p['field']} {p['problem']}"
                                      for p in exc.problems[:3])) from None
-    ended = datetime.fromtimestamp(span.end_time_unix_nano / 1e9, UTC)
+    ended = _EPOCH + timedelta(microseconds=span.end_time_unix_nano // 1000)  # exact, no float
     return event, min(ended, now)
