@@ -90,7 +90,7 @@ class Settings:
     maintenance_interval_seconds: int = 60
     maintenance_batch_rows: int = 5000
     erasure_timeout_ms: int = 20000
-    otlp_max_body_bytes: int = 4 * 1024 * 1024
+    otlp_max_body_bytes: int = 1024 * 1024
     otlp_max_spans: int = 8192
     otlp_business_attributes: tuple[str, ...] = ("mlops.business_id", "tenant.id")
 
@@ -153,7 +153,7 @@ class Settings:
             maintenance_batch_rows=_integer(env, "MAINTENANCE_BATCH_ROWS", 5000,
                                             low=1, high=1_000_000),
             erasure_timeout_ms=_integer(env, "ERASURE_TIMEOUT_MS", 20000, low=1),
-            otlp_max_body_bytes=_integer(env, "OTLP_MAX_BODY_BYTES", 4 * 1024 * 1024,
+            otlp_max_body_bytes=_integer(env, "OTLP_MAX_BODY_BYTES", 1024 * 1024,
                                          low=1024, high=64 * 1024 * 1024),
             otlp_max_spans=_integer(env, "OTLP_MAX_SPANS", 8192, low=1, high=100_000),
             otlp_business_attributes=_attribute_keys(env, "OTLP_BUSINESS_ATTRIBUTES",
