@@ -375,13 +375,25 @@ def test_spans_that_cannot_be_stored_are_reported_in_partial_success(make_app, p
         answer.partial_success.error_message
     assert query(pg, "SELECT count(*) FROM mlops_events") == [(2,)]
 
+    too_long = export_request(CHAT, {**CHAT, "gen_ai.request.model": "m" * 129})
+    answer = ExportTraceServiceResponse.FromString(post(client, too_long.SerializeToString()).data)
+    assert answer.partial_success.rejected_spans == 1  # by the schema, the other one kept
+    assert "model_name String should have at most 128 characters" in \
+        answer.partial_success.error_message
+    nul = export_request(CHAT, {**CHAT, "gen_ai.provider.name": "open\x00ai"})
+    answer = ExportTraceServiceResponse.FromString(post(client, nul.SerializeToString()).data)
+    assert answer.partial_success.rejected_spans == 1
+    assert "gen_ai.provider.name must be at most 128 characters, without NUL" in \
+        answer.partial_success.error_message
+    assert query(pg, "SELECT count(*) FROM mlops_events") == [(4,)]
+
     unowned = export_request(CHAT, resource={})
     answer = ExportTraceServiceResponse.FromString(post(client, unowned.SerializeToString()).data)
     assert answer.partial_success.rejected_spans == 1
     assert "no business: set one of mlops.business_id, tenant.id or service.name" in \
         answer.partial_success.error_message
     values = metric_values(client.get("/metrics").get_data(as_text=True))
-    assert metric_sum(values, "mlops_otlp_spans_total", outcome="rejected") >= 4
+    assert metric_sum(values, "mlops_otlp_spans_total", outcome="rejected") >= 6
 
 
 def test_an_event_id_held_by_another_business_rejects_the_span(make_app, pg):
