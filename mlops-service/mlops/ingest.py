@@ -26,7 +26,7 @@ from .telemetry import EVENTS_QUEUED
 
 
 class Ingestor:
-    """The write path shared by ``/track`` and ``/track/batch``."""
+    """The write path shared by ``/track``, ``/track/batch`` and ``/v1/traces``."""
 
     def __init__(self, commit: GroupCommit, outbox: Outbox, *, timeout_ms: int) -> None:
         self._commit = commit

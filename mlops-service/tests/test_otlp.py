@@ -44,6 +44,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from tcpproxy import StallingProxy
 
+from mlops.config import ConfigError, Settings
+
 KEY = "otlp-test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROTOBUF = "application/x-protobuf"
@@ -502,3 +504,27 @@ def test_metrics_and_logs_are_answered_as_not_stored(make_app, pg):
     values = metric_values(client.get("/metrics").get_data(as_text=True))
     assert metric_sum(values, "mlops_otlp_discarded_items_total", signal="metrics") >= 3
     assert metric_sum(values, "mlops_otlp_discarded_items_total", signal="logs") >= 2
+
+
+def test_the_business_attributes_are_configurable_and_checked(make_app, pg, database_url):
+    client = make_app(OTLP_BUSINESS_ATTRIBUTES="app.customer, tenant.id").test_client()
+    request = export_request({**CHAT, "app.customer": "cust-9", "tenant.id": "not-first"},
+                             {**CHAT, "tenant.id": "tenant-2"},
+                             resource={"service.name": "svc", "app.customer": "cust-r"})
+    assert post(client, request.SerializeToString()).data == b""
+    assert sorted(query(pg, "SELECT business_id FROM mlops_events")) == [("cust-9",),
+                                                                         ("tenant-2",)]
+    with pytest.raises(ConfigError, match="OTLP_BUSINESS_ATTRIBUTES holds an empty"):
+        Settings.from_env({"DATABASE_URL": database_url, "OTLP_BUSINESS_ATTRIBUTES": "a,,b"})
+
+
+def test_a_span_ending_in_the_future_takes_the_arrival_time(make_app, pg):
+    client = make_app().test_client()
+    request = export_request(CHAT)
+    span = request.resource_spans[0].scope_spans[0].spans[0]
+    span.end_time_unix_nano = time.time_ns() + 3600 * SECOND
+    span.start_time_unix_nano = span.end_time_unix_nano - 2 * SECOND
+    before = datetime.now(UTC)
+    assert post(client, request.SerializeToString()).data == b""
+    ((received, elapsed),) = query(pg, "SELECT received_at, response_time_ms FROM mlops_events")
+    assert before <= received <= datetime.now(UTC) and elapsed == 2000.0
