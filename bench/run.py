@@ -224,6 +224,17 @@ def count_rows(url: str) -> int:
     return n
 
 
+def settled_rows(url: str, quiet_seconds: float = 0.5) -> int:
+    """The events stored once no request still in flight adds any: the count, unchanged
+    over ``quiet_seconds`` (wrk stops with requests on the wire; they commit after)."""
+    rows = count_rows(url)
+    while True:
+        time.sleep(quiet_seconds)
+        rows, before = count_rows(url), rows
+        if rows == before:
+            return rows
+
+
 def get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
@@ -502,10 +513,10 @@ def main() -> None:
         for _ in range(REPEATS):
             for script, rates in ((batch_script, batch_rates),
                                   (lua_otlp(otlp_spans), otlp_rates)):
-                rows_before = count_rows(database_url)
+                rows_before = settled_rows(database_url)  # the previous run's all in
                 batch = wrk(wrk_bin, base, script, connections=4, seconds=RUN_SECONDS)
                 wait_drained(base)  # a batch past its deadline is spooled, then flushed
-                batch_events = count_rows(database_url) - rows_before
+                batch_events = settled_rows(database_url) - rows_before
                 assert batch["non2xx"] == 0, batch
                 answered = batch["requests"] * BATCH_SIZE
                 assert answered <= batch_events <= answered + 4 * BATCH_SIZE, \
