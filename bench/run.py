@@ -31,6 +31,8 @@ import uuid
 from pathlib import Path
 
 import psycopg2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = ROOT / "mlops-service"
@@ -222,6 +224,17 @@ def count_rows(url: str) -> int:
     return n
 
 
+def settled_rows(url: str, quiet_seconds: float = 0.5) -> int:
+    """The events stored once no request still in flight adds any: the count, unchanged
+    over ``quiet_seconds`` (wrk stops with requests on the wire; they commit after)."""
+    rows = count_rows(url)
+    while True:
+        time.sleep(quiet_seconds)
+        rows, before = count_rows(url), rows
+        if rows == before:
+            return rows
+
+
 def get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
@@ -340,6 +353,81 @@ end
     return Path(handle.name)
 
 
+# The trace id of every span of the OTLP body: 16 ASCII bytes the wrk script
+# replaces per request, so each request's spans are new calls (new event ids).
+OTLP_TRACE_PLACEHOLDER = b"TRACEPLACEHOLDER"
+
+
+def otlp_body(events: list[dict]) -> bytes:
+    """``events`` as the GenAI spans an instrumented app would export, in one protobuf
+    ExportTraceServiceRequest: the same calls /track/batch stores (docs/otlp.md's mapping)."""
+    request = ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add().spans
+    end = time.time_ns()
+
+    def value(v: object) -> AnyValue:
+        if isinstance(v, str):
+            return AnyValue(string_value=v)
+        return AnyValue(int_value=v) if isinstance(v, int) else AnyValue(double_value=v)
+
+    for index, event in enumerate(events):
+        attributes = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "gcp.gemini",
+                      "gen_ai.request.model": event["model_name"],
+                      "mlops.business_id": event["business_id"],
+                      "gen_ai.usage.cost": float(event["api_cost_usd"])}
+        for name, field in (("gen_ai.usage.input_tokens", "prompt_tokens"),
+                            ("gen_ai.usage.output_tokens", "completion_tokens"),
+                            ("gen_ai.conversation.id", "conversation_id")):
+            if event.get(field) is not None:
+                attributes[name] = event[field]
+        if not event["success_rate"]:
+            attributes["error.type"] = "timeout"
+        span = spans.add(trace_id=OTLP_TRACE_PLACEHOLDER, span_id=(index + 1).to_bytes(8, "big"),
+                         name="chat", kind=3, end_time_unix_nano=end,
+                         start_time_unix_nano=end - int(event["response_time_ms"] * 1e6))
+        span.attributes.extend(KeyValue(key=k, value=value(v)) for k, v in attributes.items())
+        span.status.code = 2 if not event["success_rate"] else 0
+    return request.SerializeToString()
+
+
+def lua_otlp(body: bytes) -> Path:
+    """A wrk script POSTing ``body`` (protobuf) to /v1/traces, each time under a trace id
+    of its own (a per-script nonce, the wrk thread and a counter)."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".pb", delete=False) as handle:
+        handle.write(body)
+    nonce = uuid.uuid4().hex[:5]
+    script = f"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/x-protobuf"
+local file = io.open("{handle.name}", "rb")
+local body = file:read("*a")
+file:close()
+-- the body cut at each trace id: table.concat(parts, trace) puts one in every cut
+local parts, from = {{}}, 1
+while true do
+  local at = string.find(body, "{OTLP_TRACE_PLACEHOLDER.decode()}", from, true)
+  if not at then break end
+  parts[#parts + 1] = string.sub(body, from, at - 1)
+  from = at + {len(OTLP_TRACE_PLACEHOLDER)}
+end
+parts[#parts + 1] = string.sub(body, from)
+local next_thread = 0
+function setup(thread)
+  thread:set("thread_id", next_thread)
+  next_thread = next_thread + 1
+end
+local sent = 0
+request = function()
+  sent = sent + 1
+  local trace = string.format("{nonce}%02d%09d", thread_id, sent)
+  return wrk.format(nil, "/v1/traces", nil, table.concat(parts, trace))
+end
+"""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
+        handle.write(script)
+    return Path(handle.name)
+
+
 def worker_pids(master: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
@@ -415,26 +503,31 @@ def main() -> None:
         paced = wrk(wrk_bin, base, paced_script, connections=paced_connections)
         print(f"bench: /track at {paced['rps']:.0f} req/s: p99 {paced['p99']:.1f} ms", flush=True)
 
-        # /track/batch and the bare database's COPY of the same rows take turns
-        # too; each rate is the median of REPEATS runs, counting what finished
-        # inside each run's window.
+        # /track/batch, the same calls as OTLP spans on /v1/traces, and the bare
+        # database's COPY of the same rows take turns too; each rate is the
+        # median of REPEATS runs, counting what finished inside each run's window.
         batch_events_sent = [SUCCESS if i % 2 else FAILURE for i in range(BATCH_SIZE)]
         batch_script = lua_post("/track/batch", [json.dumps(batch_events_sent)])
-        batch_rates, copy_rates = [], []
+        otlp_spans = otlp_body(batch_events_sent)
+        batch_rates, otlp_rates, copy_rates = [], [], []
         for _ in range(REPEATS):
-            rows_before = count_rows(database_url)
-            batch = wrk(wrk_bin, base, batch_script, connections=4, seconds=RUN_SECONDS)
-            wait_drained(base)  # a batch past its deadline is spooled, then flushed
-            batch_events = count_rows(database_url) - rows_before
-            assert batch["non2xx"] == 0, batch
-            answered = batch["requests"] * BATCH_SIZE
-            assert answered <= batch_events <= answered + 4 * BATCH_SIZE, (batch_events, batch)
-            batch_rates.append(batch["rps"] * BATCH_SIZE)
+            for script, rates in ((batch_script, batch_rates),
+                                  (lua_otlp(otlp_spans), otlp_rates)):
+                rows_before = settled_rows(database_url)  # the previous run's all in
+                batch = wrk(wrk_bin, base, script, connections=4, seconds=RUN_SECONDS)
+                wait_drained(base)  # a batch past its deadline is spooled, then flushed
+                batch_events = settled_rows(database_url) - rows_before
+                assert batch["non2xx"] == 0, batch
+                answered = batch["requests"] * BATCH_SIZE
+                assert answered <= batch_events <= answered + 4 * BATCH_SIZE, \
+                    (batch_events, batch)
+                rates.append(batch["rps"] * BATCH_SIZE)
             copy_rates.append(copy_rate(database_url, batch_events_sent, connections=4,
                                         seconds=RUN_SECONDS))
         batch_rate, bare_copy = statistics.median(batch_rates), statistics.median(copy_rates)
-        print(f"bench: batch {batch_rate:.0f} events/s, bare COPY {bare_copy:.0f} events/s",
-              flush=True)
+        otlp_rate = statistics.median(otlp_rates)
+        print(f"bench: batch {batch_rate:.0f} events/s, OTLP {otlp_rate:.0f} events/s, "
+              f"bare COPY {bare_copy:.0f} events/s", flush=True)
 
         # 10,000 live series: many businesses x models, spread over every worker.
         for start in range(0, SERIES_BUSINESSES, 100):
@@ -485,6 +578,10 @@ def main() -> None:
         ("batch ingestion", f"{batch_rate:.0f} events/s",
          f"/track/batch of {BATCH_SIZE}, 4 connections, median of "
          + listed(batch_rates) + "; target ≥ 20,000"),
+        ("OTLP protobuf ingest", f"{otlp_rate:.0f} events/s",
+         f"/v1/traces, the same {BATCH_SIZE} calls as GenAI spans in one protobuf export "
+         f"({len(otlp_spans)} bytes), 4 connections, median of " + listed(otlp_rates)
+         + f"; ÷ /track/batch {otlp_rate / batch_rate:.3f}; target ≥ 0.8"),
         ("bare-database COPY of the same rows", f"{bare_copy:.0f} events/s",
          f"COPY of {BATCH_SIZE} per call, 4 connections, same table, median of "
          + listed(copy_rates)),

@@ -33,7 +33,17 @@ def create_app(settings=None) -> Flask:
     from .deliver import Delivery, GroupCommit
     from .ingest import Ingestor
     from .outbox import Outbox
-    from .routes import analytics, businesses, dashboard, erasure, health, metrics, openapi, track
+    from .routes import (
+        analytics,
+        businesses,
+        dashboard,
+        erasure,
+        health,
+        metrics,
+        openapi,
+        otlp,
+        track,
+    )
     from .services import Services
     from .spool import Spool
 
@@ -44,7 +54,8 @@ def create_app(settings=None) -> Flask:
     app.json.sort_keys = False
     # The largest body any route takes; each route caps its own (mlops/bodies.py).
     app.config["MAX_CONTENT_LENGTH"] = max(settings.max_body_bytes,
-                                           settings.max_batch_body_bytes)
+                                           settings.max_batch_body_bytes,
+                                           settings.otlp_max_body_bytes)
     app.wsgi_app = bodies.ReadDeadline(app.wsgi_app, settings.body_read_timeout_seconds)
     if settings.trusted_proxies:  # client address and scheme from the proxies' X-Forwarded-*
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies,
@@ -70,7 +81,8 @@ def create_app(settings=None) -> Flask:
     def _start_timer() -> None:  # read by the request log and the HTTP metrics
         g.request_started = time.perf_counter()
 
-    for module in (track, health, metrics, analytics, businesses, erasure, openapi, dashboard):
+    for module in (track, otlp, health, metrics, analytics, businesses, erasure, openapi,
+                   dashboard):
         app.register_blueprint(module.bp)
     errors.init_app(app)
     auth.init_app(app)

@@ -93,6 +93,9 @@ class Settings:
     maintenance_interval_seconds: int = 60
     maintenance_batch_rows: int = 5000
     erasure_timeout_ms: int = 20000
+    otlp_max_body_bytes: int = 1024 * 1024
+    otlp_max_spans: int = 8192
+    otlp_business_attributes: tuple[str, ...] = ("mlops.business_id", "tenant.id")
 
     @property
     def api_key(self) -> str | None:
@@ -153,6 +156,11 @@ class Settings:
             maintenance_batch_rows=_integer(env, "MAINTENANCE_BATCH_ROWS", 5000,
                                             low=1, high=1_000_000),
             erasure_timeout_ms=_integer(env, "ERASURE_TIMEOUT_MS", 20000, low=1),
+            otlp_max_body_bytes=_integer(env, "OTLP_MAX_BODY_BYTES", 1024 * 1024,
+                                         low=1024, high=64 * 1024 * 1024),
+            otlp_max_spans=_integer(env, "OTLP_MAX_SPANS", 8192, low=1, high=100_000),
+            otlp_business_attributes=_attribute_keys(env, "OTLP_BUSINESS_ATTRIBUTES",
+                                                     ("mlops.business_id", "tenant.id")),
         )
 
 
@@ -207,6 +215,18 @@ def _optional_days(env: Mapping[str, str], name: str) -> int | None:
     if name not in env:
         return None
     return _integer(env, name, 0, low=1, high=36500)
+
+
+def _attribute_keys(env: Mapping[str, str], name: str,
+                    default: tuple[str, ...]) -> tuple[str, ...]:
+    """OpenTelemetry attribute keys separated by commas, trimmed, in order."""
+    raw = env.get(name)
+    if raw is None:
+        return default
+    keys = tuple(k.strip() for k in raw.split(","))
+    if not all(keys):
+        raise ConfigError(f"{name} holds an empty attribute key (check the commas)")
+    return keys
 
 
 def _log_level(raw: str) -> str:

@@ -26,20 +26,21 @@ from .telemetry import EVENTS_QUEUED
 
 
 class Ingestor:
-    """The write path shared by ``/track`` and ``/track/batch``."""
+    """The write path shared by ``/track``, ``/track/batch`` and ``/v1/traces``."""
 
     def __init__(self, commit: GroupCommit, outbox: Outbox, *, timeout_ms: int) -> None:
         self._commit = commit
         self._outbox = outbox
         self._timeout_ms = timeout_ms
 
-    def submit(self, events: Sequence[MetricsEvent], *,
-               timeout_ms: int | None = None) -> tuple[str, list[Record], set[int]]:
+    def submit(self, events: Sequence[MetricsEvent], *, timeout_ms: int | None = None,
+               times: Sequence[datetime] | None = None) -> tuple[str, list[Record], set[int]]:
         """Store ``events`` (already validated); return ``("stored"|"queued", records,
         conflicts)``.
 
-        Each event gets its ``event_id`` (the client's, or a new UUID) and the
-        server receive time. ``conflicts``: positions in ``events`` of those not
+        Each event gets its ``event_id`` (the client's, or a new UUID) and its
+        time: ``times[i]`` when given (timezone-aware; OTLP spans give their end
+        time), else the server receive time. ``conflicts``: positions in ``events`` of those not
         stored because their ``event_id`` is stored for another business
         (known only when stored; a queued event's conflict shows when the
         outbox delivers it, see ``mlops.deliver.Delivery``). ``timeout_ms``
@@ -47,8 +48,10 @@ class Ingestor:
         Raises :class:`mlops.spool.SpoolFull` when the database is away and
         the spool is at its cap (nothing was stored).
         """
-        now = datetime.now(UTC)
-        records = [Record(e.event_id or str(uuid.uuid4()), now, e) for e in events]
+        if times is None:
+            times = [datetime.now(UTC)] * len(events)
+        records = [Record(e.event_id or str(uuid.uuid4()), t, e)
+                   for e, t in zip(events, times, strict=True)]
         try:
             inserted = self._commit(records, timeout_ms=timeout_ms or self._timeout_ms)
         except (DatabaseUnavailable, DatabaseMisconfigured):

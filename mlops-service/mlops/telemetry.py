@@ -158,6 +158,16 @@ RATE_LIMITED = Counter(
     "mlops_rate_limited_requests", "Requests refused with 429 by a rate limit, by route rule.",
     ["endpoint"])
 
+# --- OTLP ingestion (mlops/routes/otlp.py) ---
+OTLP_SPANS = Counter(
+    "mlops_otlp_spans", "Spans received on POST /v1/traces, by outcome: accepted (an LLM "
+    "call, stored or spooled as one event), rejected (reported in partial_success), "
+    "not_llm (not an LLM call: not stored, not rejected).", ["outcome"])
+OTLP_DISCARDED = Counter(
+    "mlops_otlp_discarded_items", "Metric data points (POST /v1/metrics) and log records "
+    "(POST /v1/logs) received and not stored, by signal (metrics, logs); answered as "
+    "rejected in partial_success.", ["signal"])
+
 
 # HTTP methods counted by name (RFC 9110's, and PATCH); any other becomes
 # "other", so made-up methods cannot add series.

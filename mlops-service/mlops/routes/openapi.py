@@ -37,6 +37,30 @@ def _errors(*codes: int) -> dict:
     return {str(c): _json(_ERROR, text[c]) for c in codes}
 
 
+def _otlp(signal: str, summary: str) -> dict:
+    """An OTLP/HTTP export path: protobuf or OTLP/JSON in, the same encoding out."""
+    def both(json_schema: dict, description: str) -> dict:
+        return {"description": description, "content": {
+            "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": json_schema}}}
+
+    status = {"type": "object", "properties": {"code": {"type": "integer"},
+                                               "message": {"type": "string"}}}
+    failures = {400: "Undecodable body (not retryable)", 401: "Missing key",
+                403: "Unknown key, or a key without the write scope", 408: "Body too slow",
+                413: "Body too large, as sent or inflated", 415: "Another media type or coding",
+                429: "Rate limit exceeded; see Retry-After",
+                503: "Database unavailable and spool full; see Retry-After"}
+    return {"post": {
+        "summary": summary, "security": [{"ApiKey": []}, {"Bearer": []}],
+        "requestBody": {"required": True, **both(
+            {"type": "object"}, f"OTLP Export{signal}ServiceRequest")},
+        "responses": {"200": both({"type": "object"}, f"Export{signal}ServiceResponse "
+                                                      "(partial_success when refused)"),
+                      **{str(c): both(status, f"google.rpc.Status: {text}")
+                         for c, text in failures.items()}}}}
+
+
 @cache
 def document() -> dict:
     """The OpenAPI document (built once per process)."""
@@ -85,7 +109,8 @@ def document() -> dict:
             "schemas": schemas,
             "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header",
                                            "name": "X-API-Key"},
-                                "MetricsToken": {"type": "http", "scheme": "bearer"}},
+                                "MetricsToken": {"type": "http", "scheme": "bearer"},
+                                "Bearer": {"type": "http", "scheme": "bearer"}},
         },
         "paths": {
             "/track": {"post": {
@@ -171,6 +196,12 @@ def document() -> dict:
                                        "api_cost_usd": {"type": "number"},
                                        "success_rate": {"type": "number"}}}}}},
                     "Businesses"), **_errors(401, 403, 422, 429, 503)}}},
+            "/v1/traces": _otlp("Trace", "OTLP/HTTP traces: each LLM call span stored as one "
+                                         "event (docs/otlp.md)"),
+            "/v1/metrics": _otlp("Metrics", "OTLP/HTTP metrics: answered, not stored "
+                                            "(rejected_data_points)"),
+            "/v1/logs": _otlp("Logs", "OTLP/HTTP logs: answered, not stored "
+                                      "(rejected_log_records)"),
             "/": {"get": {"summary": "The dashboard (HTML page; reads /businesses, "
                                      "/analytics and /health/detailed)",
                           "responses": {"200": {"description": "HTML page", "content": {
