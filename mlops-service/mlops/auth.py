@@ -5,7 +5,8 @@ Scopes, and which keys grant them (docs/security.md, "Authentication"):
 ==========  =====================================================  ==========================
 scope       endpoints                                              keys
 ==========  =====================================================  ==========================
-``write``   ``POST /track``, ``POST /track/batch``                 ``MLOPS_API_KEY``
+``write``   ``POST /track``, ``POST /track/batch``,                ``MLOPS_API_KEY``
+            ``POST /v1/traces``, ``/v1/metrics``, ``/v1/logs``
 ``read``    ``GET /analytics/<id>``, ``GET /businesses``,          ``MLOPS_API_KEY`` or
             the dashboard's data                                   ``MLOPS_READ_API_KEY``
 ``erase``   ``DELETE /conversations/<id>``, ``/businesses/<id>``   ``MLOPS_API_KEY``

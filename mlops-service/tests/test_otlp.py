@@ -44,6 +44,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from tcpproxy import StallingProxy
 
+from mlops.auth import FORBIDDEN_MESSAGE
 from mlops.config import ConfigError, Settings
 
 KEY = "otlp-test-key-0123456789abcdef"
@@ -528,3 +529,30 @@ def test_a_span_ending_in_the_future_takes_the_arrival_time(make_app, pg):
     assert post(client, request.SerializeToString()).data == b""
     ((received, elapsed),) = query(pg, "SELECT received_at, response_time_ms FROM mlops_events")
     assert before <= received <= datetime.now(UTC) and elapsed == 2000.0
+
+
+def test_a_key_limited_to_businesses_has_other_businesses_spans_rejected(make_app, pg,
+                                                                          tmp_path):
+    """A keys-file key limited to one business: its spans are stored, the others'
+    rejected in partial_success with the one refusal wording, and counted."""
+    limited = "otlp-limited-key-5e6f7a8b9c"
+    (tmp_path / "keys.toml").write_text(
+        f'[[key]]\nkey = "{limited}"\nscopes = ["write"]\nbusinesses = ["biz-a"]\n')
+    client = make_app(MLOPS_API_KEY=KEY, MLOPS_KEYS_FILE=tmp_path / "keys.toml").test_client()
+    request = export_request({**CHAT, "mlops.business_id": "biz-a"},
+                             {**CHAT, "mlops.business_id": "biz-b"},
+                             {**CHAT, "mlops.business_id": "biz-nowhere"})
+    response = post(client, request.SerializeToString(), Authorization=f"Bearer {limited}")
+    assert response.status_code == 200
+    answer = ExportTraceServiceResponse.FromString(response.data)
+    assert answer.partial_success.rejected_spans == 2
+    assert FORBIDDEN_MESSAGE in answer.partial_success.error_message
+    assert "biz-b" not in answer.partial_success.error_message
+    assert query(pg, "SELECT business_id FROM mlops_events") == [("biz-a",)]
+    values = metric_values(client.get("/metrics", headers=AUTH).get_data(as_text=True))
+    assert metric_sum(values, "mlops_auth_failures_total", scope="write",
+                      reason="business_not_allowed") == 2
+
+    full = post(client, request.SerializeToString(), **AUTH)  # an unlimited key: all stored
+    assert ExportTraceServiceResponse.FromString(full.data).partial_success.rejected_spans == 0
+    assert query(pg, "SELECT count(*) FROM mlops_events") == [(3,)]

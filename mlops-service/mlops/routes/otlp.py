@@ -24,7 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from .. import otlp, otlp_genai
-from ..auth import require_scope
+from ..auth import FORBIDDEN_MESSAGE, get_auth, require_scope
 from ..bodies import read_body
 from ..limits import rate_limited
 from ..services import get_services
@@ -82,6 +82,7 @@ def export_traces():
     found = otlp_genai.calls(export, business_keys=settings.otlp_business_attributes,
                              max_spans=settings.otlp_max_spans)
     rejections = found.rejections
+    _drop_businesses_not_allowed(found)
     conflicts: set[int] = set()
     if found.events:
         # An export is a batch: it may take the statement timeout, as /track/batch.
@@ -98,6 +99,29 @@ def export_traces():
         response.partial_success.rejected_spans = rejections.count
         response.partial_success.error_message = rejections.error_message()
     return _answer(response, encoding)
+
+
+def _drop_businesses_not_allowed(found: otlp_genai.Calls) -> None:
+    """Reject the calls of ``found`` for a business this request's key may not write.
+
+    A key limited to some businesses (``MLOPS_KEYS_FILE``) has each other
+    business's span refused in ``partial_success`` with the one refusal
+    wording, whether that business exists or not, and counted in
+    ``mlops_auth_failures_total{reason="business_not_allowed"}``; its other
+    spans are stored, as items of ``/track/batch`` are.
+    """
+    auth = get_auth()
+    allowed = auth.businesses("write")  # None: every business
+    if allowed is None:
+        return
+    kept = [i for i, event in enumerate(found.events) if event.business_id in allowed]
+    refused = len(found.events) - len(kept)
+    for event in found.events:
+        if event.business_id not in allowed:
+            found.rejections.reject(f"span {event.event_id[-16:]}: {FORBIDDEN_MESSAGE}")
+    found.events = [found.events[i] for i in kept]
+    found.times = [found.times[i] for i in kept]
+    auth.count_refusals("write", refused)
 
 
 @bp.post("/v1/metrics")
