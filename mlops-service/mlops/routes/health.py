@@ -31,9 +31,11 @@ PING_TIMEOUT_MS = 500
 
 
 def _database_status(services, reveal: bool) -> dict:
-    """One real round trip: ``{"status": "up"|"down", "latency_ms", "error"?}``.
+    """One real round trip: ``{"status": "up"|"down"|"full", "latency_ms", "error"?}``.
 
     Bounded by ``PING_TIMEOUT_MS`` whatever state the database is in.
+    ``full``: it answers, but refused this process's last write for lack of
+    space (SQLSTATE 53100, see ``Database.full_reason``).
     ``error`` is the database's message when ``reveal``, else only its kind
     (``unavailable`` or ``misconfigured``); ``mlops.db`` logs the message
     when the database goes down.
@@ -46,7 +48,10 @@ def _database_status(services, reveal: bool) -> dict:
         kind = "misconfigured" if isinstance(exc, DatabaseMisconfigured) else "unavailable"
         return {"status": "down", "error": str(exc) if reveal else kind,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
-    return {"status": "up", "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
+    latency_ms = round((time.perf_counter() - started) * 1000, 3)
+    if (full := services.db.full_reason()) is not None:
+        return {"status": "full", "error": full if reveal else "full", "latency_ms": latency_ms}
+    return {"status": "up", "latency_ms": latency_ms}
 
 
 def _reveal() -> bool:
@@ -77,7 +82,9 @@ def health():
 
 @bp.get("/health/ready")
 def ready():
-    """Readiness: 503 while draining (after SIGTERM), else 200 if Postgres answers ``SELECT 1``.
+    """Readiness: 503 while draining (after SIGTERM), else 200 if Postgres answers ``SELECT 1``
+    and has room for writes (503 ``"database full: ..."`` after a write refused with
+    SQLSTATE 53100).
 
     With ``READINESS_CHECKS_DATABASE=false`` (the Kubernetes manifests) the
     database is not asked: an instance whose Postgres is away still takes
@@ -96,6 +103,10 @@ def ready():
     database = _database_status(services, _reveal())
     body = {"status": "ready" if database["status"] == "up" else "unavailable",
             "database": database, "spool": _spool_status(services)}
+    if database["status"] == "full":
+        detail = "" if database["error"] == "full" else f": {database['error']}"
+        body["reason"] = "database full: writes are spooled until space is freed" + detail
+        return jsonify(body), 503
     if database["status"] != "up":
         body["reason"] = f"database unavailable: {database['error']}"
         return jsonify(body), 503
@@ -107,7 +118,7 @@ def detailed():
     """Everything an operator asks first: uptime (s), version, database, pool, spool.
 
     Always 200 (it reports, it does not judge); ``status`` is ``"healthy"`` or
-    ``"degraded"`` (database down). With API keys set and no key granting
+    ``"degraded"`` (database down or full). With API keys set and no key granting
     ``read``, only what the open ``/health/ready`` tells: ``{"status",
     "service", "database": {"status"}, "auth", "timestamp", "details"}``, where
     ``details`` says what to send for the rest. The version, pool, spool and
