@@ -90,6 +90,7 @@ class Settings:
     maintenance_interval_seconds: int = 60
     maintenance_batch_rows: int = 5000
     erasure_timeout_ms: int = 20000
+    database_size_limit_bytes: int | None = None
 
     @property
     def api_key(self) -> str | None:
@@ -150,6 +151,7 @@ class Settings:
             maintenance_batch_rows=_integer(env, "MAINTENANCE_BATCH_ROWS", 5000,
                                             low=1, high=1_000_000),
             erasure_timeout_ms=_integer(env, "ERASURE_TIMEOUT_MS", 20000, low=1),
+            database_size_limit_bytes=_optional_bytes(env, "DATABASE_SIZE_LIMIT"),
         )
 
 
@@ -204,6 +206,27 @@ def _optional_days(env: Mapping[str, str], name: str) -> int | None:
     if name not in env:
         return None
     return _integer(env, name, 0, low=1, high=36500)
+
+
+def _optional_bytes(env: Mapping[str, str], name: str) -> int | None:
+    """A size in bytes with an optional unit, or None when unset.
+
+    Parsed by pydantic's ``ByteSize``: ``500MB`` and ``0.5GB`` are powers of
+    1000 (500,000,000 bytes), ``512MiB`` powers of 1024 (536,870,912 bytes);
+    a bare number is bytes. At least 1 MiB.
+    """
+    if name not in env:
+        return None
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    try:
+        value = int(TypeAdapter(ByteSize).validate_python(env[name]))
+    except ValidationError:
+        raise ConfigError(f"{name} must be a size such as 0.5GB, 512MiB or 500000000 "
+                          f"(bytes), got {env[name]!r}") from None
+    if value < 1 << 20:
+        raise ConfigError(f"{name} must be at least 1MiB, got {env[name]!r}")
+    return value
 
 
 def _log_level(raw: str) -> str:

@@ -20,6 +20,7 @@ from ..auth import HEADER, get_auth
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..draining import is_draining
 from ..services import get_services
+from ..storage_budget import get_storage_budget
 from ..version import __version__
 
 bp = Blueprint("health", __name__)
@@ -115,7 +116,8 @@ def ready():
 
 @bp.get("/health/detailed")
 def detailed():
-    """Everything an operator asks first: uptime (s), version, database, pool, spool.
+    """Everything an operator asks first: uptime (s), version, database, pool, spool,
+    and the database's size against its budget (``storage``, see :func:`_storage_status`).
 
     Always 200 (it reports, it does not judge); ``status`` is ``"healthy"`` or
     ``"degraded"`` (database down or full). With API keys set and no key granting
@@ -149,6 +151,21 @@ def detailed():
         "database": database,
         "pool": {"max_connections": services.db.pool_size, "in_use": services.db.pool_in_use()},
         "spool": _spool_status(services),
+        "storage": _storage_status(),
         "auth": auth,
         "timestamp": datetime.now(UTC).isoformat(),
     })
+
+
+def _storage_status() -> dict:
+    """The database's size against ``DATABASE_SIZE_LIMIT`` (``mlops.storage_budget``).
+
+    ``{"size_bytes", "sampled_at", "limit_bytes", "used_ratio",
+    "growth_bytes_per_day", "days_left"}``; before the first sample only
+    ``{"size_bytes": null, "limit_bytes"}``.
+    """
+    budget = get_storage_budget()
+    reading = budget.reading()
+    if reading is None:
+        return {"size_bytes": None, "limit_bytes": budget.limit_bytes}
+    return reading.as_json()
