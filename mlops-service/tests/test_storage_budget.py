@@ -20,6 +20,8 @@ import pytest
 import requests
 from conftest import metric_values, query
 from payloads import SUCCESS
+from selenium.webdriver.common.by import By
+from test_dashboard import assert_clean_console, browser, open_page, page, screenshot  # noqa: F401
 
 from mlops.config import ConfigError, Settings
 from mlops.services import get_services
@@ -198,3 +200,34 @@ def test_gunicorn_serves_the_gauges_from_every_worker(gunicorn, samples):
             pids.add(detailed["pid"])
             assert detailed["storage"]["limit_bytes"] == 1 << 30
         time.sleep(0.1)
+
+
+# ---- The dashboard's service line, in Chromium.
+
+@pytest.mark.browser
+def test_the_dashboard_service_line_shows_size_budget_and_days_left(
+        gunicorn, samples, page):  # noqa: F811 - the fixture imported from test_dashboard
+    write_history(samples, growth_per_day=MIB // 2)
+    limit = int(database_size(samples) / 0.85)  # 85% used: the warning colour
+    server = gunicorn(workers=2, DATABASE_SIZE_LIMIT=str(limit), MAINTENANCE_INTERVAL_SECONDS="1")
+    end = time.monotonic() + 15
+    while not query(samples, "SELECT count(*) FROM mlops_database_size_samples "
+                             "WHERE sampled_at > now() - interval '100 seconds'")[0][0]:
+        assert time.monotonic() < end, "the maintenance job took no sample"
+        time.sleep(0.2)
+    storage = requests.get(f"{server.url}/health/detailed", timeout=5).json()["storage"]
+
+    open_page(page, server.url + "/")
+    pill = page.find_element(By.ID, "storage-state")
+    assert pill.is_displayed()
+    shown = re.fullmatch(r"Storage: ([\d.]+) MB of ([\d.]+) MB \((\d+)%\) · (\d+) days left",
+                         pill.text)
+    assert shown, pill.text
+    assert float(shown[1]) == pytest.approx(storage["size_bytes"] / 1e6, abs=0.06)
+    assert float(shown[2]) == pytest.approx(limit / 1e6, abs=0.06)
+    assert int(shown[3]) == round(storage["used_ratio"] * 100)
+    assert int(shown[4]) == round(storage["days_left"])
+    assert pill.get_attribute("data-state") == "waiting"
+    assert f"of DATABASE_SIZE_LIMIT {limit}" in pill.get_attribute("title")
+    screenshot(page, "storage-budget", 1366, 900)
+    assert_clean_console(page)
