@@ -5,7 +5,8 @@ and its indexes live in a tablespace on a small tmpfs. A filler table takes
 most of that tmpfs; the service's real gunicorn then fills the rest through
 ``/track`` until Postgres refuses to extend the table (SQLSTATE 53100
 ``disk_full``, "No space left on device"), the same error Neon raises when
-a project reaches its size limit. Dropping the filler frees the space.
+a project reaches its size limit. Space comes back as it would for an
+operator: data dropped, or the volume grown (``mount -o remount,size=``).
 
 Mounting a tmpfs needs root (``mount -t tmpfs``); elsewhere the test skips,
 saying so.
@@ -64,7 +65,8 @@ def _has_user(name: str) -> bool:
 
 @pytest.fixture
 def small_tablespace():
-    """``(cluster, url)``: a migrated database whose events live on a 4 MiB tmpfs."""
+    """``(cluster, url, mount point)``: a migrated database whose events live on a
+    4 MiB tmpfs."""
     where = _mount_tmpfs(TMPFS_SIZE)
     cluster = PgCluster()
     try:
@@ -77,7 +79,7 @@ def small_tablespace():
                                "indexname), ';') FROM pg_indexes "
                                "WHERE tablename = 'mlops_events'", "mlops")
         cluster.psql(f"ALTER TABLE mlops_events SET TABLESPACE small; {indexes}", "mlops")
-        yield cluster, url
+        yield cluster, url, where
     finally:
         cluster.destroy()
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
@@ -120,8 +122,19 @@ def _send(base: str, event_id: str) -> tuple[int, str]:
     return answer.status_code, answer.text
 
 
-def test_a_full_database_spools_then_stores_every_event_once(small_tablespace, gunicorn):
-    cluster, url = small_tablespace
+def _drop_the_filler(cluster: PgCluster, where: Path) -> None:
+    cluster.psql("DROP TABLE mlops_filler", "mlops")
+
+
+def _grow_the_volume(cluster: PgCluster, where: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,size=64m", str(where)], check=True)
+
+
+@pytest.mark.parametrize("free_space", [_drop_the_filler, _grow_the_volume],
+                         ids=["drop-data", "bigger-volume"])
+def test_a_full_database_spools_then_stores_every_event_once(small_tablespace, gunicorn,
+                                                             free_space):
+    cluster, url, where = small_tablespace
     _fill(url, HEADROOM_BYTES)
     server = gunicorn(workers=2, DATABASE_URL=url)
 
@@ -155,7 +168,7 @@ def test_a_full_database_spools_then_stores_every_event_once(small_tablespace, g
     assert len(stored_while_full) < len(acknowledged)
 
     # Space comes back: the spool drains into Postgres, each event exactly once.
-    cluster.psql("DROP TABLE mlops_filler", "mlops")
+    free_space(cluster, where)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         detailed = requests.get(f"{server.url}/health/detailed", timeout=5).json()
@@ -178,7 +191,7 @@ def test_a_full_database_spools_then_stores_every_event_once(small_tablespace, g
 
 
 def test_start_up_on_a_full_database_says_so_in_one_line(small_tablespace):
-    cluster, url = small_tablespace
+    cluster, url, _ = small_tablespace
     _fill(url, 0)
     cluster.psql("CREATE DATABASE fresh")
     cluster.psql("ALTER DATABASE fresh SET default_tablespace = small")
