@@ -16,6 +16,7 @@ import psycopg2
 from dotenv import load_dotenv
 from limits import parse_many
 from psycopg2.extensions import parse_dsn
+from pydantic import ByteSize, TypeAdapter, ValidationError
 
 
 class ConfigError(Exception):
@@ -217,8 +218,6 @@ def _optional_bytes(env: Mapping[str, str], name: str) -> int | None:
     """
     if name not in env:
         return None
-    from pydantic import ByteSize, TypeAdapter, ValidationError
-
     try:
         value = int(TypeAdapter(ByteSize).validate_python(env[name]))
     except ValidationError:

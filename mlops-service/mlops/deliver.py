@@ -50,7 +50,8 @@ class Delivery:
         """
         with self.db.deadline(timeout_ms, skip_if_down=skip_if_down):
             inserted = store.insert_events(self.db, list(records), timeout_ms)
-        self.db.write_succeeded()
+        if inserted:  # rows were added: the database had room
+            self.db.write_succeeded()
         new, counted = [], set()
         for r in records:  # an id given twice in one delivery is stored (and counted) once
             if r.event_id in inserted and (r.event_id, r.event.business_id) not in \
