@@ -5,7 +5,8 @@ a free port against a database of its own on ``BENCH_DATABASE_URL``'s
 server (default: the local Postgres), drives it with Debian's ``wrk`` from
 a second process on loopback, and prints one markdown table, also written
 to ``bench/results.md``. Every /track request counted is checked against
-the rows committed in Postgres.
+the rows committed in Postgres. ``python bench/run.py storage`` prints only
+the storage-per-1,000-calls row (about a minute).
 
 Environment: ``BENCH_DATABASE_URL`` (admin URL), ``WEB_CONCURRENCY``
 (default 2, as gunicorn.conf.py: one gevent worker per core),
@@ -202,6 +203,96 @@ def group_costs(url: str, events: list[dict],
         costs.append((size, client / (calls * size) * 1e6, server / (calls * size) * 1e6))
     db.close()
     return costs
+
+
+# Storage per 1,000 calls: a small product's month, 1,000 calls a day over 20
+# days for 10 businesses, conversations of 8 messages (tests/payloads.py's
+# varied messages), stored as /track stores them, then shards folded as the
+# maintenance job does.
+STORAGE_EVENTS, STORAGE_DAYS, STORAGE_BUSINESSES, CONVERSATION_MESSAGES = 20_000, 20, 10, 8
+_ROLLUP_TABLES = ("mlops_rollup_daily", "mlops_rollup_latency", "mlops_rollup_intents",
+                  "mlops_rollup_conversations")
+
+
+def storage_per_1000() -> dict[str, float]:
+    """Bytes Postgres holds per 1,000 stored calls: ``{"events", "indexes", "rollups"}``.
+
+    In a database of its own, ``STORAGE_EVENTS`` contract events are
+    inserted with ``store.insert_events`` in groups of 50, received over
+    ``STORAGE_DAYS`` past UTC days; after each day its rollup shards are
+    folded (``store.fold_shards``) and the rollup tables vacuumed, as the
+    maintenance job and autovacuum do in steady service. ``events`` is
+    ``pg_table_size('mlops_events')`` (heap, TOAST, free-space and
+    visibility maps), ``indexes`` its ``pg_indexes_size``,
+    ``rollups`` the ``pg_total_relation_size`` of the rollup tables (their
+    indexes included), each minus its size when empty.
+    """
+    from datetime import UTC, datetime, timedelta
+
+    from payloads import varied
+
+    dbname = f"mlops_bench_storage_{uuid.uuid4().hex[:8]}"
+    admin(f'CREATE DATABASE "{dbname}"')
+    url = with_dbname(ADMIN_URL, dbname)
+    sizes_sql = ("SELECT pg_table_size('mlops_events'), pg_indexes_size('mlops_events'), "
+                 + " + ".join(f"pg_total_relation_size('{t}')" for t in _ROLLUP_TABLES))
+    try:
+        db = store_db(url)
+        db.ping()  # applies the migrations
+
+        def sizes() -> tuple[int, int, int]:
+            def work(cur):
+                cur.execute(sizes_sql)
+                return cur.fetchone()
+            return db.run(work)
+
+        empty = sizes()
+        events = varied(STORAGE_EVENTS, [f"business-{b:02d}" for b in range(STORAGE_BUSINESSES)])
+        start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) \
+            - timedelta(days=STORAGE_DAYS)
+        step = timedelta(days=STORAGE_DAYS) / STORAGE_EVENTS
+        records = []
+        for i, event in enumerate(events):
+            # varied() deals messages to the businesses in turn: a business's
+            # 8 consecutive messages make one conversation.
+            conversation = (i // (STORAGE_BUSINESSES * CONVERSATION_MESSAGES)
+                            * STORAGE_BUSINESSES + i % STORAGE_BUSINESSES)
+            event["conversation_id"] = str(uuid.UUID(int=conversation + 1))
+            records.append(store.Record(str(uuid.uuid4()), start + i * step,
+                                        parse_event(json.dumps(event).encode())))
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        per_day = STORAGE_EVENTS // STORAGE_DAYS
+        for day in range(0, len(records), per_day):  # each day, then its night's maintenance
+            for i in range(day, day + per_day, 50):
+                store.insert_events(db, records[i:i + 50], 60_000)
+            while store.fold_shards(db, 100_000):
+                pass
+            with conn.cursor() as cur:  # as autovacuum would, so the next day reuses the space
+                cur.execute(f"VACUUM {', '.join(_ROLLUP_TABLES)}")
+        with conn.cursor() as cur:
+            cur.execute("VACUUM ANALYZE")
+        conn.close()
+        full = sizes()
+        db.close()
+    finally:
+        admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+    per = 1000 / STORAGE_EVENTS
+    return {name: (after - before) * per
+            for name, before, after in zip(("events", "indexes", "rollups"), empty, full,
+                                           strict=True)}
+
+
+def storage_row(storage: dict[str, float]) -> tuple[str, str, str]:
+    """The table row of :func:`storage_per_1000`'s figures (KiB)."""
+    kib = {name: value / 1024 for name, value in storage.items()}
+    return ("storage per 1,000 calls: events / their indexes / rollups",
+            f"{kib['events']:.0f} / {kib['indexes']:.0f} / {kib['rollups']:.0f} KiB "
+            f"({sum(kib.values()):.0f} KiB in all)",
+            f"{STORAGE_EVENTS:,} varied contract events, {STORAGE_EVENTS // STORAGE_DAYS:,} a "
+            f"day over {STORAGE_DAYS} days for {STORAGE_BUSINESSES} businesses, conversations "
+            f"of {CONVERSATION_MESSAGES}; shards folded and vacuumed daily; pg_table_size, "
+            "pg_indexes_size, pg_total_relation_size")
 
 
 def wait_drained(base: str, timeout: float = 60.0) -> None:
@@ -443,6 +534,9 @@ def series_count(metrics_text: str) -> int:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["storage"]:  # `python bench/run.py storage`: only that row
+        print(f"| {' | '.join(storage_row(storage_per_1000()))} |")
+        return
     wrk_bin = ensure_wrk()
     dbname = f"mlops_bench_{uuid.uuid4().hex[:8]}"
     admin(f'CREATE DATABASE "{dbname}"')
@@ -550,6 +644,8 @@ def main() -> None:
         groups = group_costs(database_url, [SUCCESS, FAILURE])
         print("bench: insert_events CPU per event by group size: " + ", ".join(
             f"{n}: {c:.0f} + {p:.0f} µs" for n, c, p in groups), flush=True)
+        storage = storage_row(storage_per_1000())
+        print(f"bench: {storage[0]}: {storage[1]}", flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
@@ -597,6 +693,7 @@ def main() -> None:
         ("/metrics scrape p50 / p99", f"{scrape['p50']:.1f} / {scrape['p99']:.1f} ms",
          f"{series} series, {WORKERS} workers; target ≤ 50 ms"),
         ("cold start to /health/ready", f"{cold_start:.2f} s", "target ≤ 3 s"),
+        storage,
         ("peak RSS per worker", " / ".join(f"{r:.0f}" for r in rss) + " MiB", "VmHWM"),
         ("peak RSS per worker after hostile bodies",
          " / ".join(f"{r:.0f}" for r in hostile_rss) + " MiB",

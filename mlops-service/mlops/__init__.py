@@ -46,6 +46,7 @@ def create_app(settings=None) -> Flask:
     )
     from .services import Services
     from .spool import Spool
+    from .storage_budget import StorageBudget
 
     settings = settings or Settings.from_env()
     logs.configure(settings.log_dir, settings.log_level, settings.spool_dir)
@@ -76,6 +77,9 @@ def create_app(settings=None) -> Flask:
     maintenance = retention.Maintenance.from_settings(db, settings)
     Services(settings, db, outbox, telem, ingestor, maintenance,
              auth.Auth(settings)).install(app)
+    budget = StorageBudget(db, settings.database_size_limit_bytes)
+    budget.install(app)
+    telem.add_collector(budget)
 
     @app.before_request
     def _start_timer() -> None:  # read by the request log and the HTTP metrics

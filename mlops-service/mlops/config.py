@@ -16,6 +16,7 @@ import psycopg2
 from dotenv import load_dotenv
 from limits import parse_many
 from psycopg2.extensions import parse_dsn
+from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from .keys import KeysFileError, KeySpec, load_keys_file
 
@@ -96,6 +97,7 @@ class Settings:
     otlp_max_body_bytes: int = 1024 * 1024
     otlp_max_spans: int = 8192
     otlp_business_attributes: tuple[str, ...] = ("mlops.business_id", "tenant.id")
+    database_size_limit_bytes: int | None = None
 
     @property
     def api_key(self) -> str | None:
@@ -161,6 +163,7 @@ class Settings:
             otlp_max_spans=_integer(env, "OTLP_MAX_SPANS", 8192, low=1, high=100_000),
             otlp_business_attributes=_attribute_keys(env, "OTLP_BUSINESS_ATTRIBUTES",
                                                      ("mlops.business_id", "tenant.id")),
+            database_size_limit_bytes=_optional_bytes(env, "DATABASE_SIZE_LIMIT"),
         )
 
 
@@ -227,6 +230,23 @@ def _attribute_keys(env: Mapping[str, str], name: str,
     if not all(keys):
         raise ConfigError(f"{name} holds an empty attribute key (check the commas)")
     return keys
+def _optional_bytes(env: Mapping[str, str], name: str) -> int | None:
+    """A size in bytes with an optional unit, or None when unset.
+
+    Parsed by pydantic's ``ByteSize``: ``500MB`` and ``0.5GB`` are powers of
+    1000 (500,000,000 bytes), ``512MiB`` powers of 1024 (536,870,912 bytes);
+    a bare number is bytes. At least 1 MiB.
+    """
+    if name not in env:
+        return None
+    try:
+        value = int(TypeAdapter(ByteSize).validate_python(env[name]))
+    except ValidationError:
+        raise ConfigError(f"{name} must be a size such as 0.5GB, 512MiB or 500000000 "
+                          f"(bytes), got {env[name]!r}") from None
+    if value < 1 << 20:
+        raise ConfigError(f"{name} must be at least 1MiB, got {env[name]!r}")
+    return value
 
 
 def _log_level(raw: str) -> str:

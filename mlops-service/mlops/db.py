@@ -18,6 +18,10 @@ Errors are sorted into two kinds:
   shutting down, Neon waking up, pool exhausted). Callers spool and retry.
 * :class:`DatabaseMisconfigured` — permanent (wrong password, TLS refused,
   unknown database). Start-up fails fast on these with one line.
+
+A full database (SQLSTATE 53100 ``disk_full``: the disk, or Neon's project
+size limit) is an outage, :class:`DatabaseFull`, a kind of
+``DatabaseUnavailable``: writes spool until space is freed.
 """
 
 from __future__ import annotations
@@ -81,8 +85,36 @@ class DatabaseMisconfigured(Exception):
     """The connection settings are wrong; retrying will not help."""
 
 
+class DatabaseFull(DatabaseUnavailable):
+    """Postgres refused to grow a table: its disk, or the project's size limit, is full.
+
+    SQLSTATE 53100 ``disk_full`` (PostgreSQL manual, Appendix A): "could not
+    extend file ...: No space left on device" from a self-hosted server,
+    "could not extend file because project size limit (N MB) has been
+    exceeded" from Neon. Reads still work; writes succeed again once space
+    is freed (retention, a bigger volume or plan), so callers spool and retry.
+    """
+
+
+# SQLSTATE of disk_full (PostgreSQL manual, Appendix A, class 53).
+DISK_FULL = "53100"
+
+# Seconds a process keeps reporting the database full after its last write
+# refused for that reason (a successful write ends it at once). The outbox's
+# flusher retries at least every BACKOFF_MAX_SECONDS (10 s) while events wait,
+# so a process that keeps seeing the refusal keeps reporting it.
+FULL_REPORT_SECONDS = 30.0
+
+
 def classify(exc: psycopg2.Error) -> Exception:
-    """Map a psycopg2 error raised while connecting or querying to our two kinds."""
+    """Map a psycopg2 error raised while connecting or querying to our kinds.
+
+    SQLSTATE 53100 gives :class:`DatabaseFull`; connection errors no retry
+    will fix give :class:`DatabaseMisconfigured`; the rest
+    :class:`DatabaseUnavailable`.
+    """
+    if getattr(exc, "pgcode", None) == DISK_FULL:
+        return DatabaseFull(_first_line(exc))
     message = " ".join(str(exc).split()).lower()
     if isinstance(exc, psycopg2.OperationalError) and any(m in message for m in _PERMANENT):
         return DatabaseMisconfigured(_first_line(exc))
@@ -226,6 +258,8 @@ class Database:
         self._breaker_seconds = breaker_seconds
         self._down = threading.Event()  # set from a failed call until a call succeeds
         self._prober: threading.Thread | None = None
+        # (time.monotonic(), message) of the last write refused for lack of space
+        self._full: tuple[float, str] | None = None
         self._schema_ready = migrate.is_current(settings.database_url, self._migrations_dir)
         self._schema_lock = threading.Lock()
         self.statement_timeout_ms = settings.db_statement_timeout_ms
@@ -242,6 +276,22 @@ class Database:
         """Connections currently checked out of the pool."""
         with self._lock:
             return self._open - len(self._idle)
+
+    def full_reason(self) -> str | None:
+        """Why writes are refused for lack of space, or None.
+
+        The message of this process's last :class:`DatabaseFull`, while no
+        write succeeded since (:meth:`write_succeeded`) and it is less than
+        ``FULL_REPORT_SECONDS`` old.
+        """
+        full = self._full
+        if full is None or time.monotonic() - full[0] > FULL_REPORT_SECONDS:
+            return None
+        return full[1]
+
+    def write_succeeded(self) -> None:
+        """Record that a write committed: the database has room again."""
+        self._full = None
 
     @contextlib.contextmanager
     def deadline(self, timeout_ms: int, *, skip_if_down: bool = False) -> Iterator[None]:
@@ -287,6 +337,11 @@ class Database:
     def _trip(self, exc: Exception) -> None:
         """Open the breaker and make sure a probe is running to close it."""
         with self._lock:
+            if isinstance(exc, DatabaseFull):
+                if self._full is None:
+                    log.error("database full: writes are spooled until space is freed "
+                              "(retention, a bigger disk or plan)", extra={"error": str(exc)})
+                self._full = (time.monotonic(), str(exc))
             if self._down.is_set():
                 return
             self._down.set()
@@ -453,8 +508,9 @@ def check_at_start(settings: Settings) -> str:
 
     Runs in gunicorn's master before it forks (and in ``python app.py``), so
     the workers find the schema current. Returns ``"ready"``, or
-    ``"unavailable: <reason>"`` when Postgres cannot be reached (the service
-    starts anyway, spools, and migrates before its first delivery). Raises
+    ``"unavailable: <reason>"`` when Postgres cannot be reached or is full
+    (``"unavailable: database full, ..."``, SQLSTATE 53100): the service
+    starts anyway, spools, and migrates before its first delivery. Raises
     :class:`DatabaseMisconfigured` for settings no retry will fix and
     :class:`MigrationError` naming a migration file that fails.
     """
@@ -471,7 +527,10 @@ def check_at_start(settings: Settings) -> str:
     except migrate.MigrationFailed as exc:
         raise MigrationError(str(exc)) from None
     except psycopg2.Error as exc:
-        return f"unavailable: {classify(exc)}"
+        error = classify(exc)
+        if isinstance(error, DatabaseFull):
+            return f"unavailable: database full, migrations wait for space: {error}"
+        return f"unavailable: {error}"
     finally:
         conn.close()
     migrate.mark_current(settings.database_url, settings.migrations_dir)

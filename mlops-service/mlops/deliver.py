@@ -42,13 +42,16 @@ class Delivery:
 
         ``skip_if_down`` fails at once while the database's breaker is open
         (see ``Database.deadline``); ``replayed`` marks records coming from
-        the spool. Raises ``DatabaseUnavailable`` / ``DatabaseMisconfigured``;
+        the spool. Raises ``DatabaseUnavailable`` (``DatabaseFull`` when
+        Postgres has no space left) / ``DatabaseMisconfigured``;
         then nothing was counted, and the same records may be delivered
         again (an insert abandoned at its deadline may still commit: the
         retry then skips it).
         """
         with self.db.deadline(timeout_ms, skip_if_down=skip_if_down):
             inserted = store.insert_events(self.db, list(records), timeout_ms)
+        if inserted:  # rows were added: the database had room
+            self.db.write_succeeded()
         new, counted = [], set()
         for r in records:  # an id given twice in one delivery is stored (and counted) once
             if r.event_id in inserted and (r.event_id, r.event.business_id) not in \

@@ -14,6 +14,9 @@ so this holds through Neon's PgBouncer pooler too. Steps, in order:
    delete raw events older than that, oldest first, in batches; with
    ``ROLLUP_RETENTION_DAYS`` set, delete rollup rows of older days.
 
+Each round first samples the database's size (``storage_budget.sample``,
+at most once a minute across all processes).
+
 None of these lock what ``/track`` writes (new rows of today), so writes
 never wait for them. Each round stops after ``budget_seconds`` and resumes
 at the next one.
@@ -26,7 +29,7 @@ import random
 import threading
 import time
 
-from . import store
+from . import storage_budget, store
 from .db import Database, DatabaseMisconfigured, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ class Maintenance:
         Raises the errors of ``Database.run``.
         """
         deadline = time.monotonic() + self.budget_seconds
+        storage_budget.sample(self._db)  # skips itself when a sample is under a minute old
         done = {"backfilled": 0, "folded": 0, "events_deleted": 0, "rollups_deleted": 0}
 
         def repeat(key: str, step) -> bool:

@@ -251,6 +251,11 @@ class Telemetry:
              HUMAN_HANDOFFS),
             multiproc_dir)
 
+    def add_collector(self, collector) -> None:
+        """Serve ``collector``'s families on ``/metrics`` beside the state gauges
+        (read at scrape time, whichever worker answers)."""
+        self._state_registry.register(collector)
+
     def forget_business(self, business_id: str) -> None:
         """Drop an erased business's labelled series from ``/metrics`` in every worker
         of this server (``mlops.erased_series``); it counts from 0 if it comes back."""

@@ -20,6 +20,7 @@ from ..auth import HEADER, get_auth
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..draining import is_draining
 from ..services import get_services
+from ..storage_budget import get_storage_budget
 from ..version import __version__
 
 bp = Blueprint("health", __name__)
@@ -31,9 +32,11 @@ PING_TIMEOUT_MS = 500
 
 
 def _database_status(services, reveal: bool) -> dict:
-    """One real round trip: ``{"status": "up"|"down", "latency_ms", "error"?}``.
+    """One real round trip: ``{"status": "up"|"down"|"full", "latency_ms", "error"?}``.
 
     Bounded by ``PING_TIMEOUT_MS`` whatever state the database is in.
+    ``full``: it answers, but refused this process's last write for lack of
+    space (SQLSTATE 53100, see ``Database.full_reason``).
     ``error`` is the database's message when ``reveal``, else only its kind
     (``unavailable`` or ``misconfigured``); ``mlops.db`` logs the message
     when the database goes down.
@@ -46,7 +49,10 @@ def _database_status(services, reveal: bool) -> dict:
         kind = "misconfigured" if isinstance(exc, DatabaseMisconfigured) else "unavailable"
         return {"status": "down", "error": str(exc) if reveal else kind,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
-    return {"status": "up", "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
+    latency_ms = round((time.perf_counter() - started) * 1000, 3)
+    if (full := services.db.full_reason()) is not None:
+        return {"status": "full", "error": full if reveal else "full", "latency_ms": latency_ms}
+    return {"status": "up", "latency_ms": latency_ms}
 
 
 def _reveal() -> bool:
@@ -77,7 +83,9 @@ def health():
 
 @bp.get("/health/ready")
 def ready():
-    """Readiness: 503 while draining (after SIGTERM), else 200 if Postgres answers ``SELECT 1``.
+    """Readiness: 503 while draining (after SIGTERM), else 200 if Postgres answers ``SELECT 1``
+    and has room for writes (503 ``"database full: ..."`` after a write refused with
+    SQLSTATE 53100).
 
     With ``READINESS_CHECKS_DATABASE=false`` (the Kubernetes manifests) the
     database is not asked: an instance whose Postgres is away still takes
@@ -96,6 +104,10 @@ def ready():
     database = _database_status(services, _reveal())
     body = {"status": "ready" if database["status"] == "up" else "unavailable",
             "database": database, "spool": _spool_status(services)}
+    if database["status"] == "full":
+        detail = "" if database["error"] == "full" else f": {database['error']}"
+        body["reason"] = "database full: writes are spooled until space is freed" + detail
+        return jsonify(body), 503
     if database["status"] != "up":
         body["reason"] = f"database unavailable: {database['error']}"
         return jsonify(body), 503
@@ -104,10 +116,11 @@ def ready():
 
 @bp.get("/health/detailed")
 def detailed():
-    """Everything an operator asks first: uptime (s), version, database, pool, spool.
+    """Everything an operator asks first: uptime (s), version, database, pool, spool,
+    and the database's size against its budget (``storage``, see :func:`_storage_status`).
 
     Always 200 (it reports, it does not judge); ``status`` is ``"healthy"`` or
-    ``"degraded"`` (database down). With API keys set and no key granting
+    ``"degraded"`` (database down or full). With API keys set and no key granting
     ``read``, only what the open ``/health/ready`` tells: ``{"status",
     "service", "database": {"status"}, "auth", "timestamp", "details"}``, where
     ``details`` says what to send for the rest. The version, pool, spool and
@@ -144,6 +157,7 @@ def detailed():
         "database": database,
         "pool": {"max_connections": services.db.pool_size, "in_use": services.db.pool_in_use()},
         "spool": _spool_status(services),
+        "storage": _storage_status(),
         "auth": auth,
         **({"keys": _keys(services.auth)} if reveal else {}),
         "timestamp": datetime.now(UTC).isoformat(),
@@ -159,3 +173,15 @@ def _keys(auth) -> list[dict]:
              "expired": grant.expired(now)}
             for key_id, source, grant in auth.keyring.listing
             if own is None or key_id == own]
+def _storage_status() -> dict:
+    """The database's size against ``DATABASE_SIZE_LIMIT`` (``mlops.storage_budget``).
+
+    ``{"size_bytes", "sampled_at", "limit_bytes", "used_ratio",
+    "growth_bytes_per_day", "days_left"}``; before the first sample only
+    ``{"size_bytes": null, "limit_bytes"}``.
+    """
+    budget = get_storage_budget()
+    reading = budget.reading()
+    if reading is None:
+        return {"size_bytes": None, "limit_bytes": budget.limit_bytes}
+    return reading.as_json()

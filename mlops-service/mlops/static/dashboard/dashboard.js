@@ -4,7 +4,7 @@
  * computes no figure of its own except the intent shares and the funnel bars:
  *   /businesses?days=N          the picker, busiest first
  *   /analytics/<id>?days=N      totals, by_model, daily (and by_intent when present)
- *   /health/detailed            database up or down, spool depth
+ *   /health/detailed            database up, down or full, spool depth, database size
  * With a key configured the data endpoints answer 401/403: the page asks for
  * the key once, keeps it in sessionStorage (this tab only) and sends it as the
  * X-API-Key header, never in a URL. A key limited to some businesses gets
@@ -248,14 +248,42 @@
       return;
     }
     const up = body.database?.status === "up";
+    const full = body.database?.status === "full";
     db.dataset.state = up ? "up" : "down";
-    db.textContent = up ? "Database up" : "Database down";
+    db.textContent = up ? "Database up" : (full ? "Database full" : "Database down");
     db.title = up ? `round trip ${body.database.latency_ms} ms` : (body.database?.error || "");
+    renderStorage(body.storage, full);
     const depth = Number(body.spool?.depth ?? 0);
     spool.dataset.state = depth > 0 ? "waiting" : "empty";
     spool.textContent = `Spool: ${INTEGER.format(depth)} ${depth === 1 ? "event" : "events"} waiting`;
     spool.title = `${depth} events written locally, waiting for the database`;
     document.body.dataset.auth = body.auth || "";
+  }
+
+  // The database's size (pg_database_size, sampled each minute) against DATABASE_SIZE_LIMIT.
+  const SIZE = (bytes) => {
+    const [unit, scale] = bytes >= 1e9 ? ["gigabyte", 1e9] : ["megabyte", 1e6];
+    return numberFormat({ style: "unit", unit, maximumFractionDigits: 1 }).format(bytes / scale);
+  };
+
+  function renderStorage(storage, full) {
+    const pill = $("#storage-state");
+    pill.hidden = storage?.size_bytes == null;
+    if (pill.hidden) return;
+    const ratio = storage.used_ratio;
+    const parts = [`Storage: ${SIZE(storage.size_bytes)}`];
+    if (storage.limit_bytes != null) {
+      parts[0] += ` of ${SIZE(storage.limit_bytes)} (${INTEGER.format(ratio * 100)}%)`;
+      if (storage.days_left != null) parts.push(`${INTEGER.format(storage.days_left)} days left`);
+      else if (storage.growth_bytes_per_day != null) parts.push("not growing");
+    }
+    pill.textContent = parts.join(" · ");
+    pill.dataset.state = full || ratio >= 0.95 ? "down" : (ratio >= 0.8 ? "waiting" : "up");
+    pill.title = `${storage.size_bytes} bytes`
+      + (storage.limit_bytes != null ? ` of DATABASE_SIZE_LIMIT ${storage.limit_bytes}` : "")
+      + (storage.growth_bytes_per_day != null
+        ? `; growing ${storage.growth_bytes_per_day} bytes a day (last 7 days)` : "")
+      + `; sampled ${storage.sampled_at}`;
   }
 
   // The businesses /businesses listed, and the one asked for when it has no
