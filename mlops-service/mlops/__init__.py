@@ -1,7 +1,8 @@
 """mlops-service: records how a chat app's AI model behaves.
 
 ``create_app`` wires the parts; each module names its concern (config, db,
-migrate, schemas, ingest -> deliver | outbox -> store, telemetry, routes/*).
+migrate, schemas, ingest -> deliver | outbox -> store, telemetry, state_metrics,
+routes/*).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def create_app(settings=None) -> Flask:
     from .routes import analytics, businesses, dashboard, erasure, health, metrics, openapi, track
     from .services import Services
     from .spool import Spool
+    from .state_metrics import StateCollector
 
     settings = settings or Settings.from_env()
     logs.configure(settings.log_dir, settings.log_level, settings.spool_dir)
@@ -54,11 +56,11 @@ def create_app(settings=None) -> Flask:
 
     db = Database(settings)
     spool = Spool(settings.spool_dir, settings.spool_max_bytes)
-    telem = telemetry.Telemetry(
-        db, spool, max_businesses=settings.metrics_max_businesses,
-        max_series=settings.metrics_max_series,
-        cache_seconds=settings.metrics_cache_seconds, version=__version__,
-        multiproc_dir=settings.prometheus_multiproc_dir)
+    telem = telemetry.Telemetry(max_series=settings.metrics_max_series,
+                                multiproc_dir=settings.prometheus_multiproc_dir)
+    telem.add_state(StateCollector(db, spool, max_businesses=settings.metrics_max_businesses,
+                                   cache_seconds=settings.metrics_cache_seconds,
+                                   version=__version__))
     deliver = Delivery(db, telem)
     outbox = Outbox(spool, deliver, timeout_ms=db.default_timeout_ms)
     ingestor = Ingestor(GroupCommit(deliver), outbox, timeout_ms=settings.db_insert_timeout_ms)
