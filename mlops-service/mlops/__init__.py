@@ -8,7 +8,9 @@ routes/*).
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from collections.abc import Callable
 
 from flask import Flask, g
 
@@ -84,6 +86,39 @@ def create_app(settings=None) -> Flask:
 
     log.debug("worker ready", extra={"version": __version__})
     return app
+
+
+def start_server(exit_now: Callable[[int], object] = sys.exit):
+    """The start-up of a server, once, before it serves: run by ``python app.py`` and by
+    gunicorn's master (``on_starting``, before it forks the workers).
+
+    Starts the embedded PostgreSQL when ``DATABASE_URL`` asks for it
+    (mlops/embedded.py), reads the settings, migrates
+    (:func:`mlops.db.check_at_start`), configures logging for this process,
+    creates the spool file (and its WAL mode) before workers race to, and
+    writes the start-up line (:func:`announce`). Returns the settings. A
+    missing or malformed setting, a database refusing these credentials or
+    a migration file that fails gives one line on stderr, stops the embedded
+    server and calls ``exit_now(1)`` (gunicorn's master passes ``os._exit``).
+    """
+    from . import embedded, logs
+    from .config import ConfigError, Settings
+    from .db import DatabaseMisconfigured, MigrationError, check_at_start
+    from .spool import Spool
+
+    try:
+        pgdata = embedded.start_if_asked()  # DATABASE_URL unset or `embedded`
+        settings = Settings.from_env()
+        database = check_at_start(settings)
+    except (ConfigError, DatabaseMisconfigured, MigrationError) as exc:
+        embedded.stop()
+        print(f"mlops-service: cannot start: {exc}", file=sys.stderr, flush=True)
+        exit_now(1)
+        raise  # only if exit_now returned
+    logs.configure(settings.log_dir, settings.log_level, settings.spool_dir)
+    Spool(settings.spool_dir, settings.spool_max_bytes).close()
+    announce(settings, database, embedded_pgdata=pgdata)
+    return settings
 
 
 def announce(settings, database: str, embedded_pgdata=None) -> None:
