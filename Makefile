@@ -98,8 +98,9 @@ check-monitoring: tools ## promtool: check monitoring/'s Prometheus config and r
 	cd monitoring/prometheus && $(PROMTOOL) check config --syntax-only prometheus.yml && \
 	  $(PROMTOOL) check rules rules/*.yml && $(PROMTOOL) test rules tests/*.yml
 
-lint: install ## ruff on the Python code, hadolint on the Dockerfile
+lint: install ## ruff on the Python code, the import layers (lint-imports), hadolint on the Dockerfile
 	$(VENV)/bin/ruff check $(SERVICE) bench
+	cd $(SERVICE) && $(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/hadolint $(SERVICE)/Dockerfile
 
 audit: install ## pip-audit every package of the locks; fails if it could check none (.ci/audit.py)

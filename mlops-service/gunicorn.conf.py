@@ -1,12 +1,13 @@
 """gunicorn settings for mlops-service (``gunicorn -c gunicorn.conf.py app:app``).
 
-Read by gunicorn from the working directory. Environment: ``HOST`` (bind
-address, default 127.0.0.1, this machine only; the image sets 0.0.0.0),
-``SERVICE_PORT`` (default 5001), ``WEB_CONCURRENCY`` (workers, default 2),
-``GUNICORN_WORKER_CONNECTIONS`` (concurrent connections per worker, default
-1000), ``PROMETHEUS_MULTIPROC_DIR`` (default: a fresh
-temporary directory), ``SHUTDOWN_DELAY_SECONDS`` (default 0; see
-``when_ready``).
+Read by gunicorn from the working directory. The server's settings come from
+the service's own declarations (``mlops.config.ServerSettings``: the
+environment, then `.env`, as for the app): ``HOST`` and ``SERVICE_PORT``
+(bind), ``WEB_CONCURRENCY`` (workers, default 2),
+``GUNICORN_WORKER_CONNECTIONS``, ``LOG_LEVEL``, ``PROMETHEUS_MULTIPROC_DIR``
+(default: a fresh temporary directory) and ``SHUTDOWN_DELAY_SECONDS`` (see
+``when_ready``); docs/configuration.md has the table. A bad value stops
+gunicorn with one line naming it.
 """
 
 import os
@@ -14,20 +15,29 @@ import shutil
 import sys
 import tempfile
 
+from mlops.config import ConfigError, ServerSettings
+
+try:
+    _server = ServerSettings.from_env()
+except ConfigError as exc:
+    print(f"mlops-service: cannot start: {exc}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
 # prometheus_client picks its multiprocess storage when first imported, so the
 # directory must be in the environment before any worker imports the app.
-_own_prometheus_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
-if _own_prometheus_dir:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mlops-prometheus-")
+_own_prometheus_dir = _server.prometheus_multiproc_dir is None
+_prometheus_dir = str(_server.prometheus_multiproc_dir
+                      or tempfile.mkdtemp(prefix="mlops-prometheus-"))
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _prometheus_dir
 
-bind = f"{os.environ.get('HOST') or '127.0.0.1'}:{os.environ.get('SERVICE_PORT', '5001')}"
+bind = f"{_server.host}:{_server.service_port}"
 # One worker per core, each serving its connections as gevent greenlets, so
 # concurrent /track calls share one commit (measurements: bench/layouts.md).
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+workers = _server.workers
 # gunicorn's gevent worker with psycopg2 made cooperative, closing its listener
 # without resetting queued connections on shutdown (see mlops/gunicorn_worker.py).
 worker_class = "mlops.gunicorn_worker.DrainingGeventWorker"
-worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
+worker_connections = _server.gunicorn_worker_connections
 # No worker recycling: every recycled worker would leave metric files behind.
 max_requests = 0
 timeout = 30
@@ -36,7 +46,7 @@ graceful_timeout = 8
 # After SIGTERM, serve this long with /health/ready at 503 before the graceful
 # stop, so a load balancer checking readiness moves traffic away first
 # (mlops/draining.py). Total stop time: this + graceful_timeout at most.
-shutdown_delay_seconds = float(os.environ.get("SHUTDOWN_DELAY_SECONDS", "0"))
+shutdown_delay_seconds = _server.shutdown_delay_seconds
 keepalive = 5
 # The heartbeat file on tmpfs: /tmp is a disk in containers, and a slow disk
 # stalls workers into timeouts.
@@ -44,37 +54,24 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 # One JSON line per request comes from the app itself (mlops/logs.py).
 accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+loglevel = _server.log_level.lower()
 # gunicorn's control socket (a file under $HOME) is not used by this service.
 control_socket_disable = True
 
 
 def on_starting(server):
-    """Master, before forking: fresh metric files; migrate once; fail fast on a bad
+    """Master, before forking: fresh metric files, then the service's one start-up
+    sequence (``mlops.start_server``: embedded PostgreSQL if asked, settings,
+    migrations, logging, spool, start-up line); it exits at once on a bad
     config, database or migration file."""
-    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    os.makedirs(directory, exist_ok=True)
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
+    os.makedirs(_prometheus_dir, exist_ok=True)
+    for name in os.listdir(_prometheus_dir):
+        path = os.path.join(_prometheus_dir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
-    from mlops import announce, embedded, logs
-    from mlops.config import ConfigError, Settings
-    from mlops.db import DatabaseMisconfigured, MigrationError, check_at_start
-    from mlops.spool import Spool
+    from mlops import start_server
 
-    try:
-        pgdata = embedded.start_if_asked()  # DATABASE_URL unset or `embedded`
-        settings = Settings.from_env()
-        database = check_at_start(settings)
-    except (ConfigError, DatabaseMisconfigured, MigrationError) as exc:
-        embedded.stop()
-        print(f"mlops-service: cannot start: {exc}", file=sys.stderr, flush=True)
-        os._exit(1)
-    logs.configure(settings.log_dir, settings.log_level, settings.spool_dir)
-    # Create the spool file (and its WAL mode) once, before the workers race to.
-    Spool(settings.spool_dir, settings.spool_max_bytes).close()
-    announce(settings, database, embedded_pgdata=pgdata)
+    start_server(exit_now=os._exit)
 
 
 def when_ready(server):
@@ -123,5 +120,5 @@ def on_exit(server):
 
     embedded.stop()
     if _own_prometheus_dir:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+        shutil.rmtree(_prometheus_dir, ignore_errors=True)
     exit_now_if_clean(StopIteration)

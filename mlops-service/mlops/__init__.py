@@ -1,13 +1,16 @@
 """mlops-service: records how a chat app's AI model behaves.
 
 ``create_app`` wires the parts; each module names its concern (config, db,
-migrate, schemas, ingest -> deliver | outbox -> store, telemetry, routes/*).
+migrate, schemas, ingest -> deliver | outbox -> store, telemetry, state_metrics,
+routes/*).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from collections.abc import Callable
 
 from flask import Flask, g
 
@@ -46,6 +49,7 @@ def create_app(settings=None) -> Flask:
     )
     from .services import Services
     from .spool import Spool
+    from .state_metrics import StateCollector
     from .storage_budget import StorageBudget
 
     settings = settings or Settings.from_env()
@@ -66,11 +70,11 @@ def create_app(settings=None) -> Flask:
 
     db = Database(settings)
     spool = Spool(settings.spool_dir, settings.spool_max_bytes)
-    telem = telemetry.Telemetry(
-        db, spool, max_businesses=settings.metrics_max_businesses,
-        max_series=settings.metrics_max_series,
-        cache_seconds=settings.metrics_cache_seconds, version=__version__,
-        multiproc_dir=settings.prometheus_multiproc_dir)
+    telem = telemetry.Telemetry(max_series=settings.metrics_max_series,
+                                multiproc_dir=settings.prometheus_multiproc_dir)
+    telem.add_state(StateCollector(db, spool, max_businesses=settings.metrics_max_businesses,
+                                   cache_seconds=settings.metrics_cache_seconds,
+                                   version=__version__))
     deliver = Delivery(db, telem)
     outbox = Outbox(spool, deliver, timeout_ms=db.default_timeout_ms)
     ingestor = Ingestor(GroupCommit(deliver), outbox, timeout_ms=settings.db_insert_timeout_ms)
@@ -98,6 +102,39 @@ def create_app(settings=None) -> Flask:
 
     log.debug("worker ready", extra={"version": __version__})
     return app
+
+
+def start_server(exit_now: Callable[[int], object] = sys.exit):
+    """The start-up of a server, once, before it serves: run by ``python app.py`` and by
+    gunicorn's master (``on_starting``, before it forks the workers).
+
+    Starts the embedded PostgreSQL when ``DATABASE_URL`` asks for it
+    (mlops/embedded.py), reads the settings, migrates
+    (:func:`mlops.db.check_at_start`), configures logging for this process,
+    creates the spool file (and its WAL mode) before workers race to, and
+    writes the start-up line (:func:`announce`). Returns the settings. A
+    missing or malformed setting, a database refusing these credentials or
+    a migration file that fails gives one line on stderr, stops the embedded
+    server and calls ``exit_now(1)`` (gunicorn's master passes ``os._exit``).
+    """
+    from . import embedded, logs
+    from .config import ConfigError, Settings
+    from .db import DatabaseMisconfigured, MigrationError, check_at_start
+    from .spool import Spool
+
+    try:
+        pgdata = embedded.start_if_asked()  # DATABASE_URL unset or `embedded`
+        settings = Settings.from_env()
+        database = check_at_start(settings)
+    except (ConfigError, DatabaseMisconfigured, MigrationError) as exc:
+        embedded.stop()
+        print(f"mlops-service: cannot start: {exc}", file=sys.stderr, flush=True)
+        exit_now(1)
+        raise  # only if exit_now returned
+    logs.configure(settings.log_dir, settings.log_level, settings.spool_dir)
+    Spool(settings.spool_dir, settings.spool_max_bytes).close()
+    announce(settings, database, embedded_pgdata=pgdata)
+    return settings
 
 
 def announce(settings, database: str, embedded_pgdata=None) -> None:

@@ -1,22 +1,43 @@
-"""Service settings: read once, from the environment and an optional `.env`.
+"""Service settings, each declared once: read from the environment and `.env`.
 
-Every tunable of the service is a field of :class:`Settings`; nothing else
-in the package reads ``os.environ`` (gunicorn.conf.py reads its own
-server settings, as gunicorn expects).
+Every tunable of the service is a field of :class:`Settings` (pydantic-settings):
+its name is the environment variable's in lower case (a few say so with
+``validation_alias``), its type, default, bounds and one-line meaning are the
+declaration, and docs/configuration.md's table lists the same variables (a
+test keeps the two in step). Nothing else in the package reads ``os.environ``
+for a setting; gunicorn.conf.py takes its server settings from
+:class:`ServerSettings`, the part of :class:`Settings` a server needs before
+it has a database.
+
+Rules every variable follows: a value in the environment wins over the same
+line in `.env` (in the working directory); an empty value counts as unset; a
+bad value raises :class:`ConfigError`, one line naming the variable.
 """
 
 from __future__ import annotations
 
-import os
+import contextvars
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import psycopg2
-from dotenv import load_dotenv
+from annotated_types import Ge, Le
 from limits import parse_many
 from psycopg2.extensions import parse_dsn
-from pydantic import ByteSize, TypeAdapter, ValidationError
+from pydantic import (
+    AliasGenerator,
+    BeforeValidator,
+    ByteSize,
+    Field,
+    SkipValidation,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 from .keys import KeysFileError, KeySpec, load_keys_file
 
@@ -28,361 +49,454 @@ class ConfigError(Exception):
 # DATABASE_URL's value asking for the embedded PostgreSQL (mlops/embedded.py);
 # an unset DATABASE_URL asks for it too.
 EMBEDDED = "embedded"
+# Characters: the shortest API key or /metrics token accepted. A
+# key from ``secrets.token_urlsafe(32)`` has 43.
+MIN_SECRET_CHARS = 16
+RATE_LIMIT_SCHEMES = ("memory://", "redis://", "rediss://", "redis+unix://")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _whole(value):
+    """A whole number as ``int()`` reads one (``"12"``, ``" 12 "``, ``"1_000"``)."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {value!r}") from None
+    return value
+
+
+def _number(value):
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"must be a number, got {value!r}") from None
+    return value
+
+
+def _flag(value):
+    if isinstance(value, str):
+        if value.lower() in {"1", "true", "yes"}:
+            return True
+        if value.lower() in {"0", "false", "no"}:
+            return False
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
+Whole = Annotated[int, BeforeValidator(_whole)]
+Number = Annotated[float, BeforeValidator(_number)]
+Flag = Annotated[bool, BeforeValidator(_flag)]
+# A rate limit in the ``limits`` notation: 100/second, 1000 per minute, 10/second;300/minute.
+RateLimit = str
+
+# The mapping Settings.from_env(environ) reads instead of the environment and `.env`.
+_ENVIRON: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
+    "mlops_settings_environ", default=None)
+
+
+class _MappingSource(EnvSettingsSource):
+    """The environment source of pydantic-settings, reading a given mapping instead."""
+
+    def __init__(self, settings_cls, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self):
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty,
+                              self.env_parse_none_str)
+
+
+class ServerSettings(BaseSettings):
+    """What a server needs before it has a database: where to listen, how many
+    workers, how much to log, and where the database is.
+
+    gunicorn.conf.py builds this (DATABASE_URL may still be unset there: the
+    embedded PostgreSQL starts later); the app builds the whole :class:`Settings`.
+    """
+
+    model_config = SettingsConfigDict(
+        alias_generator=AliasGenerator(validation_alias=str.upper),
+        case_sensitive=True, env_file=".env", env_ignore_empty=True, extra="ignore",
+        frozen=True)
+
+    database_url: str | None = Field(
+        None, description="PostgreSQL URL; unset or `embedded`: the embedded PostgreSQL")
+    embedded_pgdata: Path = Field(
+        Path("data/postgres"), description="data folder of the embedded PostgreSQL")
+    host: str = Field("127.0.0.1", description="address gunicorn / Flask bind")
+    service_port: Whole = Field(5001, ge=1, le=65535, description="port gunicorn / Flask bind")
+    web_concurrency: Whole | None = Field(
+        None, ge=1, le=1000, description="gunicorn workers (unset: 2); gunicorn sets it in "
+        "each worker to the number running, which divides the memory:// rate limits")
+    gunicorn_worker_connections: Whole = Field(
+        1000, ge=1, le=100_000, description="connections a worker serves at once (greenlets)")
+    shutdown_delay_seconds: Number = Field(
+        0.0, ge=0, le=3600, description="after SIGTERM, serve this long with /health/ready "
+        "at 503 before the graceful stop")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    prometheus_multiproc_dir: Path | None = Field(
+        None, description="prometheus_client's multiprocess folder (gunicorn.conf.py makes "
+        "a fresh one when unset)")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value):
+        if isinstance(value, str) and value.upper() in LOG_LEVELS:
+            return value.upper()
+        raise ValueError(f"must be DEBUG, INFO, WARNING or ERROR, got {value!r}")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings):
+        """The environment, then `.env`; or only the mapping given to :meth:`from_env`."""
+        environ = _ENVIRON.get()
+        if environ is not None:
+            return init_settings, _MappingSource(settings_cls, environ)
+        return init_settings, env_settings, dotenv_settings
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None):
+        """Build settings from ``environ`` (default: ``os.environ``, then `.env`).
+
+        A given ``environ`` is read alone (no `.env`). Raises
+        :class:`ConfigError` naming the first bad variable.
+        """
+        token = _ENVIRON.set(environ)
+        try:
+            return cls()
+        except ValidationError as exc:
+            raise ConfigError(_one_line(cls, exc)) from None
+        finally:
+            _ENVIRON.reset(token)
+
+    @property
+    def rate_limit_processes(self) -> int:
+        """Processes sharing the service's rate limits (``WEB_CONCURRENCY``; unset: 1)."""
+        return self.web_concurrency or 1
+
+    @property
+    def workers(self) -> int:
+        """gunicorn workers to start (``WEB_CONCURRENCY``; unset: 2)."""
+        return self.web_concurrency or 2
 
 
 def embedded_pgdata(environ: Mapping[str, str] | None = None) -> Path | None:
     """Data folder of the embedded PostgreSQL, if ``DATABASE_URL`` asks for one; else None.
 
-    It asks when it is unset, empty or ``embedded`` (after loading `.env`, as
-    :meth:`Settings.from_env` does). The folder is ``EMBEDDED_PGDATA``,
+    It asks when it is unset, empty or ``embedded`` (read as
+    :meth:`Settings.from_env` reads it). The folder is ``EMBEDDED_PGDATA``,
     default ``data/postgres`` (relative to the working directory).
     """
-    if environ is None:
-        load_dotenv(override=False)
-        environ = os.environ
-    if environ.get("DATABASE_URL", "") not in ("", EMBEDDED):
-        return None
-    return Path(environ.get("EMBEDDED_PGDATA") or "data/postgres")
+    server = ServerSettings.from_env(environ)
+    return server.embedded_pgdata if server.database_url in (None, EMBEDDED) else None
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(ServerSettings):
     """The service's configuration; see the settings table in docs/configuration.md.
 
     Units are in the field names: ``*_bytes``, ``*_seconds``, ``*_ms``.
     """
 
-    database_url: str
-    host: str = "127.0.0.1"
-    service_port: int = 5001
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    read_api_keys: tuple[str, ...] = field(default=(), repr=False)
-    scoped_keys: tuple[KeySpec, ...] = field(default=(), repr=False)  # MLOPS_KEYS_FILE
-    auth_mode: str = "off"
-    metrics_token: str | None = field(default=None, repr=False)
-    trusted_proxies: int = 0
-    rate_limit_enabled: bool = True
-    rate_limit_storage_uri: str = field(default="memory://", repr=False)
-    rate_limit_key_prefix: str = "mlops"
-    rate_limit_track: str = "1000/second"
-    rate_limit_batch: str = "10/second"
-    rate_limit_refresh: str = "1000/second"
-    rate_limit_read: str = "20/second"
-    rate_limit_erase: str = "10/minute"
-    rate_limit_processes: int = 1
-    log_dir: Path = Path("logs")
-    log_level: str = "INFO"
-    spool_dir: Path = Path("data")
-    spool_max_bytes: int = 256 * 1024 * 1024
-    allowed_origins: tuple[str, ...] = ()
-    max_body_bytes: int = 64 * 1024
-    max_batch_events: int = 1000
-    max_batch_body_bytes: int = 1024 * 1024
-    body_read_timeout_seconds: int = 10
-    metrics_max_businesses: int = 1000
-    metrics_max_series: int = 1000
-    metrics_cache_seconds: float = 10.0
-    db_pool_size: int = 10
-    db_connect_timeout_seconds: int = 3
-    db_statement_timeout_ms: int = 3000
-    db_insert_timeout_ms: int = 200
-    migrations_dir: Path = Path(__file__).with_name("migrations")
-    prometheus_multiproc_dir: Path | None = None
-    readiness_checks_database: bool = True
-    retention_days: int | None = None
-    rollup_retention_days: int | None = None
-    maintenance_interval_seconds: int = 60
-    maintenance_batch_rows: int = 5000
-    erasure_timeout_ms: int = 20000
-    otlp_max_body_bytes: int = 1024 * 1024
-    otlp_max_spans: int = 8192
-    otlp_business_attributes: tuple[str, ...] = ("mlops.business_id", "tenant.id")
-    database_size_limit_bytes: int | None = None
+    database_url: str = Field(
+        None, validate_default=True,
+        description="PostgreSQL URL (postgresql://...); `embedded` asks for the embedded one")
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), validation_alias="MLOPS_API_KEY", repr=False,
+        description="full-access keys, comma-separated, 16+ characters each")
+    mlops_api_key_file: Path | None = Field(
+        None, description="a file holding MLOPS_API_KEY (one key per line)")
+    read_api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), validation_alias="MLOPS_READ_API_KEY", repr=False,
+        description="read-only keys, comma-separated, 16+ characters each")
+    mlops_read_api_key_file: Path | None = Field(
+        None, description="a file holding MLOPS_READ_API_KEY")
+    scoped_keys: Annotated[tuple[KeySpec, ...], SkipValidation, NoDecode] = Field(
+        (), validation_alias="MLOPS_KEYS_FILE", repr=False,
+        description="a TOML file of keys with scopes, businesses and expiry (mlops/keys.py)")
+    auth_mode: str = Field(
+        "off", validation_alias="MLOPS_AUTH_MODE",
+        description="enforce (default with a key) or warn; off without keys")
+    metrics_token: str | None = Field(
+        None, validation_alias="MLOPS_METRICS_TOKEN", repr=False,
+        description="bearer token for /metrics, 16+ characters")
+    mlops_metrics_token_file: Path | None = Field(
+        None, description="a file holding MLOPS_METRICS_TOKEN")
+    trusted_proxies: Whole = Field(
+        0, ge=0, le=10, description="reverse proxies in front (X-Forwarded-For)")
+    rate_limit_enabled: Flag = Field(True, description="false turns rate limiting off")
+    rate_limit_storage_uri: str = Field(
+        "memory://", repr=False, description="memory:// (per worker) or redis://...")
+    rate_limit_key_prefix: str = Field("mlops", description="prefix of the Redis keys")
+    # Per client, for the whole service: /track and /refresh-metrics twice the
+    # 500 messages/s peak of one busy chat app (each message calls each once).
+    rate_limit_track: RateLimit = Field("1000/second", description="limit of /track")
+    rate_limit_batch: RateLimit = Field("10/second", description="limit of /track/batch")
+    rate_limit_refresh: RateLimit = Field("1000/second", description="limit of /refresh-metrics")
+    rate_limit_read: RateLimit = Field("20/second", description="limit of the read endpoints")
+    rate_limit_erase: RateLimit = Field("10/minute", description="limit of erasure")
+    log_dir: Path = Field(Path("logs"), description="folder of the JSON log file")
+    spool_dir: Path = Field(Path("data"), description="folder of the local spool")
+    spool_max_bytes: Whole = Field(256 * 1024 * 1024, ge=1 << 20, description="spool cap")
+    allowed_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="CORS origins, comma-separated")
+    max_body_bytes: Whole = Field(
+        64 * 1024, ge=1024, le=16 * 1024 * 1024, description="largest /track body")
+    max_batch_events: Whole = Field(1000, ge=1, le=100_000, description="items per batch")
+    max_batch_body_bytes: Whole = Field(
+        1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="largest /track/batch body")
+    body_read_timeout_seconds: Whole = Field(
+        10, ge=1, le=300, description="a body must arrive in full within this time")
+    metrics_max_businesses: Whole = Field(
+        1000, ge=1, description="businesses in the per-business gauges")
+    metrics_max_series: Whole = Field(
+        1000, ge=10, le=1_000_000, description="series budget per labelled metric family")
+    metrics_cache_seconds: Annotated[float, BeforeValidator(_whole)] = Field(
+        10.0, ge=0, le=3600, description="reuse of the Postgres-derived gauges (whole seconds)")
+    db_pool_size: Whole = Field(10, ge=1, le=1000, description="connections per worker")
+    db_connect_timeout_seconds: Whole = Field(3, ge=1, description="connect timeout")
+    db_statement_timeout_ms: Whole = Field(3000, ge=1, description="statement timeout")
+    db_insert_timeout_ms: Whole = Field(
+        200, ge=1, description="deadline of a request's insert; past it the event is spooled")
+    migrations_dir: Path = Field(
+        Path(__file__).with_name("migrations"), description="folder of versioned SQL files")
+    readiness_checks_database: Flag = Field(
+        True, description="false: /health/ready does not ask Postgres")
+    retention_days: Whole | None = Field(
+        None, ge=1, le=36500, description="raw events older than this are deleted")
+    rollup_retention_days: Whole | None = Field(
+        None, ge=1, le=36500, description="rollup rows older than this are deleted")
+    maintenance_interval_seconds: Whole = Field(
+        60, ge=0, le=86400, description="pause between maintenance rounds; 0: off")
+    maintenance_batch_rows: Whole = Field(
+        5000, ge=1, le=1_000_000, description="rows per maintenance transaction")
+    erasure_timeout_ms: Whole = Field(
+        20000, ge=1, description="statement timeout of an erasure transaction")
+    otlp_max_body_bytes: Whole = Field(
+        1024 * 1024, ge=1024, le=64 * 1024 * 1024,
+        description="largest /v1/* body, as sent and once inflated")
+    otlp_max_spans: Whole = Field(
+        8192, ge=1, le=100_000, description="spans read per /v1/traces request")
+    otlp_business_attributes: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("mlops.business_id", "tenant.id"),
+        description="span/resource attribute keys naming a call's business, in order")
+    database_size_limit_bytes: int | None = Field(
+        None, validation_alias="DATABASE_SIZE_LIMIT",
+        description="the database's size budget (0.5GB, 512MiB); unset: none")
 
     @property
     def api_key(self) -> str | None:
         """The first full-access key, or None: for callers asking only "is a key set?"."""
         return self.api_keys[0] if self.api_keys else None
 
+    @model_validator(mode="before")
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``environ`` (default: ``os.environ`` after loading `.env`).
+    def _auth(cls, data: dict) -> dict:
+        """API keys (full and read-only, each from its variable or its ``_FILE``),
+        the auth mode and the /metrics token.
 
-        `.env` is loaded by python-dotenv without overriding variables that are
-        already set. Raises :class:`ConfigError` naming the bad variable.
+        The mode is ``off`` without keys, else ``MLOPS_AUTH_MODE`` (``enforce``
+        by default, or ``warn``). Keys and the token are ``MIN_SECRET_CHARS``
+        characters at least.
         """
-        if environ is None:
-            load_dotenv(override=False)
-            environ = os.environ
-        env = {k: v for k, v in environ.items() if v != ""}
+        data = dict(data)
+        full = _keys(data, "MLOPS_API_KEY")
+        read = _keys(data, "MLOPS_READ_API_KEY")
+        scoped = _scoped_keys(data)
+        writers = full or any("write" in spec.grant.scopes for spec in scoped)
+        if read and not writers:
+            raise ValueError("MLOPS_READ_API_KEY needs MLOPS_API_KEY too (no key could write)")
+        if set(full) & set(read):
+            raise ValueError("a key is in both MLOPS_API_KEY and MLOPS_READ_API_KEY")
+        if {spec.key for spec in scoped} & (set(full) | set(read)):
+            raise ValueError("a key of MLOPS_KEYS_FILE is also in MLOPS_API_KEY or "
+                             "MLOPS_READ_API_KEY (give each key once)")
+        mode = str(data.get("MLOPS_AUTH_MODE", "enforce")).lower()
+        if mode not in {"enforce", "warn"}:
+            raise ValueError(f"MLOPS_AUTH_MODE must be enforce or warn, got {mode!r}")
+        if not full and not scoped:
+            if "MLOPS_AUTH_MODE" in data:
+                raise ValueError("MLOPS_AUTH_MODE needs MLOPS_API_KEY (without a key nothing "
+                                 "is checked)")
+            mode = "off"
+        token = _secret(data, "MLOPS_METRICS_TOKEN")
+        if token is not None:
+            _long_enough("MLOPS_METRICS_TOKEN", (token,))
+        data.update({"MLOPS_API_KEY": full, "MLOPS_READ_API_KEY": read,
+                     "MLOPS_KEYS_FILE": scoped, "MLOPS_AUTH_MODE": mode,
+                     "MLOPS_METRICS_TOKEN": token})
+        return data
 
-        return cls(
-            database_url=_database_url(env.get("DATABASE_URL")),
-            host=env.get("HOST", "127.0.0.1"),
-            service_port=_integer(env, "SERVICE_PORT", 5001, low=1, high=65535),
-            **_auth(env),
-            trusted_proxies=_integer(env, "TRUSTED_PROXIES", 0, low=0, high=10),
-            **_rate_limits(env),
-            log_dir=Path(env.get("LOG_DIR", "logs")),
-            log_level=_log_level(env.get("LOG_LEVEL", "INFO")),
-            spool_dir=Path(env.get("SPOOL_DIR", "data")),
-            spool_max_bytes=_integer(env, "SPOOL_MAX_BYTES", 256 * 1024 * 1024, low=1 << 20),
-            allowed_origins=tuple(
-                o.strip() for o in env.get("ALLOWED_ORIGINS", "").split(",") if o.strip()
-            ),
-            max_body_bytes=_integer(env, "MAX_BODY_BYTES", 64 * 1024, low=1024,
-                                    high=16 * 1024 * 1024),
-            max_batch_events=_integer(env, "MAX_BATCH_EVENTS", 1000, low=1, high=100_000),
-            max_batch_body_bytes=_integer(env, "MAX_BATCH_BODY_BYTES", 1024 * 1024,
-                                          low=1024, high=64 * 1024 * 1024),
-            body_read_timeout_seconds=_integer(env, "BODY_READ_TIMEOUT_SECONDS", 10,
-                                               low=1, high=300),
-            metrics_max_businesses=_integer(env, "METRICS_MAX_BUSINESSES", 1000, low=1),
-            metrics_max_series=_integer(env, "METRICS_MAX_SERIES", 1000, low=10,
-                                        high=1_000_000),
-            metrics_cache_seconds=float(
-                _integer(env, "METRICS_CACHE_SECONDS", 10, low=0, high=3600)
-            ),
-            db_pool_size=_integer(env, "DB_POOL_SIZE", 10, low=1, high=1000),
-            db_connect_timeout_seconds=_integer(env, "DB_CONNECT_TIMEOUT_SECONDS", 3, low=1),
-            db_statement_timeout_ms=_integer(env, "DB_STATEMENT_TIMEOUT_MS", 3000, low=1),
-            db_insert_timeout_ms=_integer(env, "DB_INSERT_TIMEOUT_MS", 200, low=1),
-            migrations_dir=Path(env.get("MIGRATIONS_DIR", Path(__file__).with_name("migrations"))),
-            prometheus_multiproc_dir=(Path(env["PROMETHEUS_MULTIPROC_DIR"])
-                                      if "PROMETHEUS_MULTIPROC_DIR" in env else None),
-            readiness_checks_database=_boolean(env, "READINESS_CHECKS_DATABASE", True),
-            retention_days=_optional_days(env, "RETENTION_DAYS"),
-            rollup_retention_days=_optional_days(env, "ROLLUP_RETENTION_DAYS"),
-            maintenance_interval_seconds=_integer(env, "MAINTENANCE_INTERVAL_SECONDS", 60,
-                                                  low=0, high=86400),
-            maintenance_batch_rows=_integer(env, "MAINTENANCE_BATCH_ROWS", 5000,
-                                            low=1, high=1_000_000),
-            erasure_timeout_ms=_integer(env, "ERASURE_TIMEOUT_MS", 20000, low=1),
-            otlp_max_body_bytes=_integer(env, "OTLP_MAX_BODY_BYTES", 1024 * 1024,
-                                         low=1024, high=64 * 1024 * 1024),
-            otlp_max_spans=_integer(env, "OTLP_MAX_SPANS", 8192, low=1, high=100_000),
-            otlp_business_attributes=_attribute_keys(env, "OTLP_BUSINESS_ATTRIBUTES",
-                                                     ("mlops.business_id", "tenant.id")),
-            database_size_limit_bytes=_optional_bytes(env, "DATABASE_SIZE_LIMIT"),
-        )
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _database_url(cls, url: str | None) -> str:
+        if not url:
+            raise ValueError(
+                "is not set: give a PostgreSQL URL, e.g. "
+                "postgresql://postgres@127.0.0.1:5432/postgres (see .env.example), "
+                f"or {EMBEDDED!r} where the embedded PostgreSQL is installed")
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql:// (got another scheme)")
+        try:
+            options = parse_dsn(url)
+        except psycopg2.ProgrammingError as exc:
+            reason = str(exc).strip().splitlines()[0]
+            raise ValueError(f"is malformed: {reason}") from None
+        ports = options.get("port", "5432").split(",")
+        if not all(p.isdigit() and 0 < int(p) < 65536 for p in ports):
+            raise ValueError(f"is malformed: port {options['port']!r} is not a number")
+        return url
+
+    @field_validator("rate_limit_enabled", mode="before")
+    @classmethod
+    def _true_or_false(cls, value):
+        if isinstance(value, str) and value.lower() not in {"true", "false"}:
+            raise ValueError(f"must be true or false, got {value.lower()!r}")
+        return value
+
+    @field_validator("rate_limit_storage_uri")
+    @classmethod
+    def _storage_uri(cls, uri: str) -> str:
+        if not uri.startswith(RATE_LIMIT_SCHEMES):
+            raise ValueError("must start with memory:// or redis:// (or rediss://, "
+                             "redis+unix://)")
+        return uri
+
+    @field_validator("rate_limit_track", "rate_limit_batch", "rate_limit_refresh",
+                     "rate_limit_read", "rate_limit_erase")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError(f"must look like 100/second or 1000 per minute, "
+                             f"got {value!r}") from None
+        return value
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            return tuple(o.strip() for o in value.split(",") if o.strip())
+        return value
+
+    @field_validator("database_size_limit_bytes", mode="before")
+    @classmethod
+    def _size(cls, value):
+        return _bytes(value)
+
+    @field_validator("otlp_business_attributes", mode="before")
+    @classmethod
+    def _attribute_keys(cls, value):
+        """OpenTelemetry attribute keys separated by commas, trimmed, in order."""
+        if isinstance(value, str):
+            keys = tuple(k.strip() for k in value.split(","))
+            if not all(keys):
+                raise ValueError("holds an empty attribute key (check the commas)")
+            return keys
+        return value
 
 
-def _database_url(url: str | None) -> str:
-    if not url:
-        raise ConfigError(
-            "DATABASE_URL is not set: give a PostgreSQL URL, e.g. "
-            "postgresql://postgres@127.0.0.1:5432/postgres (see .env.example), "
-            f"or {EMBEDDED!r} where the embedded PostgreSQL is installed"
-        )
-    if not url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError("DATABASE_URL must start with postgresql:// (got another scheme)")
+def _secret(data: Mapping[str, object], name: str) -> str | None:
+    """``name``, or the contents of the file named by ``name_FILE`` (Docker/Kubernetes secrets).
+
+    Surrounding whitespace is dropped, and a file's UTF-8 byte order mark
+    (``utf-8-sig``), so a key saved by an editor that adds one still matches.
+    """
+    key_file = data.get(f"{name}_FILE")
+    if key_file:
+        if name in data:
+            raise ValueError(f"set {name} or {name}_FILE, not both")
+        try:
+            value = Path(key_file).read_text(encoding="utf-8-sig").strip()
+        except OSError as exc:
+            raise ValueError(f"{name}_FILE cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{name}_FILE is not UTF-8 text") from None
+        if not value:
+            raise ValueError(f"{name}_FILE names an empty file")
+        return value
+    value = str(data.get(name) or "").strip()
+    return value or None
+
+
+def _scoped_keys(data: Mapping[str, object]) -> tuple[KeySpec, ...]:
+    """The keys of ``MLOPS_KEYS_FILE`` (TOML; the format is in mlops/keys.py), or ()."""
+    path = data.get("MLOPS_KEYS_FILE")
+    if isinstance(path, tuple):  # already read (settings built from keyword arguments)
+        return path
+    if not path:
+        return ()
     try:
-        options = parse_dsn(url)
-    except psycopg2.ProgrammingError as exc:
-        reason = str(exc).strip().splitlines()[0]
-        raise ConfigError(f"DATABASE_URL is malformed: {reason}") from None
-    ports = options.get("port", "5432").split(",")
-    if not all(p.isdigit() and 0 < int(p) < 65536 for p in ports):
-        raise ConfigError(f"DATABASE_URL is malformed: port {options['port']!r} is not a number")
-    return url
+        return load_keys_file(Path(str(path)))
+    except KeysFileError as exc:
+        raise ValueError(f"MLOPS_KEYS_FILE {exc}") from None
 
 
-def _integer(env: Mapping[str, str], name: str, default: int, low: int = 0,
-             high: int | None = None) -> int:
-    raw = env.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < low or (high is not None and value > high):
-        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ConfigError(f"{name} must be {bounds}, got {value}")
-    return value
-
-
-def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None:
-        return default
-    if raw.lower() in {"1", "true", "yes"}:
-        return True
-    if raw.lower() in {"0", "false", "no"}:
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
-
-
-def _optional_days(env: Mapping[str, str], name: str) -> int | None:
-    """A number of days, or None (keep forever) when unset."""
-    if name not in env:
-        return None
-    return _integer(env, name, 0, low=1, high=36500)
-
-
-def _attribute_keys(env: Mapping[str, str], name: str,
-                    default: tuple[str, ...]) -> tuple[str, ...]:
-    """OpenTelemetry attribute keys separated by commas, trimmed, in order."""
-    raw = env.get(name)
-    if raw is None:
-        return default
-    keys = tuple(k.strip() for k in raw.split(","))
-    if not all(keys):
-        raise ConfigError(f"{name} holds an empty attribute key (check the commas)")
-    return keys
-def _optional_bytes(env: Mapping[str, str], name: str) -> int | None:
+def _bytes(value) -> int | None:
     """A size in bytes with an optional unit, or None when unset.
 
     Parsed by pydantic's ``ByteSize``: ``500MB`` and ``0.5GB`` are powers of
     1000 (500,000,000 bytes), ``512MiB`` powers of 1024 (536,870,912 bytes);
     a bare number is bytes. At least 1 MiB.
     """
-    if name not in env:
+    if value is None:
         return None
     try:
-        value = int(TypeAdapter(ByteSize).validate_python(env[name]))
+        size = int(TypeAdapter(ByteSize).validate_python(value))
     except ValidationError:
-        raise ConfigError(f"{name} must be a size such as 0.5GB, 512MiB or 500000000 "
-                          f"(bytes), got {env[name]!r}") from None
-    if value < 1 << 20:
-        raise ConfigError(f"{name} must be at least 1MiB, got {env[name]!r}")
-    return value
-
-
-def _log_level(raw: str) -> str:
-    level = raw.upper()
-    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {raw!r}")
-    return level
-
-
-# Characters: the shortest API key or /metrics token accepted. A
-# key from ``secrets.token_urlsafe(32)`` has 43.
-MIN_SECRET_CHARS = 16
-
-
-def _secret(env: Mapping[str, str], name: str) -> str | None:
-    """``name``, or the contents of the file named by ``name_FILE`` (Docker/Kubernetes secrets).
-
-    Surrounding whitespace is dropped, and a file's UTF-8 byte order mark
-    (``utf-8-sig``), so a key saved by an editor that adds one still matches.
-    """
-    key_file = env.get(f"{name}_FILE")
-    if key_file:
-        if name in env:
-            raise ConfigError(f"set {name} or {name}_FILE, not both")
-        try:
-            value = Path(key_file).read_text(encoding="utf-8-sig").strip()
-        except OSError as exc:
-            raise ConfigError(f"{name}_FILE cannot be read: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{name}_FILE is not UTF-8 text") from None
-        if not value:
-            raise ConfigError(f"{name}_FILE names an empty file")
-        return value
-    value = env.get(name, "").strip()
-    return value or None
+        raise ValueError(f"must be a size such as 0.5GB, 512MiB or 500000000 (bytes), "
+                         f"got {value!r}") from None
+    if size < 1 << 20:
+        raise ValueError(f"must be at least 1MiB, got {value!r}")
+    return size
 
 
 def _long_enough(name: str, secrets: tuple[str, ...]) -> None:
-    """ConfigError naming ``name`` and the rule if a secret is short (never the secret)."""
+    """ValueError naming ``name`` and the rule if a secret is short (never the secret)."""
     for position, secret in enumerate(secrets, start=1):
         if len(secret) < MIN_SECRET_CHARS:
             which = f"key {position} of {len(secrets)}" if len(secrets) > 1 else "it"
-            raise ConfigError(
+            raise ValueError(
                 f"{name} must be at least {MIN_SECRET_CHARS} characters ({which} has "
                 f"{len(secret)}); make one with: python3 -c 'import secrets; "
                 "print(secrets.token_urlsafe(32))'")
 
 
-def _keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+def _keys(data: Mapping[str, object], name: str) -> tuple[str, ...]:
     """The keys in ``name`` (or its ``_FILE``): separated by commas or newlines, trimmed,
     each at least ``MIN_SECRET_CHARS`` long."""
-    raw = _secret(env, name) or ""
+    raw = data.get(name)
+    if isinstance(raw, tuple):  # already read (settings built from keyword arguments)
+        return raw
+    raw = _secret(data, name) or ""
     keys = tuple(k.strip() for k in raw.replace("\n", ",").split(","))
     if raw and not all(keys):
-        raise ConfigError(f"{name} holds an empty key (check the commas)")
+        raise ValueError(f"{name} holds an empty key (check the commas)")
     keys = tuple(k for k in keys if k)
     _long_enough(name, keys)
     return keys
 
 
-def _auth(env: Mapping[str, str]) -> dict:
-    """API keys (full and read-only), the auth mode and the /metrics token.
-
-    The mode is ``off`` without keys, else ``MLOPS_AUTH_MODE`` (``enforce``
-    by default, or ``warn``). Keys and the token are ``MIN_SECRET_CHARS``
-    characters at least.
-    """
-    full = _keys(env, "MLOPS_API_KEY")
-    read = _keys(env, "MLOPS_READ_API_KEY")
-    scoped = _scoped_keys(env)
-    writers = full or any("write" in spec.grant.scopes for spec in scoped)
-    if read and not writers:
-        raise ConfigError("MLOPS_READ_API_KEY needs MLOPS_API_KEY too (no key could write)")
-    if set(full) & set(read):
-        raise ConfigError("a key is in both MLOPS_API_KEY and MLOPS_READ_API_KEY")
-    if {spec.key for spec in scoped} & (set(full) | set(read)):
-        raise ConfigError("a key of MLOPS_KEYS_FILE is also in MLOPS_API_KEY or "
-                          "MLOPS_READ_API_KEY (give each key once)")
-    mode = env.get("MLOPS_AUTH_MODE", "enforce").lower()
-    if mode not in {"enforce", "warn"}:
-        raise ConfigError(f"MLOPS_AUTH_MODE must be enforce or warn, got {mode!r}")
-    if not full and not scoped:
-        if "MLOPS_AUTH_MODE" in env:
-            raise ConfigError("MLOPS_AUTH_MODE needs MLOPS_API_KEY (without a key nothing "
-                              "is checked)")
-        mode = "off"
-    token = _secret(env, "MLOPS_METRICS_TOKEN")
-    if token is not None:
-        _long_enough("MLOPS_METRICS_TOKEN", (token,))
-    return {"api_keys": full, "read_api_keys": read, "scoped_keys": scoped, "auth_mode": mode,
-            "metrics_token": token}
-
-
-def _scoped_keys(env: Mapping[str, str]) -> tuple[KeySpec, ...]:
-    """The keys of ``MLOPS_KEYS_FILE`` (TOML; the format is in mlops/keys.py), or ()."""
-    path = env.get("MLOPS_KEYS_FILE")
-    if not path:
-        return ()
-    try:
-        return load_keys_file(Path(path))
-    except KeysFileError as exc:
-        raise ConfigError(f"MLOPS_KEYS_FILE {exc}") from None
-
-
-RATE_LIMIT_SCHEMES = ("memory://", "redis://", "rediss://", "redis+unix://")
-
-
-def _rate_limits(env: Mapping[str, str]) -> dict:
-    """Flask-Limiter settings: on/off, storage, key prefix, one limit per route group, and
-    how many processes share the service's limits (``WEB_CONCURRENCY``, default 1).
-
-    Each limit is per client for the whole service (mlops/limits.py says how
-    memory:// counts divide it among the ``WEB_CONCURRENCY`` gunicorn workers).
-    Defaults: ``/track`` and ``/refresh-metrics`` 1000/second, twice the 500
-    messages/s peak of one busy chat app (each message is one call to each);
-    ``/track/batch`` 10/second (up to MAX_BATCH_EVENTS events each); the read
-    endpoints 20/second; erasure 10/minute.
-    """
-    enabled = env.get("RATE_LIMIT_ENABLED", "true").lower()
-    if enabled not in {"true", "false"}:
-        raise ConfigError(f"RATE_LIMIT_ENABLED must be true or false, got {enabled!r}")
-    uri = env.get("RATE_LIMIT_STORAGE_URI", "memory://")
-    if not uri.startswith(RATE_LIMIT_SCHEMES):
-        raise ConfigError("RATE_LIMIT_STORAGE_URI must start with memory:// or redis:// "
-                          "(or rediss://, redis+unix://)")
-    limits = {}
-    for name, default in (("TRACK", "1000/second"), ("BATCH", "10/second"),
-                          ("REFRESH", "1000/second"), ("READ", "20/second"),
-                          ("ERASE", "10/minute")):
-        value = env.get(f"RATE_LIMIT_{name}", default)
-        try:
-            parse_many(value)
-        except ValueError:
-            raise ConfigError(f"RATE_LIMIT_{name} must look like 100/second or "
-                              f"1000 per minute, got {value!r}") from None
-        limits[f"rate_limit_{name.lower()}"] = value
-    return {"rate_limit_enabled": enabled == "true", "rate_limit_storage_uri": uri,
-            "rate_limit_key_prefix": env.get("RATE_LIMIT_KEY_PREFIX", "mlops"), **limits,
-            "rate_limit_processes": _integer(env, "WEB_CONCURRENCY", 1, low=1, high=1000)}
+def _one_line(settings_cls: type[BaseSettings], error: ValidationError) -> str:
+    """The first problem of ``error``, as one line naming the variable."""
+    problem = error.errors(include_url=False)[0]
+    if not problem["loc"]:  # a rule over several variables: its message names them
+        return str(problem["ctx"]["error"])
+    name = str(problem["loc"][0])
+    field = settings_cls.model_fields.get(name)  # a default's error is located by field name
+    if field is not None:
+        name = field.validation_alias
+    if problem["type"] == "value_error":
+        return f"{name} {problem['ctx']['error']}"
+    if problem["type"] in ("greater_than_equal", "less_than_equal"):
+        field = next(f for f in settings_cls.model_fields.values() if f.validation_alias == name)
+        low = next(m.ge for m in field.metadata if isinstance(m, Ge))
+        high = next((m.le for m in field.metadata if isinstance(m, Le)), None)
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        value = problem["input"]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return f"{name} must be {bounds}, got {value}"
+    return f"{name}: {problem['msg']} (got {problem['input']!r})"

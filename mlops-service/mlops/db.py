@@ -40,6 +40,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 from gevent.monkey import get_original
 
@@ -104,6 +105,10 @@ DISK_FULL = "53100"
 # flusher retries at least every BACKOFF_MAX_SECONDS (10 s) while events wait,
 # so a process that keeps seeing the refusal keeps reporting it.
 FULL_REPORT_SECONDS = 30.0
+class TransactionRolledBack(DatabaseUnavailable):
+    """Postgres rolled the transaction back to end a deadlock or a serialization
+    conflict (SQLSTATE class 40, PostgreSQL manual Appendix A); running it
+    again normally succeeds. The database itself is fine: the breaker stays closed."""
 
 
 def classify(exc: psycopg2.Error) -> Exception:
@@ -316,7 +321,9 @@ class Database:
         ``default_timeout_ms``). A connection found broken (Neon closes idle
         ones when its compute suspends) is discarded and ``work`` retried
         once on a fresh connection if time is left. Raises
-        :class:`DatabaseUnavailable` or :class:`DatabaseMisconfigured`; other
+        :class:`DatabaseUnavailable` (:class:`TransactionRolledBack` for a
+        deadlock or serialization failure, which leaves the breaker closed)
+        or :class:`DatabaseMisconfigured`; other
         ``psycopg2.Error`` (a bug in our SQL, a constraint) propagate unchanged.
         """
         limit = _deadline.get()
@@ -328,6 +335,8 @@ class Database:
             raise DatabaseUnavailable("skipped: the database failed its last call")
         try:
             result = self._run(work, deadline)
+        except TransactionRolledBack:
+            raise
         except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
             self._trip(exc)  # pragma: no mutate - exc only feeds the log line
             raise
@@ -371,6 +380,10 @@ class Database:
             try:
                 with conn.cursor() as cur:
                     result = work(cur)
+            except psycopg2.errors.TransactionRollbackError as exc:
+                self._watchdog.release(token)
+                self._release(conn)
+                raise TransactionRolledBack(_first_line(exc)) from exc
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
                 fired = self._watchdog.release(token)
                 self._release(conn)

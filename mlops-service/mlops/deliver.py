@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from . import store
-from .db import Database, DatabaseUnavailable
+from .db import Database, DatabaseUnavailable, TransactionRolledBack
 from .telemetry import EVENTS_REJECTED, Telemetry
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,16 @@ class Delivery:
 
         ``skip_if_down`` fails at once while the database's breaker is open
         (see ``Database.deadline``); ``replayed`` marks records coming from
-        the spool. Raises ``DatabaseUnavailable`` (``DatabaseFull`` when
-        Postgres has no space left) / ``DatabaseMisconfigured``;
+        the spool. An insert Postgres rolls back to end a deadlock or a
+        serialization conflict (``TransactionRolledBack``) runs again while
+        ``timeout_ms`` lasts. Raises ``DatabaseUnavailable`` (``DatabaseFull``
+        when Postgres has no space left) / ``DatabaseMisconfigured``;
         then nothing was counted, and the same records may be delivered
         again (an insert abandoned at its deadline may still commit: the
         retry then skips it).
         """
         with self.db.deadline(timeout_ms, skip_if_down=skip_if_down):
-            inserted = store.insert_events(self.db, list(records), timeout_ms)
+            inserted = self._insert(list(records), timeout_ms)
         if inserted:  # rows were added: the database had room
             self.db.write_succeeded()
         new, counted = [], set()
@@ -67,6 +69,20 @@ class Delivery:
                                 "business", extra={"event_id": event_id,
                                                    "business_id": business_id})
         return inserted
+
+    def _insert(self, records: list[store.Record], timeout_ms: int) -> store.Inserted:
+        """``store.insert_events``, run again after each ``TransactionRolledBack``
+        until ``timeout_ms`` (in all) has passed; then that error is raised."""
+        ends = time.monotonic() + timeout_ms / 1000
+        while True:
+            try:
+                return store.insert_events(self.db, records, timeout_ms)
+            except TransactionRolledBack as exc:
+                timeout_ms = int((ends - time.monotonic()) * 1000)
+                if timeout_ms <= 0:
+                    raise
+                log.warning("insert rolled back by Postgres; running it again",
+                            extra={"error": str(exc), "events": len(records)})
 
 
 # Not mutated: what the errors say.

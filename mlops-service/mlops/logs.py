@@ -9,6 +9,7 @@ to stdout only.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,13 +25,24 @@ BACKUPS = 5
 access = logging.getLogger("mlops.access")
 
 
+# (process id, arguments) of the last configure(): a process configures its logs once.
+_configured: tuple | None = None
+
+
 def configure(log_dir: Path, level: str, lock_dir: Path | None = None) -> None:
     """Route the ``mlops`` logger tree to stdout and ``log_dir/mlops-service.log``.
 
     The rotation lock file the workers share goes in ``lock_dir`` (the
     service's ``SPOOL_DIR``), not among the user's logs; default: ``log_dir``.
-    Idempotent: called again (tests build many apps) it replaces the handlers.
+    Once per process: called again with the same arguments (``python app.py``
+    starts, then builds its app) it does nothing; in a forked worker, or
+    with other arguments (tests build many apps), it replaces the handlers.
     """
+    global _configured
+    key = (os.getpid(), Path(log_dir), level, Path(lock_dir) if lock_dir else None)
+    if key == _configured:
+        return
+    _configured = key
     formatter = JsonFormatter(
         "%(levelname)s %(name)s %(message)s",
         rename_fields={"levelname": "level", "name": "logger"},

@@ -130,7 +130,7 @@ def _intents_cte(source: str, shard: int | str) -> str:
     return f"""rollup_intents AS (
     INSERT INTO mlops_rollup_intents AS r (business_id, day, intent_detected, shard, messages)
     SELECT business_id, {_DAY}, intent_detected, {shard}, count(*)
-    FROM {source} GROUP BY 1, 2, 3
+    FROM {source} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
     ON CONFLICT (business_id, day, intent_detected, shard)
     DO UPDATE SET messages = r.messages + EXCLUDED.messages
 )"""
@@ -141,7 +141,10 @@ def _rollup_ctes(source: str, shard: int | str, *, intents: bool = True) -> str:
 
     ``shard`` is a number, or the name of a SQL parameter holding one.
     ``intents=False`` leaves out ``mlops_rollup_intents``, which has its own
-    backfill (see ``_BACKFILLS``).
+    backfill (see ``_BACKFILLS``). Every INSERT takes its keys in key order
+    (``ORDER BY``), as every concurrent writer does: two transactions sharing
+    new keys then queue on the first they share, where in any other order
+    each could hold a key the other waits for (a deadlock, SQLSTATE 40P01).
     """
     shard = str(int(shard)) if isinstance(shard, int) else shard
     sums = ", ".join(expr for _, expr in _DAILY_SUMS)
@@ -150,13 +153,13 @@ def _rollup_ctes(source: str, shard: int | str, *, intents: bool = True) -> str:
 rollup_daily AS (
     INSERT INTO mlops_rollup_daily AS r (business_id, day, model_name, shard, {_DAILY_NAMES})
     SELECT business_id, {_DAY}, model_name, {shard}, {sums}
-    FROM {source} GROUP BY 1, 2, 3
+    FROM {source} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
     ON CONFLICT (business_id, day, model_name, shard) DO UPDATE SET {adds}
 ),
 rollup_latency AS (
     INSERT INTO mlops_rollup_latency AS r (business_id, day, bucket, shard, messages)
     SELECT business_id, {_DAY}, {rollups.BUCKET_SQL}, {shard}, count(*)
-    FROM {source} GROUP BY 1, 2, 3
+    FROM {source} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
     ON CONFLICT (business_id, day, bucket, shard)
     DO UPDATE SET messages = r.messages + EXCLUDED.messages
 ),
@@ -177,7 +180,7 @@ rollup_conversations AS (
 -- both span different days, the span may miss a day until its next message.)
 rollup_conversations_new AS (
     INSERT INTO mlops_rollup_conversations (business_id, conversation_id, first_day, last_day)
-    SELECT * FROM rollup_conversations
+    SELECT * FROM rollup_conversations ORDER BY business_id, conversation_id
     ON CONFLICT (business_id, conversation_id) DO NOTHING
 ),
 rollup_conversations_span AS (
@@ -199,6 +202,8 @@ def insert_sql(source: str, shard: int | str) -> str:
     (``RETURNING`` yields only new rows); so are rows received before an
     erasure of their conversation, session or business (``mlops_erasures``),
     such as a copy of an erased event still in some replica's spool.
+    Events go in ``event_id`` order and each rollup in key order, so
+    concurrent inserts sharing ids or keys do not deadlock.
     """
     columns = ", ".join(_INSERT_COLUMNS)
     return f"""
@@ -214,6 +219,7 @@ WITH ins AS (
       AND NOT EXISTS (
         SELECT FROM mlops_erasures x WHERE x.erased = 'session_id'
           AND x.id = s.session_id AND s.received_at <= x.erased_at)
+    ORDER BY s.event_id
     ON CONFLICT (event_id) DO NOTHING
     RETURNING {_ROLLED_COLUMNS}, event_id
 ), {_rollup_ctes('ins', shard)}
@@ -231,8 +237,8 @@ _ARRAY_TYPES = (
 # The migration holding the current insert_function_sql(); 0003 held the
 # first version, 0005 the one before mlops_rollup_epoch, 0007 the one before
 # mlops_erasures, 0009 the one that let Postgres re-plan every call, 0010
-# the one before erasure by session.
-INSERT_FUNCTION_MIGRATION = "0012_insert_function_sessions.sql"
+# the one before erasure by session, 0012 the one taking keys in no set order.
+INSERT_FUNCTION_MIGRATION = "0013_insert_function_ordered.sql"
 
 
 def insert_function_sql() -> str:

@@ -4,9 +4,10 @@ Under gunicorn, prometheus_client runs in multiprocess mode
 (``PROMETHEUS_MULTIPROC_DIR``, set by gunicorn.conf.py before any import):
 each worker writes its counters to mmap files, and ``/metrics`` merges them,
 so totals are right whichever worker answers. Values that come from
-Postgres or the spool (shared state, not per-process counts) are produced by
-:class:`StateCollector` at scrape time, since multiprocess mode does not
-aggregate custom collectors.
+Postgres or the spool (shared state, not per-process counts) are read at
+scrape time by a collector the app factory hands to :meth:`Telemetry.add_state`
+(``mlops.state_metrics``), since multiprocess mode does not aggregate custom
+collectors. This module only counts and exposes: it reads no database or spool.
 
 Metric names keep the course service's (``ai_requests_total`` ...) so
 existing dashboards and queries keep working.
@@ -23,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,14 +34,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import store
-from .db import Database, DatabaseMisconfigured, DatabaseUnavailable
 from .erased_series import ErasedSeries
 from .schemas import MetricsEvent
-from .spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +65,6 @@ RESPONSE_TIME_BUCKETS = tuple(sorted(
 # Seconds. Latency of this service's own HTTP handlers.
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 OVERFLOW_LABEL = "other"
-WINDOW_DAYS = 30
 
 # --- the chat app's traffic (counted when a row is committed to Postgres) ---
 AI_REQUESTS = Counter(
@@ -226,26 +223,29 @@ class SeriesBudget:
         return self._overflow
 
 
+class Stored(Protocol):
+    """What :meth:`Telemetry.record_stored` reads of a stored record
+    (``mlops.store.Record`` is one): the event as the schema parsed it."""
+
+    event: MetricsEvent
+
+
 class Telemetry:
-    """Per-app telemetry state: series budgets and the scrape-time collector.
+    """Per-app telemetry state: series budgets, erased series, the scrape-time state.
 
     ``max_series`` is each labelled family's :class:`SeriesBudget`;
-    ``max_businesses`` caps the per-business gauges read from Postgres;
     ``multiproc_dir`` is ``PROMETHEUS_MULTIPROC_DIR`` when gunicorn.conf.py set
-    it (prometheus_client's multiprocess mode), else None.
+    it (prometheus_client's multiprocess mode), else None. ``state`` is the
+    collector given to :meth:`add_state` (None until then).
     """
 
-    def __init__(self, db: Database, spool: Spool, *, max_businesses: int,
-                 max_series: int, cache_seconds: float, version: str,
-                 multiproc_dir: Path | None = None) -> None:
+    def __init__(self, *, max_series: int, multiproc_dir: Path | None = None) -> None:
         self._budgets = {family: SeriesBudget(family, max_series) for family in (
             AI_REQUESTS, AI_TOKENS, AI_COST, APPOINTMENTS_REQUESTED, APPOINTMENTS_BOOKED,
             HUMAN_HANDOFFS, GEN_AI_TOKEN_USAGE, GEN_AI_DURATION)}
         self._multiprocess = multiproc_dir is not None
-        self.state = StateCollector(db, spool, max_businesses=max_businesses,
-                                    cache_seconds=cache_seconds, version=version)
+        self.state = None
         self._state_registry = CollectorRegistry(auto_describe=False)
-        self._state_registry.register(self.state)
         self.erased = ErasedSeries(
             (AI_REQUESTS, AI_TOKENS, AI_COST, APPOINTMENTS_REQUESTED, APPOINTMENTS_BOOKED,
              HUMAN_HANDOFFS),
@@ -256,12 +256,19 @@ class Telemetry:
         (read at scrape time, whichever worker answers)."""
         self._state_registry.register(collector)
 
+    def add_state(self, collector) -> None:
+        """Expose ``collector`` (a prometheus_client collector of values read at
+        scrape time, e.g. ``mlops.state_metrics.StateCollector``) on ``/metrics``,
+        after the counters, and keep it as :attr:`state`. Call once per app."""
+        self.state = collector
+        self._state_registry.register(collector)
+
     def forget_business(self, business_id: str) -> None:
         """Drop an erased business's labelled series from ``/metrics`` in every worker
         of this server (``mlops.erased_series``); it counts from 0 if it comes back."""
         self.erased.forget(business_id)
 
-    def record_stored(self, records: Iterable[store.Record], *, replayed: bool = False) -> None:
+    def record_stored(self, records: Iterable[Stored], *, replayed: bool = False) -> None:
         """Count events whose rows were just committed (call after the commit).
 
         ``replayed``: they came from the spool (``mlops_events_replayed_total``),
@@ -353,134 +360,3 @@ def observe_all(histogram: Histogram, values: list[float]) -> None:
     for index, count in collections.Counter(in_buckets).items():
         histogram._buckets[index].inc(count)
     histogram._sum.inc(sum(values))
-
-
-class StateCollector:
-    """Gauges read at scrape time from Postgres and the spool.
-
-    Per-business 30-day totals come from ``store.BusinessTotals``, cached for
-    ``cache_seconds`` so frequent scrapes stay cheap. ``request_refresh()``
-    (``POST /refresh-metrics``) marks them stale for every worker, through the
-    modification time of a marker file beside the spool, and re-reads them
-    here unless this worker did so in the last second; whichever worker
-    answers the next scrape re-reads them if they are older than the mark.
-    Being read from Postgres, they are right after a restart too.
-    """
-
-    MIN_INTERVAL_SECONDS = 1.0
-
-    def __init__(self, db: Database, spool: Spool, *, max_businesses: int,
-                 cache_seconds: float, version: str) -> None:
-        self._db = db
-        self._spool = spool
-        self._marker = spool.path.with_name("metrics-refresh-requested")
-        self._max_businesses = max_businesses
-        self._cache_seconds = cache_seconds
-        self._version = version
-        self._lock = threading.Lock()
-        self._window = store.BusinessTotals(WINDOW_DAYS)  # used under _lock
-        self._totals: list[tuple[str, int, int, float, float]] = []
-        self._read_at = float("-inf")  # time.time() when the last read began
-        self._db_up = False
-        self._oldest_event_at: float | None = None  # Unix seconds
-
-    def request_refresh(self) -> dict:
-        """Mark the Postgres-derived gauges stale and re-read them if this worker may.
-
-        Returns ``{"refreshed": bool, "businesses": int, "database_up": bool}``.
-        """
-        self._marker.touch()
-        if time.time() - self._read_at >= self.MIN_INTERVAL_SECONDS:
-            self._read()
-            refreshed = True
-        else:
-            refreshed = False
-        return {"refreshed": refreshed, "businesses": len(self._totals),
-                "database_up": self._db_up}
-
-    def prime(self) -> None:
-        """Read the gauges once now, in a background thread (gunicorn.conf.py calls it
-        as a worker starts). Database trouble is reported as database_up 0, as ever."""
-        thread = threading.Thread(target=self._read, daemon=True)  # pragma: no mutate
-        thread.name = "metrics-prime"  # pragma: no mutate
-        thread.start()
-
-    def _stale(self) -> bool:
-        if time.time() - self._read_at >= self._cache_seconds:
-            return True
-        try:
-            return self._marker.stat().st_mtime >= self._read_at
-        except FileNotFoundError:
-            return False
-
-    def _read(self) -> None:
-        """Re-read the per-business totals. Database trouble is reported as database_up 0."""
-        with self._lock:
-            started = time.time()
-            try:
-                self._totals = self._window.read(self._db)
-                self._oldest_event_at = store.oldest_event_received_at(self._db)
-                self._db_up = True
-            except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
-                log.warning("metrics refresh failed", extra={"error": str(exc)})
-                self._db_up = False
-            self._read_at = started
-
-    def collect(self):
-        """Yield the gauge families (called by prometheus_client on each scrape)."""
-        if self._stale():
-            self._read()
-
-        up = GaugeMetricFamily("mlops_database_up",
-                               "1 if the last Postgres query from this worker succeeded, else 0.")
-        up.add_metric([], 1.0 if self._db_up else 0.0)
-        yield up
-
-        info = GaugeMetricFamily("mlops_build_info", "Service version; the value is always 1.",
-                                 labels=["version"])
-        info.add_metric([self._version], 1.0)
-        yield info
-
-        depth = GaugeMetricFamily("mlops_spool_events", "Events waiting in the local spool.")
-        age = GaugeMetricFamily("mlops_spool_oldest_age_seconds",
-                                "Age of the oldest event waiting in the spool; 0 when empty.")
-        depth.add_metric([], float(self._spool.depth()))
-        age.add_metric([], self._spool.oldest_age_seconds())
-        yield depth
-        yield age
-
-        oldest = GaugeMetricFamily(
-            "mlops_events_oldest_age_seconds",
-            "Age of the oldest raw event stored in Postgres (RETENTION_DAYS bounds it); "
-            "0 when none.")
-        oldest.add_metric([], max(0.0, time.time() - self._oldest_event_at)
-                          if self._oldest_event_at is not None else 0.0)
-        yield oldest
-
-        labels = ["business_id"]
-        messages = GaugeMetricFamily(
-            "mlops_business_messages_30d", "Messages stored in the last 30 days.", labels=labels)
-        tokens = GaugeMetricFamily(
-            "mlops_business_tokens_30d", "Tokens used in the last 30 days.", labels=labels)
-        cost = GaugeMetricFamily(
-            "mlops_business_api_cost_usd_30d", "API cost in US dollars over the last 30 days.",
-            labels=labels)
-        success = GaugeMetricFamily(
-            "ai_success_rate", "Mean success_rate of messages in the last 30 days (0..1).",
-            labels=labels)
-        for business, n, t, c, s in self._capped_totals():
-            messages.add_metric([business], n)
-            tokens.add_metric([business], t)
-            cost.add_metric([business], c)
-            success.add_metric([business], s)
-        yield from (messages, tokens, cost, success)
-
-    def _capped_totals(self):
-        """The busiest ``max_businesses`` businesses, the rest summed under ``other``."""
-        head = self._totals[: self._max_businesses]
-        tail = self._totals[self._max_businesses:]
-        if not tail:
-            return head
-        n = sum(r[1] for r in tail)
-        rate = sum(r[1] * r[4] for r in tail) / n if n else 0.0
-        return [*head, (OVERFLOW_LABEL, n, sum(r[2] for r in tail), sum(r[3] for r in tail), rate)]

@@ -39,9 +39,8 @@ def outbox(database_url, tmp_path):
         settings = Settings.from_env({"DATABASE_URL": url, "DB_CONNECT_TIMEOUT_SECONDS": "1"})
         db = Database(settings, breaker_seconds=60)
         spool = Spool(tmp_path / "spool", 1 << 24)
-        telemetry = Telemetry(db, spool, max_businesses=10, max_series=100,
-                              cache_seconds=10, version="test")
-        box = Outbox(spool, Delivery(db, telemetry), timeout_ms=2000, backoff_seconds=backoff)
+        box = Outbox(spool, Delivery(db, Telemetry(max_series=100)), timeout_ms=2000,
+                     backoff_seconds=backoff)
         made.append((box, db))
         return box
 

@@ -222,7 +222,8 @@ def test_the_migration_backfills_existing_rows_in_batches(tmp_path, monkeypatch,
                 f"INSERT INTO mlops_events ({', '.join(store._INSERT_COLUMNS)}) "
                 f"VALUES ({', '.join(['%s'] * len(store._INSERT_COLUMNS))})",
                 [r.row() for r in old])
-        assert migrate.apply(conn) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+        assert migrate.apply(conn) == sorted(
+            int(path.name[:4]) for path in migrate.MIGRATIONS_DIR.glob("*.sql"))[1:]
         database = Database(Settings.from_env({"DATABASE_URL": url}))
         fresh = [record(e) for e in varied(30, [business], seed=22)]
         store.insert_events(database, fresh, 1000)  # new writes roll up at once

@@ -42,9 +42,7 @@ class Parts:
         settings = Settings.from_env({"DATABASE_URL": url, "DB_CONNECT_TIMEOUT_SECONDS": "1"})
         self.db = Database(settings, breaker_seconds=0.2)
         self.spool = Spool(spool_dir, spool_max_bytes)
-        self.telemetry = Telemetry(self.db, self.spool, max_businesses=10,
-                                   max_series=max_series, cache_seconds=10,
-                                   version="test")
+        self.telemetry = Telemetry(max_series=max_series)
         self.deliver = Delivery(self.db, self.telemetry)
         self.outbox = Outbox(self.spool, self.deliver, timeout_ms=2000,
                              backoff_seconds=backoff_seconds)
