@@ -539,6 +539,13 @@ def test_a_key_limited_to_businesses_has_other_businesses_spans_rejected(make_ap
     (tmp_path / "keys.toml").write_text(
         f'[[key]]\nkey = "{limited}"\nscopes = ["write"]\nbusinesses = ["biz-a"]\n')
     client = make_app(MLOPS_API_KEY=KEY, MLOPS_KEYS_FILE=tmp_path / "keys.toml").test_client()
+
+    def refusals() -> float:  # counters are per process: compare before and after
+        values = metric_values(client.get("/metrics", headers=AUTH).get_data(as_text=True))
+        return metric_sum(values, "mlops_auth_failures_total", scope="write",
+                          reason="business_not_allowed")
+
+    before = refusals()
     request = export_request({**CHAT, "mlops.business_id": "biz-a"},
                              {**CHAT, "mlops.business_id": "biz-b"},
                              {**CHAT, "mlops.business_id": "biz-nowhere"})
@@ -549,9 +556,7 @@ def test_a_key_limited_to_businesses_has_other_businesses_spans_rejected(make_ap
     assert FORBIDDEN_MESSAGE in answer.partial_success.error_message
     assert "biz-b" not in answer.partial_success.error_message
     assert query(pg, "SELECT business_id FROM mlops_events") == [("biz-a",)]
-    values = metric_values(client.get("/metrics", headers=AUTH).get_data(as_text=True))
-    assert metric_sum(values, "mlops_auth_failures_total", scope="write",
-                      reason="business_not_allowed") == 2
+    assert refusals() - before == 2
 
     full = post(client, request.SerializeToString(), **AUTH)  # an unlimited key: all stored
     assert ExportTraceServiceResponse.FromString(full.data).partial_success.rejected_spans == 0
