@@ -210,10 +210,13 @@ def document() -> dict:
                                 "responses": {"200": _json(json_object, "Alive")}}},
             "/health/ready": {"get": {"summary": "Readiness (database round trip)",
                                       "responses": {"200": _json(json_object, "Ready"),
-                                                    "503": _json(json_object, "Not ready")}}},
+                                                    "503": _json(json_object, "Not ready; "
+                                                                 "reason says why (draining, "
+                                                                 "database down or full)")}}},
             "/health/detailed": {"get": {
-                "summary": "Uptime, version, database, pool, spool (details need a read key "
-                           "when keys are set)",
+                "summary": "Uptime, version, database, pool, spool, storage (size against "
+                           "DATABASE_SIZE_LIMIT), keys (details need a read key when keys "
+                           "are set)",
                 "security": [{"ApiKey": []}, {}],
                 "responses": {"200": _json(json_object, "Report")}}},
             "/metrics": {"get": {
