@@ -12,6 +12,12 @@
 * ``app``/``client``: a fresh app per test (Flask's test client), with its
   own log and spool folders; the events table is emptied after each test.
 * ``gunicorn``: a factory for real gunicorn servers on free ports.
+* ``proxy``: a StallingProxy (tests/tcpproxy.py) in front of the test
+  server, to stall or refuse the service's connections for real.
+* ``system`` tests (real gunicorn end to end, outages, rollouts behind
+  haproxy, Chromium, Docker, Kubernetes manifests) carry the ``system``
+  marker; ``pytest -m "not system"`` runs the fast tier. Waiting is done
+  with ``support.wait_until``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ import psycopg2
 import pytest
 from pgcluster import PgCluster, embedded_bin_dir
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg2.extensions import parse_dsn
 from servers import Gunicorn
+from tcpproxy import StallingProxy
 
 from mlops import create_app
 from mlops.config import Settings
@@ -102,6 +110,20 @@ def docker_missing() -> str | None:
     if info.returncode != 0:
         return "no Docker engine answers `docker info`"
     return None
+
+
+# Tests that need one of these are system tests whatever module they are in.
+SYSTEM_MARKERS = ("container", "browser", "rollout", "load")
+# Modules of system tests that carry no ``pytestmark = pytest.mark.system`` of their own.
+SYSTEM_MODULES = {"test_gunicorn.py", "test_monitoring.py", "test_dashboard.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SYSTEM_MODULES or any(
+                item.get_closest_marker(name) for name in SYSTEM_MARKERS):
+            item.add_marker(pytest.mark.system)
 
 
 _skipped_for_docker: list[str] = []
@@ -237,6 +259,15 @@ def gunicorn(service_env, database_url):
     for server in servers:
         server.stop()
     empty_tables(database_url)
+
+
+@pytest.fixture
+def proxy():
+    """A StallingProxy in front of the test server; ``proxy.url(name)`` reaches database
+    ``name`` through it. Closed after the test."""
+    p = StallingProxy(int(parse_dsn(ADMIN_URL).get("port", 5432)))
+    yield p
+    p.close()
 
 
 def metric_values(text: str) -> dict[tuple[str, tuple], float]:

@@ -24,7 +24,7 @@ from pgcluster import free_port
 from servers import SERVICE_DIR
 from test_container import docker, wait_for
 
-pytestmark = pytest.mark.container
+pytestmark = [pytest.mark.system, pytest.mark.container]
 
 REPO_DIR = SERVICE_DIR.parent
 

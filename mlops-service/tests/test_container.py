@@ -25,7 +25,7 @@ from payloads import FAILURE, SUCCESS
 from pgcluster import free_port
 from servers import SERVICE_DIR
 
-pytestmark = pytest.mark.container
+pytestmark = [pytest.mark.system, pytest.mark.container]
 
 BASE_IMAGE = "python:3.11-slim"
 MAX_ADDED_BYTES = 80 * 1000 * 1000

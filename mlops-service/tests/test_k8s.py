@@ -34,6 +34,8 @@ from servers import SERVICE_DIR
 
 from mlops.config import ConfigError, Settings
 
+pytestmark = pytest.mark.system
+
 DEPLOY = SERVICE_DIR.parent / "deploy" / "k8s"
 OVERLAYS = ["local", "production"]
 # The oldest Kubernetes minor still supported upstream when written, and the

@@ -26,7 +26,7 @@ from payloads import SUCCESS
 from pgcluster import free_port
 from servers import SERVICE_DIR
 
-pytestmark = pytest.mark.container
+pytestmark = [pytest.mark.system, pytest.mark.container]
 
 MONITORING = SERVICE_DIR.parent / "monitoring"
 PROFILE = {"prometheus", "alertmanager", "grafana"}

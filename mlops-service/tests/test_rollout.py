@@ -43,7 +43,7 @@ from servers import Gunicorn
 
 from mlops.spool import Spool
 
-pytestmark = pytest.mark.rollout
+pytestmark = [pytest.mark.system, pytest.mark.rollout]
 
 RATE = 50  # messages per second
 PRESTOP_SECONDS = 2.0  # the pod's preStop pause, played by SHUTDOWN_DELAY_SECONDS
