@@ -4,6 +4,9 @@
   become true. It polls, returns the condition's first truthy value, and on
   timeout raises AssertionError naming what it waited for and the last value
   (or exception) the condition gave.
+* ``holds_for(condition, what, seconds)``: that something stays true for a
+  while, checked throughout, for what must not happen and has no positive
+  signal to wait for.
 * ``spool_depth(url)`` / ``wait_drained(url)``: a running service's spool, as
   ``/health/detailed`` reports it.
 
@@ -52,6 +55,25 @@ def wait_until(condition: Callable[[], T], what: str, timeout: float = TIMEOUT_S
         if expired:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what} "
                                  f"(last: {last!r})")
+        time.sleep(interval)
+
+
+def holds_for(condition: Callable[[], object], what: str, seconds: float,
+              interval: float = INTERVAL_SECONDS) -> None:
+    """Check ``condition()`` every ``interval`` s for ``seconds`` s: it must stay truthy.
+
+    For what must *not* happen over a stretch of time (no side effect has a
+    positive signal to wait for): raises AssertionError naming ``what`` and the
+    value at the first call that gave something falsy.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        expired = time.monotonic() >= deadline
+        value = condition()
+        if not value:
+            raise AssertionError(f"{what} stopped holding (got {value!r})")
+        if expired:
+            return
         time.sleep(interval)
 
 
