@@ -474,12 +474,12 @@ def test_close_abandons_the_connects_still_waiting_for_a_thread(proxy, make_db, 
         t.start()
     for t in threads:
         t.join(5)
-    time.sleep(0.1)  # two connects are under way; two wait for a connector thread
+    # (client, server) pairs through the proxy: connections made. Two connects
+    # are under way; two wait for a connector thread.
+    wait_until(lambda: len(proxy._sockets) // 2 == 2, "the two connects under way")
     db.close()
     proxy.resume()
-    # (client, server) pairs: connections made. The two under way arrive; the
-    # two abandoned ones would within half a second, were they not abandoned.
-    wait_until(lambda: len(proxy._sockets) // 2 == 2, "the two connects under way")
+    # The two abandoned ones would connect within half a second, were they not abandoned.
     holds_for(lambda: len(proxy._sockets) // 2 == 2, "no abandoned connect arriving", 0.5)
 
 
