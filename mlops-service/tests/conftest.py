@@ -11,7 +11,9 @@
   ``make test-container``) turns that skip into a failure.
 * ``app``/``client``: a fresh app per test (Flask's test client), with its
   own log and spool folders; the events table is emptied after each test.
+* ``db``: a store-level connection pool (mlops.db.Database) on the test database.
 * ``gunicorn``: a factory for real gunicorn servers on free ports.
+* ``image``: the service's Docker image, for ``container`` tests.
 * ``proxy``: a StallingProxy (tests/tcpproxy.py) in front of the test
   server, to stall or refuse the service's connections for real.
 * ``system`` tests (real gunicorn end to end, outages, rollouts behind
@@ -30,15 +32,17 @@ from functools import cache
 
 import psycopg2
 import pytest
+from baseimage import build_command
 from pgcluster import PgCluster, embedded_bin_dir
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg2.extensions import parse_dsn
 from servers import Gunicorn
+from support import docker
 from tcpproxy import StallingProxy
 
 from mlops import create_app
 from mlops.config import Settings
-from mlops.db import check_at_start
+from mlops.db import Database, check_at_start
 from mlops.services import get_services
 
 LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -155,6 +159,15 @@ def admin(sql: str) -> None:
     conn.close()
 
 
+@pytest.fixture
+def db(database_url):
+    """A store-level connection pool on the test database, emptied after the test."""
+    database = Database(Settings.from_env({"DATABASE_URL": database_url}))
+    yield database
+    database.close()
+    empty_tables(database_url)
+
+
 @pytest.fixture(scope="session")
 def database_url():
     """URL of a database created for this test run and dropped after it."""
@@ -259,6 +272,17 @@ def gunicorn(service_env, database_url):
     for server in servers:
         server.stop()
     empty_tables(database_url)
+
+
+@pytest.fixture(scope="module")
+def image():
+    """The service image, built from mlops-service/ as `docker build` does (baseimage.py),
+    once per module; removed after it."""
+    tag = f"mlops-service:test-{uuid.uuid4().hex[:8]}"
+    args, dockerfile = build_command(tag, "-q")
+    docker(*args, input=dockerfile, timeout=900)
+    yield tag
+    docker("rmi", "-f", tag, check=False)
 
 
 @pytest.fixture

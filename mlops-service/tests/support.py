@@ -7,6 +7,8 @@
 * ``holds_for(condition, what, seconds)``: that something stays true for a
   while, checked throughout, for what must not happen and has no positive
   signal to wait for.
+* ``wait_for_ok(url)``: seconds until ``url`` answers 200 (a server starting).
+* ``docker(*args)``: the docker CLI, failing with its output.
 * ``spool_depth(url)`` / ``wait_drained(url)``: a running service's spool, as
   ``/health/detailed`` reports it.
 
@@ -16,6 +18,7 @@ The fixtures (``app``, ``make_app``, ``client``, ``gunicorn``, ``pg``,
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -87,3 +90,23 @@ def wait_drained(url: str, timeout: float = 60.0, headers: dict[str, str] | None
     """Wait until the spool of the service at ``url`` is empty."""
     wait_until(lambda: spool_depth(url, headers) == 0, f"the spool of {url} to drain",
                timeout=timeout, interval=0.1)
+
+
+def wait_for_ok(url: str, timeout: float = 60.0) -> float:
+    """Seconds until a GET of ``url`` answered 200 (connection refused: not yet)."""
+    started = time.monotonic()
+    wait_until(lambda: requests.get(url, timeout=2).status_code == 200, f"{url} to answer 200",
+               timeout=timeout, interval=0.2, retry_on=requests.ConnectionError)
+    return time.monotonic() - started
+
+
+def docker(*args: str, timeout: float = 600, check: bool = True, **kwargs):
+    """Run the docker CLI; return the completed process (text output).
+
+    ``check``: raise AssertionError with its output if it exits non-zero.
+    """
+    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
+                            **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+    return result

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 import requests
-from conftest import empty_tables, metric_sum, metric_values, query
+from conftest import metric_sum, metric_values, query
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from payloads import SUCCESS, varied
@@ -22,21 +22,11 @@ from support import wait_until
 
 from mlops import store
 from mlops.auth import key_id
-from mlops.config import Settings
-from mlops.db import Database
 from mlops.retention import Maintenance
 from mlops.schemas import MetricsEvent
 from mlops.services import get_services
 
 KEY = "erasure-test-key-0123456789"
-
-
-@pytest.fixture
-def db(database_url):
-    database = Database(Settings.from_env({"DATABASE_URL": database_url}))
-    yield database
-    database.close()
-    empty_tables(database_url)
 
 
 def seed(db, events: list[dict], days_ago: int = 0) -> None:
