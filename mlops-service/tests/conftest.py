@@ -11,7 +11,15 @@
   ``make test-container``) turns that skip into a failure.
 * ``app``/``client``: a fresh app per test (Flask's test client), with its
   own log and spool folders; the events table is emptied after each test.
+* ``db``: a store-level connection pool (mlops.db.Database) on the test database.
 * ``gunicorn``: a factory for real gunicorn servers on free ports.
+* ``image``: the service's Docker image, for ``container`` tests.
+* ``proxy``: a StallingProxy (tests/tcpproxy.py) in front of the test
+  server, to stall or refuse the service's connections for real.
+* ``system`` tests (real gunicorn end to end, outages, rollouts behind
+  haproxy, Chromium, Docker, Kubernetes manifests) carry the ``system``
+  marker; ``pytest -m "not system"`` runs the fast tier. Waiting is done
+  with ``support.wait_until``.
 """
 
 from __future__ import annotations
@@ -24,13 +32,17 @@ from functools import cache
 
 import psycopg2
 import pytest
+from baseimage import build_command
 from pgcluster import PgCluster, embedded_bin_dir
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg2.extensions import parse_dsn
 from servers import Gunicorn
+from support import docker
+from tcpproxy import StallingProxy
 
 from mlops import create_app
 from mlops.config import Settings
-from mlops.db import check_at_start
+from mlops.db import Database, check_at_start
 from mlops.services import get_services
 
 LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -104,6 +116,20 @@ def docker_missing() -> str | None:
     return None
 
 
+# Tests that need one of these are system tests whatever module they are in.
+SYSTEM_MARKERS = ("container", "browser", "rollout", "load")
+# Modules of system tests that carry no ``pytestmark = pytest.mark.system`` of their own.
+SYSTEM_MODULES = {"test_gunicorn.py", "test_monitoring.py", "test_dashboard.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SYSTEM_MODULES or any(
+                item.get_closest_marker(name) for name in SYSTEM_MARKERS):
+            item.add_marker(pytest.mark.system)
+
+
 _skipped_for_docker: list[str] = []
 
 
@@ -131,6 +157,15 @@ def admin(sql: str) -> None:
     with conn.cursor() as cur:
         cur.execute(sql)
     conn.close()
+
+
+@pytest.fixture
+def db(database_url):
+    """A store-level connection pool on the test database, emptied after the test."""
+    database = Database(Settings.from_env({"DATABASE_URL": database_url}))
+    yield database
+    database.close()
+    empty_tables(database_url)
 
 
 @pytest.fixture(scope="session")
@@ -237,6 +272,26 @@ def gunicorn(service_env, database_url):
     for server in servers:
         server.stop()
     empty_tables(database_url)
+
+
+@pytest.fixture(scope="module")
+def image():
+    """The service image, built from mlops-service/ as `docker build` does (baseimage.py),
+    once per module; removed after it."""
+    tag = f"mlops-service:test-{uuid.uuid4().hex[:8]}"
+    args, dockerfile = build_command(tag, "-q")
+    docker(*args, input=dockerfile, timeout=900)
+    yield tag
+    docker("rmi", "-f", tag, check=False)
+
+
+@pytest.fixture
+def proxy():
+    """A StallingProxy in front of the test server; ``proxy.url(name)`` reaches database
+    ``name`` through it. Closed after the test."""
+    p = StallingProxy(int(parse_dsn(ADMIN_URL).get("port", 5432)))
+    yield p
+    p.close()
 
 
 def metric_values(text: str) -> dict[tuple[str, tuple], float]:

@@ -18,25 +18,15 @@ from pathlib import Path
 
 import pytest
 import requests
-from baseimage import build_command, use_local_base
+from baseimage import use_local_base
 from payloads import FAILURE, SUCCESS
 from pgcluster import free_port
 from servers import SERVICE_DIR
-from test_container import docker, wait_for
+from support import docker, wait_for_ok, wait_until
 
-pytestmark = pytest.mark.container
+pytestmark = [pytest.mark.system, pytest.mark.container]
 
 REPO_DIR = SERVICE_DIR.parent
-
-
-@pytest.fixture(scope="module")
-def image():
-    """The service image, built once for this module's projects."""
-    tag = f"mlops-service:backup-dev-{uuid.uuid4().hex[:8]}"
-    args, dockerfile = build_command(tag)
-    docker(*args, input=dockerfile, timeout=900)
-    yield tag
-    docker("rmi", "-f", tag, check=False)
 
 
 class Project:
@@ -68,16 +58,18 @@ class Project:
                               env={**self.env, **(env or {})})
 
     def wait_healthy(self, timeout: float = 120.0) -> None:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
+        def healthy() -> bool:
             ids = self.compose("ps", "-q", "mlops-service", "postgres").stdout.split()
             states = [json.loads(docker("inspect", i).stdout)[0]["State"] for i in ids]
-            if len(ids) == 2 and all(s.get("Health", {}).get("Status") == "healthy"
-                                     for s in states):
-                return
-            time.sleep(0.5)
-        raise AssertionError(f"not healthy after {timeout}s:\n{self.compose('ps', '-a').stdout}"
-                             f"{self.compose('logs', check=False).stdout[-3000:]}")
+            return len(ids) == 2 and all(s.get("Health", {}).get("Status") == "healthy"
+                                         for s in states)
+
+        try:
+            wait_until(healthy, "mlops-service and postgres to be healthy", timeout=timeout,
+                       interval=0.5)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.compose('ps', '-a').stdout}"
+                                 f"{self.compose('logs', check=False).stdout[-3000:]}") from None
 
     def totals(self, business: str) -> dict:
         metrics = requests.get(f"{self.url}/analytics/{business}", timeout=5).json()["metrics"]
@@ -173,22 +165,20 @@ def test_dev_mode_serves_an_edited_route_without_a_rebuild(project):
     assert source.count('"monitoring": "prometheus",') == 1
     route.write_text(source.replace('"monitoring": "prometheus",', f'"monitoring": "{marker}",'))
     edited = time.monotonic()
-    served = None
-    while time.monotonic() - edited < 30:
-        try:
-            if requests.get(f"{project.url}/health", timeout=2).json()["monitoring"] == marker:
-                served = time.monotonic() - edited
-                break
-        except (requests.ConnectionError, ValueError):
-            pass  # the worker is restarting
-        time.sleep(0.2)
-    assert served is not None, project.compose("logs", "mlops-service").stdout[-3000:]
+    try:
+        wait_until(lambda: requests.get(f"{project.url}/health", timeout=2).json()[
+            "monitoring"] == marker, "the edit to be served", interval=0.2,
+            retry_on=(requests.ConnectionError, ValueError))  # the worker is restarting
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n"
+                             f"{project.compose('logs', 'mlops-service').stdout[-3000:]}") from None
+    served = time.monotonic() - edited
     print(f"dev mode: edit served after {served:.1f}s")
     assert served < 10
 
     state_after = json.loads(docker("inspect", container).stdout)[0]
     assert state_after["Image"] == state_before["Image"]
     assert state_after["State"]["StartedAt"] == state_before["State"]["StartedAt"]
-    wait_for(f"{project.url}/health/ready")
+    wait_for_ok(f"{project.url}/health/ready")
     logs = project.compose("logs", "mlops-service").stdout
     assert '"level": "DEBUG"' in logs or "[DEBUG]" in logs

@@ -19,25 +19,17 @@ from pathlib import Path
 
 import pytest
 import requests
-from baseimage import build_command, use_local_base
+from baseimage import use_local_base
 from conftest import EMPTY_TABLES_SQL, query
 from payloads import FAILURE, SUCCESS
 from pgcluster import free_port
 from servers import SERVICE_DIR
+from support import docker, wait_for_ok, wait_until
 
-pytestmark = pytest.mark.container
+pytestmark = [pytest.mark.system, pytest.mark.container]
 
 BASE_IMAGE = "python:3.11-slim"
 MAX_ADDED_BYTES = 80 * 1000 * 1000
-
-
-def docker(*args: str, timeout: float = 600, check: bool = True, **kwargs):
-    """Run the docker CLI; return the completed process (text output)."""
-    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
-                            **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
-    return result
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,29 +37,6 @@ def engine():
     if shutil.which("docker") is None or docker("info", check=False, timeout=30).returncode:
         pytest.fail("no Docker engine: run ../shared/ci/ensure-docker.sh (as .ci/run does), "
                     "or deselect these tests with -m 'not container'")
-
-
-@pytest.fixture(scope="module")
-def image():
-    """The image built from mlops-service/ exactly as `docker build` does (baseimage.py)."""
-    tag = f"mlops-service:test-{uuid.uuid4().hex[:8]}"
-    args, dockerfile = build_command(tag)
-    docker(*args, input=dockerfile, timeout=900)
-    yield tag
-    docker("rmi", "-f", tag, check=False)
-
-
-def wait_for(url: str, timeout: float = 60.0) -> float:
-    """Seconds until ``url`` answered 200; fails after ``timeout``."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} not 200 after {timeout}s")
 
 
 def test_the_image_is_lean_non_root_and_holds_only_the_app(image):
@@ -116,7 +85,7 @@ def test_docker_run_serves_stores_and_stops_gracefully(image, database_url, pg):
            "-e", f"SERVICE_PORT={port}", "-e", f"DATABASE_URL={database_url}", image)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(f"{url}/health")
+        wait_for_ok(f"{url}/health")
         body = requests.post(f"{url}/track", json=SUCCESS, timeout=5).json()
         assert body["storage"] == "stored"
         assert query(pg, "SELECT tokens_used FROM mlops_events WHERE event_id = %s",
@@ -168,14 +137,20 @@ def _health(container: str) -> str:
 
 
 def _wait_healthy(compose, timeout: float = 120.0) -> float:
+    """Seconds until both compose services are healthy; fails with their state and logs."""
     started = time.monotonic()
-    while time.monotonic() - started < timeout:
+
+    def healthy() -> bool:
         ids = compose("ps", "-q", "mlops-service", "postgres").stdout.split()
-        if len(ids) == 2 and all(_health(i) == "healthy" for i in ids):
-            return time.monotonic() - started
-        time.sleep(0.5)
-    raise AssertionError(f"not healthy after {timeout}s:\n{compose('ps', '-a').stdout}"
-                         f"{compose('logs', check=False).stdout[-3000:]}")
+        return len(ids) == 2 and all(_health(i) == "healthy" for i in ids)
+
+    try:
+        wait_until(healthy, "mlops-service and postgres to be healthy", timeout=timeout,
+                   interval=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{compose('ps', '-a').stdout}"
+                             f"{compose('logs', check=False).stdout[-3000:]}") from None
+    return time.monotonic() - started
 
 
 def test_compose_up_with_no_env_file_runs_service_and_database(compose_project):

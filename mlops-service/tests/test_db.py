@@ -24,7 +24,7 @@ import psycopg2.extensions
 import pytest
 from conftest import ADMIN_URL, admin, with_dbname
 from psycopg2.extensions import parse_dsn
-from tcpproxy import StallingProxy
+from support import holds_for, wait_until
 
 from mlops import migrate
 from mlops.config import Settings
@@ -37,14 +37,6 @@ from mlops.db import (
     classify,
     copy_from,
 )
-
-
-@pytest.fixture
-def proxy():
-    """A proxy in front of the test server; ``proxy.url(name)`` reaches database ``name``."""
-    p = StallingProxy(int(parse_dsn(ADMIN_URL).get("port", 5432)))
-    yield p
-    p.close()
 
 
 @pytest.fixture
@@ -171,9 +163,7 @@ def test_a_connection_not_ready_by_the_deadline_joins_the_pool_later(proxy, make
     assert isinstance(error, DatabaseUnavailable) and elapsed < 0.6, (elapsed, error)
     assert str(error) == "no connection within the deadline"
     proxy.resume()
-    deadline = time.monotonic() + 5
-    while not db._idle and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: db._idle, "the late connection to join the pool", interval=0.02)
     assert len(db._idle) == 1
     with db.deadline(200):
         assert db.run(select_one) == 1
@@ -186,10 +176,9 @@ def test_a_connection_failing_after_its_deadline_gives_its_slot_back(proxy, make
         assert isinstance(timed(lambda: db.run(select_one))[1], DatabaseUnavailable)
     assert db.pool_in_use() == 1  # the connect goes on in the background
     proxy.refuse()
-    deadline = time.monotonic() + 5
-    while db.pool_in_use() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert db.pool_in_use() == 0 and not db._idle
+    wait_until(lambda: db.pool_in_use() == 0, "the failed connect to give its slot back",
+               interval=0.02)
+    assert not db._idle
 
 
 def test_after_a_failure_calls_that_may_skip_do_not_wait(proxy, make_db, dbname):
@@ -217,25 +206,17 @@ def test_a_background_probe_closes_the_breaker_once_the_database_answers(proxy, 
         with db.deadline(500, skip_if_down=True):
             return timed(lambda: db.run(select_one))[1] is None
 
-    def wait_closed() -> None:
-        deadline = time.monotonic() + 10
-        while not skipping_call_succeeds():
-            assert time.monotonic() < deadline, "the breaker never closed"
-            time.sleep(0.05)
-
     for _ in range(2):  # a second outage needs a new probe
         db.run(select_one)
         proxy.refuse()
         with db.deadline(100, skip_if_down=True):
             assert isinstance(timed(lambda: db.run(select_one))[1], DatabaseUnavailable)
-        time.sleep(0.7)  # several probes fail meanwhile; the probing goes on
-        assert not skipping_call_succeeds()
+        # Several probes fail meanwhile; the breaker stays open and the probing goes on.
+        holds_for(lambda: not skipping_call_succeeds(), "the breaker open while refused", 0.7)
         proxy.resume()
-        wait_closed()
-        deadline = time.monotonic() + 5
-        while db._prober is not None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert db._prober is None, "the probe goes on after the breaker closed"
+        wait_until(skipping_call_succeeds, "the breaker to close")
+        wait_until(lambda: db._prober is None, "the probe to end once the breaker closed",
+                   interval=0.02)
 
 
 def test_a_broken_pooled_connection_is_retried_once_on_a_fresh_one(database_url, dbname,
@@ -461,13 +442,11 @@ def test_a_database_created_after_a_failure_closes_the_breaker_on_its_own(make_d
     time.sleep(0.3)  # the probe meets the same error a few times, and goes on
     admin(f'CREATE DATABASE "{name}"')
     try:
-        deadline = time.monotonic() + 5
-        while True:
+        def pings() -> bool:
             with db.deadline(2000, skip_if_down=True):
-                if timed(db.ping)[1] is None:
-                    break
-            assert time.monotonic() < deadline, "the breaker never closed"
-            time.sleep(0.05)
+                return timed(db.ping)[1] is None
+
+        wait_until(pings, "the breaker to close")
     finally:
         db.close()
         admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -495,11 +474,13 @@ def test_close_abandons_the_connects_still_waiting_for_a_thread(proxy, make_db, 
         t.start()
     for t in threads:
         t.join(5)
-    time.sleep(0.1)  # two connects are under way; two wait for a connector thread
+    # (client, server) pairs through the proxy: connections made. Two connects
+    # are under way; two wait for a connector thread.
+    wait_until(lambda: len(proxy._sockets) // 2 == 2, "the two connects under way")
     db.close()
     proxy.resume()
-    time.sleep(0.5)  # time for the waiting ones to connect, were they not abandoned
-    assert len(proxy._sockets) // 2 == 2  # (client, server) pairs: connections made
+    # The two abandoned ones would connect within half a second, were they not abandoned.
+    holds_for(lambda: len(proxy._sockets) // 2 == 2, "no abandoned connect arriving", 0.5)
 
 
 def test_a_full_pool_waits_for_a_connection_until_the_deadline(database_url, make_db):
@@ -610,12 +591,12 @@ def test_by_default_a_probe_every_second_closes_the_breaker(proxy, dbname, tmp_p
             assert isinstance(timed(db.ping)[1], DatabaseUnavailable)
         proxy.resume()
         started = time.monotonic()
-        while True:
+
+        def pings() -> bool:
             with db.deadline(500, skip_if_down=True):
-                if timed(db.ping)[1] is None:
-                    break
-            assert time.monotonic() - started < 1.9, "the breaker did not close in time"
-            time.sleep(0.02)
+                return timed(db.ping)[1] is None
+
+        wait_until(pings, "the breaker to close", timeout=1.9, interval=0.02)
         assert time.monotonic() - started > 0.9
     finally:
         db.close()

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psycopg2
@@ -27,6 +26,7 @@ import requests
 from payloads import SUCCESS
 from pgcluster import PgCluster, embedded_bin_dir, free_port
 from servers import SERVICE_DIR, Gunicorn
+from support import wait_until
 
 from mlops.config import embedded_pgdata
 
@@ -74,17 +74,14 @@ def _postmaster_running(pgdata: Path) -> bool:
 
 
 def _wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Wait until ``url``/health/ready answers 200; fail at once if ``proc`` exits first."""
+    def ready() -> bool:
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"exited {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if requests.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                return
-        except (requests.ConnectionError, requests.Timeout):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url}/health/ready not 200 after {timeout}s")
+        return requests.get(f"{url}/health/ready", timeout=5).status_code == 200
+
+    wait_until(ready, f"{url}/health/ready to answer 200", timeout=timeout, interval=0.2,
+               retry_on=(requests.ConnectionError, requests.Timeout))
 
 
 def _app_py(tmp_path: Path, pgdata: Path, port: int) -> subprocess.Popen:
@@ -170,7 +167,7 @@ def test_private_clusters_run_on_the_embedded_binaries():
 @pytest.mark.container
 def test_the_image_has_no_embedded_server_and_says_so_without_database_url():
     from baseimage import build_command
-    from test_container import docker
+    from support import docker
 
     image = f"mlops-service:embedded-{os.getpid()}"
     args, dockerfile = build_command(image, "-q")

@@ -16,6 +16,7 @@ import pytest
 import requests
 from conftest import metric_values
 from payloads import SUCCESS
+from support import wait_until
 
 from mlops.telemetry import HTTP_METHODS, OVERFLOW_LABEL
 
@@ -147,7 +148,9 @@ def test_a_body_sent_a_byte_at_a_time_is_cut_at_the_read_timeout(gunicorn):
     sockets = [slow_body_socket(server) for _ in range(20)]
     started = time.monotonic()
     answers = {}
-    while len(answers) < len(sockets) and time.monotonic() - started < 10:
+
+    def one_more_byte_each() -> bool:
+        """Send each unanswered body one more byte; whether every socket has its answer."""
         for index, sock in enumerate(sockets):
             if index in answers:
                 continue
@@ -163,8 +166,9 @@ def test_a_body_sent_a_byte_at_a_time_is_cut_at_the_read_timeout(gunicorn):
             answers[index] = (data, time.monotonic() - started)
         # The worker still serves others while the slow bodies hold their sockets.
         assert requests.get(server.url + "/health", timeout=1).status_code == 200
-        time.sleep(0.2)
-    assert len(answers) == len(sockets)
+        return len(answers) == len(sockets)
+
+    wait_until(one_more_byte_each, "an answer on every slow body", timeout=10, interval=0.2)
     for data, seconds in answers.values():
         assert data.startswith(b"HTTP/1.1 408"), data[:100]
         assert 1.8 < seconds < 3.5

@@ -26,13 +26,15 @@ import psycopg2
 import pytest
 import requests
 import yaml
-from baseimage import build_command
 from conftest import empty_tables
 from payloads import SUCCESS
 from pgcluster import free_port
 from servers import SERVICE_DIR
+from support import wait_for_ok
 
 from mlops.config import ConfigError, Settings
+
+pytestmark = pytest.mark.system
 
 DEPLOY = SERVICE_DIR.parent / "deploy" / "k8s"
 OVERLAYS = ["local", "production"]
@@ -432,22 +434,6 @@ def test_a_malformed_readiness_setting_is_refused_by_name():
 
 # -- the image under the pod's security context, on a real Docker engine ----------------
 
-@pytest.fixture(scope="module")
-def image():
-    """The service image, built as `docker build` does (layers cached from other builds)."""
-    if shutil.which("docker") is None or subprocess.run(
-            ["docker", "info"], capture_output=True, timeout=30).returncode:
-        pytest.fail("no Docker engine: run ../shared/ci/ensure-docker.sh (as .ci/run does), "
-                    "or deselect with -m 'not container'")
-    tag = f"mlops-service:k8s-test-{uuid.uuid4().hex[:8]}"
-    args, dockerfile = build_command(tag, "-q")
-    build = subprocess.run(["docker", *args], input=dockerfile, capture_output=True, text=True,
-                           timeout=900)
-    assert build.returncode == 0, build.stderr
-    yield tag
-    subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=60)
-
-
 @pytest.mark.container
 def test_the_image_serves_under_the_pods_security_context(rendered, image, database_url):
     """docker run with what the pod spec asks: uid, read-only root, no capabilities, its volumes."""
@@ -477,15 +463,10 @@ def test_the_image_serves_under_the_pods_security_context(rendered, image, datab
     assert run.returncode == 0, run.stderr
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, _docker_logs(name)
-            time.sleep(0.2)
+        try:
+            wait_for_ok(f"{url}/health/ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{_docker_logs(name)}") from None
         event_id = str(uuid.uuid4())
         response = requests.post(f"{url}/track", json={**SUCCESS, "event_id": event_id},
                                  headers={"X-API-Key": secrets["MLOPS_API_KEY"]}, timeout=5)

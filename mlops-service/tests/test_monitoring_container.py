@@ -15,36 +15,27 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import uuid
 
 import pytest
 import requests
+import support
 import yaml
 from baseimage import use_local_base
 from payloads import SUCCESS
 from pgcluster import free_port
 from servers import SERVICE_DIR
 
-pytestmark = pytest.mark.container
+pytestmark = [pytest.mark.system, pytest.mark.container]
 
 MONITORING = SERVICE_DIR.parent / "monitoring"
 PROFILE = {"prometheus", "alertmanager", "grafana"}
 
 
-def wait_until(condition, what: str, timeout: float = 120.0):
-    """Poll ``condition()`` until it returns something truthy; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = condition()
-        except requests.RequestException:
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
+def wait_until(condition, what: str):
+    """support.wait_until with a container's start-up time; no answer yet is "not yet"."""
+    return support.wait_until(condition, what, timeout=120.0, interval=0.5,
+                              retry_on=requests.RequestException)
 
 
 @pytest.fixture

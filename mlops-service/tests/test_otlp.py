@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from tcpproxy import StallingProxy
+from support import wait_drained
 
 from mlops.auth import FORBIDDEN_MESSAGE
 from mlops.config import ConfigError, Settings
@@ -288,42 +288,34 @@ def files_holding(folder: Path, text: str) -> list[str]:
 
 
 def test_an_outage_spools_spans_delivers_them_once_and_keeps_no_content(
-        gunicorn, pg, database_url, tmp_path):
+        gunicorn, pg, database_url, tmp_path, proxy):
     address = urlsplit(database_url)
-    proxy = StallingProxy(address.port or 5432)
-    try:
-        server = gunicorn(workers=2, MLOPS_API_KEY=KEY, LOG_LEVEL="DEBUG",
-                          DATABASE_URL=proxy.url(address.path.lstrip("/")),
-                          wait_for="/health/ready")
-        tracer_provider, memory = provider(business="biz-outage")
-        tracer = tracer_provider.get_tracer("test")
-        start = time.time_ns() - 10 * SECOND
-        for i in range(20):
-            llm_span(tracer, start + i * 1000, 100 + i, 10, i, **CONTENT_ATTRIBUTES)
-        spans = memory.get_finished_spans()
+    server = gunicorn(workers=2, MLOPS_API_KEY=KEY, LOG_LEVEL="DEBUG",
+                      DATABASE_URL=proxy.url(address.path.lstrip("/")),
+                      wait_for="/health/ready")
+    tracer_provider, memory = provider(business="biz-outage")
+    tracer = tracer_provider.get_tracer("test")
+    start = time.time_ns() - 10 * SECOND
+    for i in range(20):
+        llm_span(tracer, start + i * 1000, 100 + i, 10, i, **CONTENT_ATTRIBUTES)
+    spans = memory.get_finished_spans()
 
-        proxy.refuse()
-        assert exporter(server.url).export(spans) == SpanExportResult.SUCCESS
-        detailed = requests.get(f"{server.url}/health/detailed", headers=AUTH, timeout=5).json()
-        assert detailed["spool"]["depth"] == 20
-        assert files_holding(tmp_path / "spool", "biz-outage")  # the spool does hold the calls
-        assert files_holding(tmp_path / "spool", MARKER) == []
-        assert exporter(server.url).export(spans) == SpanExportResult.SUCCESS  # spooled again
+    proxy.refuse()
+    assert exporter(server.url).export(spans) == SpanExportResult.SUCCESS
+    detailed = requests.get(f"{server.url}/health/detailed", headers=AUTH, timeout=5).json()
+    assert detailed["spool"]["depth"] == 20
+    assert files_holding(tmp_path / "spool", "biz-outage")  # the spool does hold the calls
+    assert files_holding(tmp_path / "spool", MARKER) == []
+    assert exporter(server.url).export(spans) == SpanExportResult.SUCCESS  # spooled again
 
-        proxy.resume()
-        deadline = time.monotonic() + 30
-        while requests.get(f"{server.url}/health/detailed", headers=AUTH,
-                           timeout=5).json()["spool"]["depth"]:
-            assert time.monotonic() < deadline, "spool not drained"
-            time.sleep(0.1)
-        assert sorted(events(pg)) == sorted(event_id(s) for s in spans)
-        assert query(pg, "SELECT count(*) FROM mlops_events") == [(20,)]
-        assert query(pg, "SELECT count(*) FROM mlops_events WHERE row_to_json(mlops_events)::text"
-                     " LIKE %s", f"%{MARKER}%") == [(0,)]
-        assert files_holding(tmp_path / "logs", "/v1/traces")  # the requests were logged
-        assert files_holding(tmp_path / "logs", MARKER) == []
-    finally:
-        proxy.close()
+    proxy.resume()
+    wait_drained(server.url, headers=AUTH)
+    assert sorted(events(pg)) == sorted(event_id(s) for s in spans)
+    assert query(pg, "SELECT count(*) FROM mlops_events") == [(20,)]
+    assert query(pg, "SELECT count(*) FROM mlops_events WHERE row_to_json(mlops_events)::text"
+                 " LIKE %s", f"%{MARKER}%") == [(0,)]
+    assert files_holding(tmp_path / "logs", "/v1/traces")  # the requests were logged
+    assert files_holding(tmp_path / "logs", MARKER) == []
 
 
 # --- the wire, through Flask's test client ---

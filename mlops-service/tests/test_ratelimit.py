@@ -23,6 +23,7 @@ import redis
 import requests
 from conftest import metric_sum, metric_values, query
 from payloads import SUCCESS
+from support import wait_until
 
 from mlops.config import ConfigError, Settings
 from mlops.limits import per_process
@@ -180,8 +181,9 @@ def pinned_sessions(url: str, workers: int, timeout: float = 30.0) -> list[reque
     round asks every held session again, which keeps its connection alive.
     """
     held: list[requests.Session] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def one_more_connection() -> list[requests.Session]:
+        nonlocal held
         held.append(requests.Session())
         by_pid: dict[int, requests.Session] = {}
         for session in held:
@@ -191,10 +193,13 @@ def pinned_sessions(url: str, workers: int, timeout: float = 30.0) -> list[reque
             if session not in by_pid.values():
                 session.close()
         held = list(by_pid.values())
-        if len(held) == workers:
-            return held
-        time.sleep(0.05)
-    raise AssertionError(f"connections reached only {len(held)} of {workers} workers")
+        return held if len(held) == workers else []
+
+    try:
+        return wait_until(one_more_connection, f"connections to reach all {workers} workers",
+                          timeout=timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: they reached {len(held)}") from None
 
 
 def worker_burst(url: str, sessions: list[requests.Session], n: int) -> list[requests.Response]:

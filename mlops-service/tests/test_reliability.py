@@ -24,7 +24,10 @@ import requests
 from conftest import EMPTY_TABLES_SQL
 from payloads import SUCCESS, varied
 from pgcluster import PgCluster
+from support import spool_depth, wait_drained, wait_until
 from tcpproxy import StallingProxy
+
+pytestmark = pytest.mark.system
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +44,6 @@ def cluster(shared_cluster):
     yield shared_cluster
     shared_cluster.start_if_stopped()
     shared_cluster.psql(EMPTY_TABLES_SQL)
-
-
-def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached in {timeout}s")
-        time.sleep(0.05)
-
-
-def spool_depth(url: str) -> int:
-    return requests.get(f"{url}/health/detailed", timeout=5).json()["spool"]["depth"]
 
 
 def stored_ids(cluster: PgCluster) -> list[str]:
@@ -104,16 +95,6 @@ def with_ids(events: list[dict]) -> list[dict]:
     return [{**e, "event_id": str(uuid.uuid4())} for e in events]
 
 
-def wait_drained(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        spool = requests.get(f"{url}/health/detailed", timeout=5).json()["spool"]
-        if spool["depth"] == 0:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"spool not drained after {timeout}s")
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -124,10 +105,10 @@ def test_an_outage_under_load_loses_and_doubles_nothing(cluster, gunicorn):
     events = with_ids(varied(1200, ["biz-a", "biz-b", "biz-c"], seed=3))
 
     def outage():
-        wait_until(lambda: len(stored_ids(cluster)) >= 200, what="rows before the outage")
+        wait_until(lambda: len(stored_ids(cluster)) >= 200, "rows before the outage")
         cluster.stop("fast")
         down_at = time.monotonic()
-        wait_until(lambda: spool_depth(server.url) >= 400, what="events spooled")
+        wait_until(lambda: spool_depth(server.url) >= 400, "events spooled")
         cluster.start()
         outage_window.extend([down_at, time.monotonic()])
 
@@ -165,9 +146,7 @@ def test_a_worker_killed_mid_flush_loses_and_doubles_nothing(cluster, gunicorn):
 
     cluster.start()
     # Kill every worker as soon as the flusher has committed its first batch.
-    deadline = time.monotonic() + 30
-    while not stored_ids(cluster) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: stored_ids(cluster), "the flusher's first batch", interval=0.01)
     for pid in server.worker_pids():
         os.kill(pid, signal.SIGKILL)
     first = len(stored_ids(cluster))
@@ -200,7 +179,7 @@ def test_sigterm_under_load_resets_no_connection_and_loses_no_event(cluster, gun
     events = with_ids(varied(600, ["biz-t"], seed=9))
 
     def terminate():
-        wait_until(lambda: len(stored_ids(cluster)) >= 150, what="rows before SIGTERM")
+        wait_until(lambda: len(stored_ids(cluster)) >= 150, "rows before SIGTERM")
         server.proc.send_signal(signal.SIGTERM)
 
     killer = threading.Thread(target=terminate)
@@ -258,7 +237,7 @@ def test_connections_queued_when_the_workers_stop_are_answered_not_reset(gunicor
 
             replies = [pool.submit(post, e) for e in events]
             wait_until(lambda: accept_queue(server.port) == len(events),
-                       timeout=5, what="connections in the listen queue")
+                       "connections in the listen queue", timeout=5)
             server.proc.send_signal(signal.SIGTERM)
             time.sleep(1.5)  # past the workers' one-second check of "still alive?"
             for pid in workers:

@@ -40,10 +40,11 @@ from conftest import empty_tables
 from payloads import varied
 from pgcluster import free_port
 from servers import Gunicorn
+from support import wait_drained, wait_until
 
 from mlops.spool import Spool
 
-pytestmark = pytest.mark.rollout
+pytestmark = [pytest.mark.system, pytest.mark.rollout]
 
 RATE = 50  # messages per second
 PRESTOP_SECONDS = 2.0  # the pod's preStop pause, played by SHUTDOWN_DELAY_SECONDS
@@ -108,10 +109,8 @@ class ChatApp:
 
     def wait_messages(self, count: int, timeout: float = 30.0) -> None:
         """Until ``count`` /track calls have been answered (or failed)."""
-        deadline = time.monotonic() + timeout
-        while self.tracked() < count:
-            assert time.monotonic() < deadline, f"only {self.tracked()} messages in {timeout}s"
-            time.sleep(0.05)
+        wait_until(lambda: self.tracked() >= count, f"{count} answered messages (had "
+                   f"{self.tracked()} when the wait began)", timeout=timeout)
 
     def tracked(self) -> int:
         with self._lock:
@@ -150,13 +149,6 @@ def stored(database_url: str, business_id: str) -> Counter:
         rows = Counter(dict(cur.fetchall()))
     conn.close()
     return rows
-
-
-def wait_drained(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while requests.get(f"{url}/health/detailed", timeout=5).json()["spool"]["depth"]:
-        assert time.monotonic() < deadline, f"spool not drained after {timeout}s"
-        time.sleep(0.1)
 
 
 class HAProxy:
@@ -198,11 +190,11 @@ class HAProxy:
         assert check.returncode == 0, check.stdout + check.stderr
         self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(self.config)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not self.socket_path.exists() or not port_open(self.port):
+        def serving() -> bool:
             assert self.proc.poll() is None, "haproxy exited"
-            assert time.monotonic() < deadline, "haproxy did not start"
-            time.sleep(0.02)
+            return self.socket_path.exists() and port_open(self.port)
+
+        wait_until(serving, "haproxy to listen", timeout=10, interval=0.02)
         return self
 
     def stats(self) -> dict[str, dict]:
@@ -220,10 +212,8 @@ class HAProxy:
     def wait_status(self, server: str, status: str, timeout: float = 10.0) -> float:
         """Seconds until HAProxy reports ``server`` as ``status``."""
         started = time.monotonic()
-        while self.stats()[server]["status"] != status:
-            assert time.monotonic() - started < timeout, \
-                f"{server} not {status} after {timeout}s: {self.stats()[server]['status']}"
-            time.sleep(0.01)
+        wait_until(lambda: self.stats()[server]["status"] == status,
+                   f"haproxy to report {server} {status}", timeout=timeout, interval=0.01)
         return time.monotonic() - started
 
     def stop(self) -> None:
@@ -372,10 +362,9 @@ def test_a_single_instance_restart_costs_refused_messages_and_a_reload_costs_non
     with PortWatch(second.port) as reload_watch:
         workers = set(second.worker_pids())
         second.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        while set(second.worker_pids()) & workers or len(second.worker_pids()) < 2:
-            assert time.monotonic() < deadline, "the reload did not replace the workers"
-            time.sleep(0.05)
+        wait_until(lambda: not set(second.worker_pids()) & workers
+                   and len(second.worker_pids()) >= 2, "the reload to replace the workers",
+                   timeout=20)
         app.wait_messages(app.tracked() + RATE)
     reload_calls = app.stop()
     wait_drained(second.url)
