@@ -119,7 +119,7 @@ def docker_missing() -> str | None:
 # Tests that need one of these are system tests whatever module they are in.
 SYSTEM_MARKERS = ("container", "browser", "rollout", "load")
 # Modules of system tests that carry no ``pytestmark = pytest.mark.system`` of their own.
-SYSTEM_MODULES = {"test_gunicorn.py", "test_monitoring.py", "test_dashboard.py"}
+SYSTEM_MODULES = {"test_dashboard.py"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker

@@ -7,9 +7,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg2
+import pytest
 import requests
 from conftest import metric_sum, metric_values
 from payloads import FAILURE, SUCCESS, money, varied
+
+pytestmark = pytest.mark.system
 
 
 def send(url: str, event: dict) -> tuple[int, int]:

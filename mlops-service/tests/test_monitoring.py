@@ -28,8 +28,11 @@ import yaml
 from payloads import FAILURE, SUCCESS, varied
 from pgcluster import PgCluster, free_port
 from servers import SERVICE_DIR, Gunicorn
+from support import wait_until
 
 from mlops import telemetry
+
+pytestmark = pytest.mark.system
 
 REPO = SERVICE_DIR.parent
 MONITORING = REPO / "monitoring"
@@ -49,18 +52,6 @@ def tool(name: str) -> str:
     if found is None:
         pytest.fail(f"{name} not found: run `make tools` (or set {name.upper()}=/path/to/{name})")
     return os.path.abspath(found)
-
-
-def wait_until(condition, what: str, timeout: float = TIMEOUT):
-    """Poll ``condition()`` until it returns something truthy; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
 
 
 class Prometheus:
@@ -96,7 +87,7 @@ class Prometheus:
                  f"--storage.tsdb.path={workdir / 'data'}",
                  f"--web.listen-address=127.0.0.1:{self.port}"],
                 stdout=out, stderr=subprocess.STDOUT)
-        wait_until(self._ready, "Prometheus to be ready")
+        wait_until(self._ready, "Prometheus to be ready", timeout=TIMEOUT)
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -185,14 +176,16 @@ def traffic(stack):
     def messages():
         return prometheus.value(f'sum(ai_requests_total{{job="{JOB}"}})')
 
-    wait_until(lambda: messages() == len(events), "Prometheus to scrape the first round")
+    wait_until(lambda: messages() == len(events), "Prometheus to scrape the first round",
+               timeout=TIMEOUT)
     assert requests.post(f"{server.url}/track/batch", json=events, timeout=10).ok
     events = events * 2
-    wait_until(lambda: messages() == len(events), "Prometheus to scrape the second round")
+    wait_until(lambda: messages() == len(events), "Prometheus to scrape the second round",
+               timeout=TIMEOUT)
     # rate() needs two samples after the last change; give it a few scrapes.
     scraped = prometheus.value(f'max(timestamp(up{{job="{JOB}"}}))')
     wait_until(lambda: prometheus.value(f'max(timestamp(up{{job="{JOB}"}}))') > scraped + 2,
-               "three more scrapes")
+               "three more scrapes", timeout=TIMEOUT)
     return events
 
 
@@ -290,7 +283,7 @@ def test_every_rule_is_healthy_after_traffic(stack, traffic):
         rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
         return rules if all(r["health"] != "unknown" for r in rules) else None
 
-    rules = wait_until(evaluated, "every rule to be evaluated")
+    rules = wait_until(evaluated, "every rule to be evaluated", timeout=TIMEOUT)
     loaded = {r["name"] for r in rules}
     shipped = {rule.get("record") or rule.get("alert")
                for path in (PROM_DIR / "rules").glob("*.yml")
@@ -424,15 +417,15 @@ def test_database_down_alert_fires_and_resolves(stack, traffic):
     started = time.monotonic()
     cluster.stop()
     try:
-        wait_until(lambda: alert_state() == "firing", "MlopsDatabaseDown to fire")
+        wait_until(lambda: alert_state() == "firing", "MlopsDatabaseDown to fire", timeout=TIMEOUT)
         fired = time.monotonic() - started
         # Meanwhile the service keeps taking events, into the spool.
         body = requests.post(f"{server.url}/track", json=SUCCESS, timeout=5).json()
         assert body["storage"] == "queued"
     finally:
         cluster.start()
-    wait_until(lambda: alert_state() == "inactive", "MlopsDatabaseDown to resolve")
+    wait_until(lambda: alert_state() == "inactive", "MlopsDatabaseDown to resolve", timeout=TIMEOUT)
     print(f"MlopsDatabaseDown: fired {fired:.1f}s after the stop, "
           f"resolved {time.monotonic() - started - fired:.1f}s later")
     wait_until(lambda: prometheus.value(f'max(mlops_spool_events{{job="{JOB}"}})') == 0,
-               "the spool to drain")
+               "the spool to drain", timeout=TIMEOUT)
