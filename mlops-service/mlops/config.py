@@ -90,6 +90,8 @@ class Settings:
     maintenance_interval_seconds: int = 60
     maintenance_batch_rows: int = 5000
     erasure_timeout_ms: int = 20000
+    prices_file: Path | None = None
+    prices_enabled: bool = True
 
     @property
     def api_key(self) -> str | None:
@@ -150,6 +152,8 @@ class Settings:
             maintenance_batch_rows=_integer(env, "MAINTENANCE_BATCH_ROWS", 5000,
                                             low=1, high=1_000_000),
             erasure_timeout_ms=_integer(env, "ERASURE_TIMEOUT_MS", 20000, low=1),
+            prices_file=_prices_file(env.get("PRICES_FILE")),
+            prices_enabled=_boolean(env, "PRICES_ENABLED", True),
         )
 
 
@@ -204,6 +208,20 @@ def _optional_days(env: Mapping[str, str], name: str) -> int | None:
     if name not in env:
         return None
     return _integer(env, name, 0, low=1, high=36500)
+
+
+def _prices_file(raw: str | None) -> Path | None:
+    """``PRICES_FILE``, checked now: a malformed file stops the start (one line naming the
+    entry, from ``mlops.prices.load_overrides``)."""
+    if raw is None:
+        return None
+    from .prices import PricesFileError, load_overrides
+
+    try:
+        load_overrides(Path(raw))
+    except PricesFileError as exc:
+        raise ConfigError(str(exc)) from None
+    return Path(raw)
 
 
 def _log_level(raw: str) -> str:

@@ -35,7 +35,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import store
+from . import prices, store
 from .db import Database, DatabaseMisconfigured, DatabaseUnavailable
 from .erased_series import ErasedSeries
 from .schemas import MetricsEvent
@@ -80,6 +80,14 @@ AI_TOKENS = Counter(
     "ai_tokens_used", "Tokens consumed (prompt + completion).", ["business_id", "model_name"])
 AI_COST = Counter(
     "ai_api_cost_usd", "Estimated model API cost in US dollars.", ["business_id", "model_name"])
+# --- the service's own price of each call (mlops/prices.py) ---
+AI_PRICED_COST = Counter(
+    "ai_cost_usd", "Model API cost in US dollars by the service's price table (genai-prices "
+    "and PRICES_FILE); calls no table knows add nothing here and count in "
+    "mlops_unpriced_events_total.", ["business_id", "model_name"])
+UNPRICED_EVENTS = Counter(
+    "mlops_unpriced_events", "Events stored whose model no price table knows, by model_name: "
+    "add the model to PRICES_FILE.", ["model_name"])
 APPOINTMENTS_REQUESTED = Counter(
     "appointments_requested", "Messages in which the user asked for an appointment.",
     ["business_id"])
@@ -226,18 +234,20 @@ class Telemetry:
 
     def __init__(self, db: Database, spool: Spool, *, max_businesses: int,
                  max_series: int, cache_seconds: float, version: str,
-                 multiproc_dir: Path | None = None) -> None:
+                 multiproc_dir: Path | None = None, price_table: str = "") -> None:
         self._budgets = {family: SeriesBudget(family, max_series) for family in (
             AI_REQUESTS, AI_TOKENS, AI_COST, APPOINTMENTS_REQUESTED, APPOINTMENTS_BOOKED,
-            HUMAN_HANDOFFS, GEN_AI_TOKEN_USAGE, GEN_AI_DURATION)}
+            HUMAN_HANDOFFS, GEN_AI_TOKEN_USAGE, GEN_AI_DURATION, AI_PRICED_COST,
+            UNPRICED_EVENTS)}
         self._multiprocess = multiproc_dir is not None
         self.state = StateCollector(db, spool, max_businesses=max_businesses,
-                                    cache_seconds=cache_seconds, version=version)
+                                    cache_seconds=cache_seconds, version=version,
+                                    price_table=price_table)
         self._state_registry = CollectorRegistry(auto_describe=False)
         self._state_registry.register(self.state)
         self.erased = ErasedSeries(
             (AI_REQUESTS, AI_TOKENS, AI_COST, APPOINTMENTS_REQUESTED, APPOINTMENTS_BOOKED,
-             HUMAN_HANDOFFS),
+             HUMAN_HANDOFFS, AI_PRICED_COST),
             multiproc_dir)
 
     def forget_business(self, business_id: str) -> None:
@@ -264,6 +274,11 @@ class Telemetry:
             increments[AI_REQUESTS, (business, e.response_type, e.intent_detected)] += 1
             increments[AI_TOKENS, (business, model)] += e.tokens_used
             increments[AI_COST, (business, model)] += e.api_cost_usd
+            cost, status = record.price
+            if cost is not None:
+                increments[AI_PRICED_COST, (business, model)] += float(cost)
+            elif status == prices.UNPRICED:
+                increments[UNPRICED_EVENTS, (model,)] += 1
             if e.appointment_requested:
                 increments[APPOINTMENTS_REQUESTED, (business,)] += 1
             if e.appointment_booked:
@@ -354,8 +369,9 @@ class StateCollector:
     MIN_INTERVAL_SECONDS = 1.0
 
     def __init__(self, db: Database, spool: Spool, *, max_businesses: int,
-                 cache_seconds: float, version: str) -> None:
+                 cache_seconds: float, version: str, price_table: str = "") -> None:
         self._db = db
+        self._price_table = price_table
         self._spool = spool
         self._marker = spool.path.with_name("metrics-refresh-requested")
         self._max_businesses = max_businesses
@@ -363,7 +379,7 @@ class StateCollector:
         self._version = version
         self._lock = threading.Lock()
         self._window = store.BusinessTotals(WINDOW_DAYS)  # used under _lock
-        self._totals: list[tuple[str, int, int, float, float]] = []
+        self._totals: list[store.BusinessRow] = []
         self._read_at = float("-inf")  # time.time() when the last read began
         self._db_up = False
         self._oldest_event_at: float | None = None  # Unix seconds
@@ -420,9 +436,11 @@ class StateCollector:
         up.add_metric([], 1.0 if self._db_up else 0.0)
         yield up
 
-        info = GaugeMetricFamily("mlops_build_info", "Service version; the value is always 1.",
-                                 labels=["version"])
-        info.add_metric([self._version], 1.0)
+        info = GaugeMetricFamily(
+            "mlops_build_info", "Service version and price table (genai-prices version, "
+            "+overrides-<sha256 prefix> of PRICES_FILE); the value is always 1.",
+            labels=["version", "price_table"])
+        info.add_metric([self._version, self._price_table], 1.0)
         yield info
 
         depth = GaugeMetricFamily("mlops_spool_events", "Events waiting in the local spool.")
@@ -449,15 +467,20 @@ class StateCollector:
         cost = GaugeMetricFamily(
             "mlops_business_api_cost_usd_30d", "API cost in US dollars over the last 30 days.",
             labels=labels)
+        priced = GaugeMetricFamily(
+            "mlops_business_cost_usd_30d", "API cost in US dollars over the last 30 days by "
+            "the service's price table (unpriced calls left out).", labels=labels)
         success = GaugeMetricFamily(
             "ai_success_rate", "Mean success_rate of messages in the last 30 days (0..1).",
             labels=labels)
-        for business, n, t, c, s in self._capped_totals():
+        for row in self._capped_totals():
+            business, n, t, c, s = row
             messages.add_metric([business], n)
             tokens.add_metric([business], t)
             cost.add_metric([business], c)
+            priced.add_metric([business], row.cost_usd)
             success.add_metric([business], s)
-        yield from (messages, tokens, cost, success)
+        yield from (messages, tokens, cost, priced, success)
 
     def _capped_totals(self):
         """The busiest ``max_businesses`` businesses, the rest summed under ``other``."""
@@ -467,4 +490,6 @@ class StateCollector:
             return head
         n = sum(r[1] for r in tail)
         rate = sum(r[1] * r[4] for r in tail) / n if n else 0.0
-        return [*head, (OVERFLOW_LABEL, n, sum(r[2] for r in tail), sum(r[3] for r in tail), rate)]
+        return [*head, store.BusinessRow(OVERFLOW_LABEL, n, sum(r[2] for r in tail),
+                                         sum(r[3] for r in tail), rate,
+                                         sum(r.cost_usd for r in tail))]

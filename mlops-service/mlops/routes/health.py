@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, jsonify
 
+from .. import prices
 from ..auth import HEADER, get_auth
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..draining import is_draining
@@ -104,7 +105,8 @@ def ready():
 
 @bp.get("/health/detailed")
 def detailed():
-    """Everything an operator asks first: uptime (s), version, database, pool, spool.
+    """Everything an operator asks first: uptime (s), version, database, pool, spool, and
+    ``price_table`` (genai-prices version, ``+overrides-<sha256 prefix>`` of PRICES_FILE).
 
     Always 200 (it reports, it does not judge); ``status`` is ``"healthy"`` or
     ``"degraded"`` (database down). With API keys set and no key granting
@@ -139,5 +141,6 @@ def detailed():
         "pool": {"max_connections": services.db.pool_size, "in_use": services.db.pool_in_use()},
         "spool": _spool_status(services),
         "auth": auth,
+        "price_table": prices.current().version,
         "timestamp": datetime.now(UTC).isoformat(),
     })
