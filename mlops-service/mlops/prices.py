@@ -84,6 +84,7 @@ class Price(NamedTuple):
 
 
 _NOT_PRICED = Price(None, None)
+_UNPRICED = Price(None, UNPRICED)
 
 
 # --- overrides file -----------------------------------------------------------
@@ -169,14 +170,17 @@ def load_overrides(path: Path) -> tuple[list[PriceOverride], str]:
 
 # --- rates --------------------------------------------------------------------
 
-# A rate: USD per unit, flat, or tiered as ((start, rate), ...) highest start first
-# plus a base (genai-prices' TieredPrices: crossing a tier's start, counted in
-# input tokens, applies its rate to every token).
+# A rate, flat or tiered as (base, ((start, rate), ...) highest start first)
+# (genai-prices' TieredPrices: crossing a tier's start, counted in input
+# tokens, applies its rate to every token of the call).
 _Tiered = tuple[Decimal, tuple[tuple[int, Decimal], ...]]
+# USD in picodollars (1e-12 USD, the scale of mlops_events.price_usd).
+_PICO = 10**12
 
 
-def _rate(price: Decimal | _Tiered | None, input_tokens: int) -> Decimal | None:
-    if price is None or isinstance(price, Decimal):
+def _rate(price, input_tokens: int):
+    """The rate ``price`` (flat or tiered, Decimal or int) charges a call of ``input_tokens``."""
+    if type(price) is not tuple:
         return price
     base, tiers = price
     for start, rate in tiers:
@@ -191,6 +195,18 @@ def _from_table(price: Decimal | types.TieredPrices | None) -> Decimal | _Tiered
     return price
 
 
+def _in_pico(price: Decimal | None, per: int) -> int | None:
+    """``price`` (USD per ``per`` units) in whole picodollars per unit; None if not whole."""
+    if price is None:
+        return 0
+    value = price * _PICO / per
+    return int(value) if value == value.to_integral_value() else None
+
+
+def _base(price):
+    return price[0] if type(price) is tuple else price
+
+
 @dataclasses.dataclass(frozen=True)
 class Rates:
     """What one model costs on one day: USD per million input, output and cached-input
@@ -202,19 +218,26 @@ class Rates:
     requests: Decimal | None
     source: str
 
-    @classmethod
-    def from_model_price(cls, price: types.ModelPrice, source: str) -> Rates:
-        """From a genai-prices ``ModelPrice``: the units a chat call reports (the others,
-        such as audio or web searches, count 0 here)."""
-        values = price.__dict__
-        return cls(_from_table(values.get("input_mtok")) or Decimal(0),
-                   _from_table(values.get("output_mtok")),
-                   _from_table(values.get("cache_read_mtok")),
-                   values.get("requests_kcount"), source)
+    def __post_init__(self) -> None:
+        # Below the first tier's start, the base rates in whole picodollars per
+        # token (per request), when each is a whole number of them (the table's
+        # are): integer arithmetic for the common call, as exact as Decimal's.
+        tiered = [p for p in (self.input, self.output, self.cache_read) if type(p) is tuple]
+        below = min((start for _, tiers in tiered for start, _ in tiers), default=2**63)
+        cached = self.cache_read if self.cache_read is not None else self.input
+        fast = (_in_pico(_base(self.input), 10**6), _in_pico(_base(self.output), 10**6),
+                _in_pico(_base(cached), 10**6), _in_pico(self.requests, 1000))
+        object.__setattr__(self, "_fast", (below, *fast) if None not in fast else None)
 
     def cost(self, input_tokens: int, output_tokens: int, cache_read_tokens: int) -> Decimal:
         """USD of one call; ``input_tokens`` includes ``cache_read_tokens`` (genai-prices'
-        rule: cached tokens are billed at the cache rate when the model has one)."""
+        rule: cached tokens are billed at the cache rate, or the input rate without one)."""
+        fast = self._fast
+        if fast is not None and input_tokens <= fast[0]:
+            _, rate_in, rate_out, rate_cached, per_request = fast
+            return Decimal(rate_in * (input_tokens - cache_read_tokens)
+                           + rate_cached * cache_read_tokens + rate_out * output_tokens
+                           + per_request).scaleb(-12)
         total = Decimal(0)
         uncached = input_tokens
         if cache_read_tokens and self.cache_read is not None:
@@ -227,6 +250,16 @@ class Rates:
         if self.requests is not None:
             total += self.requests / _THOUSAND
         return total
+
+    @classmethod
+    def from_model_price(cls, price: types.ModelPrice, source: str) -> Rates:
+        """From a genai-prices ``ModelPrice``: the units a chat call reports (the others,
+        such as audio or web searches, count 0 here)."""
+        values = price.__dict__
+        return cls(_from_table(values.get("input_mtok")) or Decimal(0),
+                   _from_table(values.get("output_mtok")),
+                   _from_table(values.get("cache_read_mtok")),
+                   values.get("requests_kcount"), source)
 
 
 def _override_rates(entry: PriceOverride) -> Rates:
@@ -327,15 +360,17 @@ class Table:
         """
         if not self.enabled:
             return _NOT_PRICED
-        rates = self.rates(provider, model, at.astimezone(UTC).date())
+        day = at.date() if at.tzinfo is UTC else at.astimezone(UTC).date()
+        rates = self.rates(provider, model, day)
         if rates is None:
-            return Price(None, UNPRICED)
+            return _UNPRICED
         if type(rates) is _TimeOfDay:
             rates = Rates.from_model_price(rates.model.get_prices(at), rates.source)
         if input_tokens is None or output_tokens is None:
             return Price(rates.cost(total_tokens, 0, 0), ESTIMATED)
-        cached = min(cache_read_tokens or 0, input_tokens)
-        return Price(rates.cost(input_tokens, output_tokens, cached), PRICED)
+        if cache_read_tokens:
+            cache_read_tokens = min(cache_read_tokens, input_tokens)
+        return Price(rates.cost(input_tokens, output_tokens, cache_read_tokens or 0), PRICED)
 
     def price_event(self, event, received_at: datetime) -> Price:
         """The price of a ``MetricsEvent`` received at ``received_at`` (its call's time).
@@ -344,11 +379,16 @@ class Table:
         ``tokens_used`` and, from the extra fields, ``gen_ai.provider.name``
         and ``gen_ai.usage.cache_read.input_tokens`` (see :meth:`price_stored`).
         """
+        if not self.enabled:
+            return _NOT_PRICED
         extra = event.model_extra
+        if not extra:  # the contract's fields only: the common case, priced directly
+            return self.price(event.model_name, received_at, input_tokens=event.prompt_tokens,
+                              output_tokens=event.completion_tokens,
+                              total_tokens=event.tokens_used)
         return self.price_stored(
             event.model_name, received_at, event.prompt_tokens, event.completion_tokens,
-            event.tokens_used, extra.get(PROVIDER_KEY) if extra else None,
-            extra.get(CACHE_READ_KEY) if extra else None)
+            event.tokens_used, extra.get(PROVIDER_KEY), extra.get(CACHE_READ_KEY))
 
     def price_stored(self, model: str, at: datetime, prompt_tokens: int | None,
                      completion_tokens: int | None, tokens_used: int, provider: object = None,

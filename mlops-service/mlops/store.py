@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import io
 import json
 import operator
@@ -63,10 +62,16 @@ class Record:
     received_at: datetime
     event: MetricsEvent
 
-    @functools.cached_property
+    @property
     def price(self) -> prices.Price:
-        """The call's price by this process's table (``prices.current()``), at ``received_at``."""
-        return prices.current().price_event(self.event, self.received_at)
+        """The call's price by this process's table (``prices.current()``), at ``received_at``;
+        computed once (``functools.cached_property`` would take a lock per call)."""
+        try:
+            return self.__dict__["_price"]
+        except KeyError:
+            price = self.__dict__["_price"] = prices.current().price_event(
+                self.event, self.received_at)
+            return price
 
     def row(self) -> tuple:
         """The values for ``_INSERT_COLUMNS``, in order."""

@@ -186,6 +186,16 @@ def test_rates_agree_with_genai_prices_for_every_model_of_the_table():
     assert checked > 1000
 
 
+def test_rates_finer_than_a_picodollar_per_token_are_priced_exactly():
+    """Rates that are not whole picodollars per token take the Decimal path, still exact."""
+    fine = prices.Rates(Decimal("0.0000001"), Decimal("0.3333333"), None, None, "test")
+    assert fine.cost(350, 62, 100) == (350 * Decimal("0.0000001")
+                                       + 62 * Decimal("0.3333333")) / 1_000_000
+    whole = prices.Rates(Decimal("0.075"), Decimal("0.3"), Decimal("0.01875"), Decimal(5), "t")
+    assert whole.cost(350, 62, 100) == (250 * Decimal("0.075") + 100 * Decimal("0.01875")
+                                        + 62 * Decimal("0.3")) / 1_000_000 + Decimal("0.005")
+
+
 def test_prices_follow_the_calls_date():
     """A price change in the table applies from its UTC date: claude-opus-4-6's long
     prompts (over 200k tokens) cost 10 USD per million input tokens until 2026-03-12,
