@@ -84,6 +84,8 @@ class Price(NamedTuple):
 
 
 _NOT_PRICED = Price(None, None)
+# Price(...) without NamedTuple's Python-level __new__ (the per-event path).
+_new_price = tuple.__new__
 _UNPRICED = Price(None, UNPRICED)
 
 
@@ -360,6 +362,12 @@ class Table:
         """
         if not self.enabled:
             return _NOT_PRICED
+        return self._price(model, at, provider, input_tokens, output_tokens, total_tokens,
+                           cache_read_tokens)
+
+    def _price(self, model, at, provider, input_tokens, output_tokens, total_tokens,
+               cache_read_tokens) -> Price:
+        """:meth:`price` with positional arguments (the per-event path)."""
         day = at.date() if at.tzinfo is UTC else at.astimezone(UTC).date()
         rates = self.rates(provider, model, day)
         if rates is None:
@@ -367,10 +375,11 @@ class Table:
         if type(rates) is _TimeOfDay:
             rates = Rates.from_model_price(rates.model.get_prices(at), rates.source)
         if input_tokens is None or output_tokens is None:
-            return Price(rates.cost(total_tokens, 0, 0), ESTIMATED)
+            return _new_price(Price, (rates.cost(total_tokens, 0, 0), ESTIMATED))
         if cache_read_tokens:
             cache_read_tokens = min(cache_read_tokens, input_tokens)
-        return Price(rates.cost(input_tokens, output_tokens, cache_read_tokens or 0), PRICED)
+        return _new_price(Price, (rates.cost(input_tokens, output_tokens,
+                                             cache_read_tokens or 0), PRICED))
 
     def price_event(self, event, received_at: datetime) -> Price:
         """The price of a ``MetricsEvent`` received at ``received_at`` (its call's time).
@@ -383,9 +392,8 @@ class Table:
             return _NOT_PRICED
         extra = event.model_extra
         if not extra:  # the contract's fields only: the common case, priced directly
-            return self.price(event.model_name, received_at, input_tokens=event.prompt_tokens,
-                              output_tokens=event.completion_tokens,
-                              total_tokens=event.tokens_used)
+            return self._price(event.model_name, received_at, None, event.prompt_tokens,
+                               event.completion_tokens, event.tokens_used, None)
         return self.price_stored(
             event.model_name, received_at, event.prompt_tokens, event.completion_tokens,
             event.tokens_used, extra.get(PROVIDER_KEY), extra.get(CACHE_READ_KEY))
