@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from payloads import SUCCESS, varied
 from rollup_checks import assert_matches_raw
+from servers import Gunicorn
 
 from mlops import prices, store
 from mlops.config import ConfigError, Settings
@@ -262,15 +263,20 @@ def test_a_bad_override_file_refuses_the_start_with_one_line(tmp_path, service_e
         Settings.from_env({**service_env, "PRICES_FILE": path})
     assert says in str(error.value) and path in str(error.value)
     assert "\n" not in str(error.value)
-    # The real start: the process exits with that one line and no traceback.
-    started = subprocess.run(
-        [sys.executable, "-c", "from mlops.config import Settings, ConfigError\n"
-         "try:\n    Settings.from_env()\nexcept ConfigError as e:\n"
-         "    raise SystemExit(str(e))"],
-        env={**service_env, "PRICES_FILE": path, "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=60)
-    assert started.returncode == 1
-    assert started.stderr.strip().splitlines() == [str(error.value)]
+
+
+def test_gunicorn_refuses_to_start_on_a_bad_override_file_with_one_line(tmp_path, database_url):
+    path = write_prices(tmp_path, [{"model": "llama3*", "input_per_mtok": 0,
+                                    "output_per_mtok": "free"}])
+    server = Gunicorn({"DATABASE_URL": database_url, "LOG_DIR": str(tmp_path),
+                       "SPOOL_DIR": str(tmp_path), "PRICES_FILE": path})
+    with pytest.raises(RuntimeError, match="exited 1"):
+        server.start()
+    log = server.log()
+    assert "Traceback" not in log
+    assert [line for line in log.splitlines() if "cannot start" in line] == [
+        f"mlops-service: cannot start: PRICES_FILE {path}: entry 1 (model 'llama3*'): "
+        "output_per_mtok: Input should be a valid decimal"]
 
 
 def test_a_missing_override_file_refuses_the_start(service_env, tmp_path):
