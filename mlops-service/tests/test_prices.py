@@ -27,8 +27,12 @@ from servers import Gunicorn
 from mlops import prices, store
 from mlops.config import ConfigError, Settings
 from mlops.db import Database
+from mlops.deliver import Delivery
+from mlops.outbox import Outbox
 from mlops.retention import Maintenance
 from mlops.schemas import MetricsEvent
+from mlops.spool import Spool
+from mlops.telemetry import Telemetry
 
 # Google's list price of gemini-1.5-flash (prompts up to 128k tokens), USD per
 # million tokens: https://ai.google.dev/gemini-api/docs/pricing (as of 2024-10).
@@ -282,6 +286,34 @@ def test_gunicorn_refuses_to_start_on_a_bad_override_file_with_one_line(tmp_path
 def test_a_missing_override_file_refuses_the_start(service_env, tmp_path):
     with pytest.raises(ConfigError, match="PRICES_FILE .*nothing.json cannot be read"):
         Settings.from_env({**service_env, "PRICES_FILE": str(tmp_path / "nothing.json")})
+
+
+def test_events_delivered_from_the_spool_are_priced_by_the_same_table(database_url, tmp_path,
+                                                                       pg):
+    """The spool keeps events as they came (its format has no price); the process that
+    delivers them prices them, with its table, at their receive time."""
+    prices.configure(prices.Table.from_file(Path(write_prices(tmp_path, [
+        {"model": "acme-*", "input_per_mtok": 1, "output_per_mtok": 2}]))))
+    db = Database(Settings.from_env({"DATABASE_URL": database_url}))
+    spool = Spool(tmp_path / "spool", 1 << 24)
+    box = Outbox(spool, Delivery(db, Telemetry(db, spool, max_businesses=10, max_series=100,
+                                               cache_seconds=10, version="test")),
+                 timeout_ms=2000)
+    business = str(uuid.uuid4())
+    received = datetime.now(UTC) - timedelta(hours=1)
+    box.put([store.Record(str(uuid.uuid4()), received, MetricsEvent.model_validate(
+        {**SUCCESS, "business_id": business, "model_name": m}))
+        for m in ("acme-chat-7b", "gemini-1.5-flash")])
+    try:
+        assert box.flush_once() == 2
+    finally:
+        box.stop(0)
+        spool.close()
+        db.close()
+    assert [row[1:3] for row in stored(pg, business)] == [
+        ((350 + 2 * 62) / Decimal(1_000_000), "priced"), (COURSE_PRICE, "priced")]
+    assert_price_sums_match_raw(pg, business)
+    empty_tables(database_url)
 
 
 # --- history: the maintenance job and reprice -----------------------------------------
