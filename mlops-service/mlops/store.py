@@ -13,6 +13,13 @@ count twice. Reads use only rollups, so their cost does not
 grow with the number of events stored.
 Windows are whole UTC days: ``days=N`` means today (UTC) and the N-1 days
 before it.
+
+Each row also holds the service's price of the call (``price_usd``,
+``price_status``; mlops/prices.py), computed where a record becomes a row
+(:attr:`Record.price`), and the daily rollup holds its sums beside the
+client's ``api_cost_usd``. The maintenance job prices rows stored before
+prices existed, and :func:`reprice` prices a window again; both move the
+rollups by the difference, so they stay equal to the raw sums.
 """
 
 from __future__ import annotations
