@@ -14,7 +14,7 @@ so this holds through Neon's PgBouncer pooler too. Steps, in order:
    range, by this process's price table (``mlops.prices.current()``); the
    rollups' price sums move with them. Skipped when pricing is off.
 3. **Fold**: merge the write shards of past UTC days into one row each.
-4. **Retention**: with ``RETENTION_DAYS`` set (and the backfill finished),
+4. **Retention**: with ``RETENTION_DAYS`` set (and both backfills finished),
    delete raw events older than that, oldest first, in batches; with
    ``ROLLUP_RETENTION_DAYS`` set, delete rollup rows of older days.
 
@@ -89,12 +89,20 @@ class Maintenance:
             n, finished = result
             done["backfilled"] += n
         table = prices.current()
-        if finished and table.enabled and not repeat(
-                "priced", lambda: store.price_backfill_batch(self._db, self.batch_rows, table)):
+        priced = not table.enabled  # with pricing off, nothing is left to price
+
+        def price_batch() -> int | None:
+            nonlocal priced
+            n = store.price_backfill_batch(self._db, self.batch_rows, table)
+            priced = n is not None and n < self.batch_rows
+            return n
+
+        if finished and table.enabled and not repeat("priced", price_batch):
             return None
         if not repeat("folded", lambda: store.fold_shards(self._db, self.batch_rows)):
             return None
-        if finished and self.retention_days and not repeat(
+        # Raw rows go only once rolled up and priced (a deleted row cannot be priced).
+        if finished and priced and self.retention_days and not repeat(
                 "events_deleted", lambda: store.delete_expired_events(
                     self._db, self.retention_days, self.batch_rows)):
             return None

@@ -377,6 +377,26 @@ def test_reprice_prices_a_window_again_with_the_current_table(db, pg, tmp_path, 
     assert cost["unpriced_models"] == [] and cost["priced_messages"] == 3
 
 
+def test_folding_and_erasure_keep_the_price_sums_equal_to_the_raw_rows(db, pg):
+    business = str(uuid.uuid4())
+    events = varied(60, [business], seed=5)
+    for i in range(0, 60, 3):
+        events[i] = {**events[i], "model_name": "acme-chat-7b"}
+    for days_ago in (0, 2, 3):
+        for chunk in range(0, 60, 7):  # many small inserts: many shards
+            store.insert_events(db, [record(e, datetime.now(UTC) - timedelta(days=days_ago))
+                                     for e in events[chunk:chunk + 7]], 5000)
+    assert store.fold_shards(db, 10_000) > 0
+    assert_price_sums_match_raw(pg, business)
+    conversation = events[0]["conversation_id"]
+    store.erase_conversation(db, conversation, 5000)
+    store.erase_session(db, events[1]["session_id"], 5000)
+    assert query(pg, "SELECT count(*) FROM mlops_events WHERE conversation_id = %s",
+                 conversation) == [(0,)]
+    assert_price_sums_match_raw(pg, business)
+    assert_matches_raw(pg, store.analytics(db, business, 7), business, 7)
+
+
 RAW_PRICE_SUMS = f"""
 SELECT (received_at AT TIME ZONE 'UTC')::date, model_name,
        {", ".join(expr for _, expr in store.PRICE_SUMS)}
