@@ -944,14 +944,26 @@ delta AS (
     FROM ({_price_sums("updated")}) a JOIN ({_price_sums("before")}) b
       USING (business_id, day, model_name)
 ),
+-- One shard row per key takes the difference (the lowest: shard 0 once folded).
 target AS (
-    SELECT DISTINCT ON (r.business_id, r.day, r.model_name) r.ctid AS row_id, d.*
+    SELECT DISTINCT ON (r.business_id, r.day, r.model_name) r.shard, d.*
     FROM mlops_rollup_daily r JOIN delta d USING (business_id, day, model_name)
     ORDER BY r.business_id, r.day, r.model_name, r.shard
 ),
+-- Locked in key order, the order writers lock rollup rows in, so a reprice
+-- and concurrent inserts do not deadlock. Rows are matched by key, not ctid:
+-- an insert may update a row (a new version) meanwhile.
+locked AS MATERIALIZED (
+    SELECT r.business_id, r.day, r.model_name, r.shard FROM mlops_rollup_daily r
+    JOIN target t USING (business_id, day, model_name, shard)
+    ORDER BY r.business_id, r.day, r.model_name, r.shard
+    FOR UPDATE OF r
+),
 rolled AS (
     UPDATE mlops_rollup_daily r SET {", ".join(f"{n} = r.{n} + t.{n}" for n in _NAMES)}
-    FROM target t WHERE r.ctid = t.row_id
+    FROM target t JOIN locked l USING (business_id, day, model_name, shard)
+    WHERE (r.business_id, r.day, r.model_name, r.shard)
+        = (t.business_id, t.day, t.model_name, t.shard)
 ),
 epoch AS (
     {_BUMP_EPOCH_SQL} WHERE EXISTS (SELECT FROM delta WHERE day < {_SETTLED_BEFORE})
@@ -1009,13 +1021,15 @@ def price_backfill_batch(db: Database, limit: int, table: prices.Table) -> int |
 
 _REPRICE_BATCH_SQL = f"""
 SELECT {_PRICE_INPUT} FROM mlops_events
-WHERE received_at >= %(since)s AND received_at < %(until)s AND id > %(after)s
+WHERE received_at >= %(since)s AND received_at < %(until)s
+  AND id > %(after)s AND id <= %(through)s
 ORDER BY id LIMIT %(limit)s"""
 
 
 def reprice(db: Database, since: datetime, until: datetime, table: prices.Table, *,
             limit: int = 5000, timeout_ms: int = 60_000) -> tuple[int, int]:
-    """Price again, by ``table``, every event received in ``[since, until)``.
+    """Price again, by ``table``, every event received in ``[since, until)`` and stored
+    before the call (later ones were priced as they were stored).
 
     Runs batches of ``limit`` rows, each one transaction waiting for the
     maintenance lock (bounded by ``timeout_ms``); the rollups' price sums move
@@ -1026,11 +1040,16 @@ def reprice(db: Database, since: datetime, until: datetime, table: prices.Table,
     """
     if not backfill_finished(db):
         raise RuntimeError("the rollup backfill has not finished; reprice after it has")
+    def newest(cur):
+        cur.execute(db.timeout_prefix() + "SELECT coalesce(max(id), 0) FROM mlops_events")
+        return cur.fetchone()[0]
+
+    through = db.run(newest)
     after, read, changed = 0, 0, 0
     while True:
         def work(cur, after=after):
             cur.execute(_REPRICE_BATCH_SQL, {"since": since, "until": until, "after": after,
-                                             "limit": limit})
+                                             "through": through, "limit": limit})
             rows = cur.fetchall()
             return rows, _reprice_rows(cur, rows, table)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -375,6 +376,43 @@ def test_reprice_prices_a_window_again_with_the_current_table(db, pg, tmp_path, 
     assert_price_sums_match_raw(pg, business)
     cost = store.analytics(db, business, 7)["cost"]
     assert cost["unpriced_models"] == [] and cost["priced_messages"] == 3
+
+
+def test_reprice_beside_concurrent_inserts_keeps_the_rollups_exact(db, pg, database_url):
+    """Inserts update the same rollup rows while reprice moves their price sums, back
+    and forth between two tables: no deadlock, no lost update."""
+    business = str(uuid.uuid4())
+    override = prices.Table([prices.PriceOverride(model="acme-*", input_per_mtok=1,
+                                                  output_per_mtok=1)], "0" * 64)
+    events = [{**e, "model_name": "acme-chat-7b" if i % 2 else e["model_name"]}
+              for i, e in enumerate(varied(40, [business], seed=9))]
+    failures = []
+
+    def write():
+        writer = Database(Settings.from_env({"DATABASE_URL": database_url}))
+        try:
+            for _ in range(25):  # the function (8 events) and COPY (40) inserts
+                store.insert_events(writer, [record(e) for e in events[:8]], 5000)
+                store.insert_events(writer, [record(e) for e in events], 5000)
+        except Exception as exc:  # reported below
+            failures.append(exc)
+        finally:
+            writer.close()
+
+    threads = [threading.Thread(target=write) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    since, until = datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(hours=1)
+    tables, passes = (override, prices.Table()), 0
+    try:
+        while any(thread.is_alive() for thread in threads) or passes < 2:
+            store.reprice(db, since, until, tables[passes % 2], limit=50)
+            passes += 1
+    finally:
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    assert_price_sums_match_raw(pg, business)
 
 
 def test_folding_and_erasure_keep_the_price_sums_equal_to_the_raw_rows(db, pg):
