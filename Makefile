@@ -19,7 +19,7 @@ VENDOR_DIR    := $(SERVICE)/mlops/static/dashboard/vendor
 .PHONY: help install lock tools system-deps screenshot lint audit test run docker-build docker-run
 .PHONY: up down logs bench clean mutation
 .PHONY: check-monitoring assets
-.PHONY: backup restore dev test-container
+.PHONY: backup restore dev test-container reprice
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -137,6 +137,10 @@ down: ## docker compose down (add V=1 to delete the database volume too)
 
 logs: ## Follow the compose services' logs
 	cd $(SERVICE) && docker compose logs -f
+
+reprice: $(VENV)/.runtime ## Price again the events received from SINCE to UNTIL (UTC dates) with the current price table
+	@test -n "$(SINCE)" -a -n "$(UNTIL)" || { echo "usage: make reprice SINCE=2026-01-01 UNTIL=2026-02-01"; exit 2; }
+	cd $(SERVICE) && $(PYTHON) -m mlops.reprice --since "$(SINCE)" --until "$(UNTIL)"
 
 backup: ## Dump the compose database to mlops-service/backups/ (pg_dump -Fc in its container)
 	@cd $(SERVICE) && scripts/backup.sh backup

@@ -56,6 +56,15 @@ SERIES_BUSINESSES, SERIES_MODELS = 700, 4  # about 10,000 series with the gauges
 # runs on every route (its cost is measured) but never refuses.
 NEVER_REFUSE = {f"RATE_LIMIT_{group}": "1000000/second"
                 for group in ("TRACK", "BATCH", "REFRESH", "READ", "ERASE")}
+# Events as priced in production: known models with and without a provider and
+# cached tokens, a total-only one, an unknown one.
+PRICED_EVENTS = [
+    SUCCESS, FAILURE, {**SUCCESS, "model_name": "gpt-4o-mini", "gen_ai.provider.name": "openai",
+                       "gen_ai.usage.cache_read.input_tokens": 100},
+    {**SUCCESS, "model_name": "claude-3-5-haiku", "prompt_tokens": None,
+     "completion_tokens": None},
+    {**SUCCESS, "model_name": "acme-chat-7b"},
+]
 REPEATS = 5  # throughput runs; the median is reported (this VM is noisy)
 RUN_SECONDS = max(3, SECONDS // 2)  # each of those runs
 
@@ -293,6 +302,65 @@ def storage_row(storage: dict[str, float]) -> tuple[str, str, str]:
             f"day over {STORAGE_DAYS} days for {STORAGE_BUSINESSES} businesses, conversations "
             f"of {CONVERSATION_MESSAGES}; shards folded and vacuumed daily; pg_table_size, "
             "pg_indexes_size, pg_total_relation_size")
+def _backends_cpu_seconds(db: Database) -> float:
+    """User + system CPU of the Postgres backends connected to ``db``'s database (from
+    /proc): unlike every postgres process's, not moved by other databases' work."""
+    def pids(cur):
+        cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        return [row[0] for row in cur.fetchall()]
+
+    ticks = 0
+    for pid in db.run(pids):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # not on this machine, or gone
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def pricing_costs(url: str, events: list[dict], rounds: int = 9, batches: int = 10,
+                  size: int = BATCH_SIZE) -> tuple[float, float]:
+    """CPU per event (client + Postgres, µs) of ``store.insert_events`` of ``size`` events
+    (the COPY path of a /track/batch), with the service's pricing on and off.
+
+    Each round inserts ``batches`` batches, so it spans many clock ticks of /proc's
+    CPU times (10 ms each).
+    Rounds alternate on and off (``prices.configure``, as ``PRICES_ENABLED``
+    does) on one connection; each figure is the median of ``rounds``.
+    Postgres's CPU is that of this database's backends. The
+    same insert statement runs either way, so the difference is pricing's
+    whole cost: the lookups, the arithmetic and the two values stored. Being
+    a share of the store's cost alone, it is an upper bound of its share of
+    a /track/batch request's (which also parses and validates the body).
+    """
+    from datetime import UTC, datetime
+
+    from mlops import prices
+
+    db = store_db(url)
+    parsed = [parse_event(json.dumps(e).encode()) for e in events]
+    tables = {True: prices.Table(), False: prices.Table(enabled=False)}
+    figures: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for i in range(2 * rounds + 2):
+            enabled = i % 2 == 0
+            prices.configure(tables[enabled])
+            client, server = 0.0, _backends_cpu_seconds(db)
+            for _ in range(batches):  # one batch's records alive at a time, as in a request
+                now = datetime.now(UTC)
+                records = [store.Record(str(uuid.uuid4()), now, parsed[j % len(parsed)])
+                           for j in range(size)]
+                started = time.process_time()
+                store.insert_events(db, records, 60_000)
+                client += time.process_time() - started
+            cpu = client + _backends_cpu_seconds(db) - server
+            if i >= 2:  # the first of each warms the connection, plan and caches
+                figures[enabled].append(cpu / (batches * size) * 1e6)
+    finally:
+        prices.configure(prices.Table())
+        db.close()
+    return statistics.median(figures[True]), statistics.median(figures[False])
 
 
 def wait_drained(base: str, timeout: float = 60.0) -> None:
@@ -642,6 +710,9 @@ def main() -> None:
             f"{name} {status} in {seconds:.2f} s" for name, status, seconds in hostile)
             + f"; peak RSS {' / '.join(f'{r:.0f}' for r in hostile_rss)} MiB", flush=True)
         groups = group_costs(database_url, [SUCCESS, FAILURE])
+        priced_cpu, unpriced_cpu = pricing_costs(database_url, PRICED_EVENTS)
+        print(f"bench: pricing: {priced_cpu:.1f} µs per event with, {unpriced_cpu:.1f} without",
+              flush=True)
         print("bench: insert_events CPU per event by group size: " + ", ".join(
             f"{n}: {c:.0f} + {p:.0f} µs" for n, c, p in groups), flush=True)
         storage = storage_row(storage_per_1000())
@@ -652,6 +723,7 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
         admin(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
+    batch_cpu = 1e6 * os.cpu_count() / batch_rate  # µs per event, all processes
     rows = [
         ("/health throughput", f"{health['rps']:.0f} req/s",
          "median of " + listed(health["all_rps"])),
@@ -690,6 +762,13 @@ def main() -> None:
          + " / ".join(f"{p:.0f}" for _, _, p in groups) + " µs",
          "one connection, one group at a time (insert, rollups, commit), on the idle server; "
          "/track's group commit shares a commit among the requests that wait together"),
+        ("pricing's CPU per event in /track/batch",
+         f"{priced_cpu - unpriced_cpu:+.1f} µs, "
+         f"{(priced_cpu - unpriced_cpu) / batch_cpu * 100:+.1f} %",
+         f"`insert_events` of {BATCH_SIZE} (client + Postgres backends) priced "
+         f"{priced_cpu:.1f} µs, not {unpriced_cpu:.1f} µs (medians of alternating rounds), "
+         f"÷ /track/batch's CPU per event ({batch_cpu:.1f} µs: the cores ÷ the batch rate); "
+         "target ≤ 5 %"),
         ("/metrics scrape p50 / p99", f"{scrape['p50']:.1f} / {scrape['p99']:.1f} ms",
          f"{series} series, {WORKERS} workers; target ≤ 50 ms"),
         ("cold start to /health/ready", f"{cold_start:.2f} s", "target ≤ 3 s"),

@@ -30,8 +30,8 @@ def create_app(settings=None) -> Flask:
     from flask_cors import CORS
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import auth, bodies, errors, limits, logs, retention, telemetry
-    from .config import Settings
+    from . import auth, bodies, errors, limits, logs, prices, retention, telemetry
+    from .config import ConfigError, Settings
     from .db import Database
     from .deliver import Delivery, GroupCommit
     from .ingest import Ingestor
@@ -68,13 +68,19 @@ def create_app(settings=None) -> Flask:
     if settings.allowed_origins:
         CORS(app, origins=list(settings.allowed_origins))
 
+    try:
+        prices.configure(prices.Table.from_file(settings.prices_file,
+                                                enabled=settings.prices_enabled))
+    except prices.PricesFileError as exc:  # the file changed since the settings were read
+        raise ConfigError(str(exc)) from None
     db = Database(settings)
     spool = Spool(settings.spool_dir, settings.spool_max_bytes)
     telem = telemetry.Telemetry(max_series=settings.metrics_max_series,
                                 multiproc_dir=settings.prometheus_multiproc_dir)
     telem.add_state(StateCollector(db, spool, max_businesses=settings.metrics_max_businesses,
                                    cache_seconds=settings.metrics_cache_seconds,
-                                   version=__version__))
+                                   version=__version__,
+                                   price_table=prices.current().version))
     deliver = Delivery(db, telem)
     outbox = Outbox(spool, deliver, timeout_ms=db.default_timeout_ms)
     ingestor = Ingestor(GroupCommit(deliver), outbox, timeout_ms=settings.db_insert_timeout_ms)

@@ -40,6 +40,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, Setting
 from pydantic_settings.sources.utils import parse_env_vars
 
 from .keys import KeysFileError, KeySpec, load_keys_file
+from .prices import PricesFileError, load_overrides
 
 
 class ConfigError(Exception):
@@ -284,6 +285,9 @@ class Settings(ServerSettings):
     database_size_limit_bytes: int | None = Field(
         None, validation_alias="DATABASE_SIZE_LIMIT",
         description="the database's size budget (0.5GB, 512MiB); unset: none")
+    prices_file: Path | None = Field(
+        None, description="JSON price overrides for custom and local models (mlops/prices.py)")
+    prices_enabled: Flag = Field(True, description="false stores calls with no price")
 
     @property
     def api_key(self) -> str | None:
@@ -380,6 +384,18 @@ class Settings(ServerSettings):
         if isinstance(value, str):
             return tuple(o.strip() for o in value.split(",") if o.strip())
         return value
+
+    @field_validator("prices_file")
+    @classmethod
+    def _prices_file(cls, path: Path | None) -> Path | None:
+        """Checked now: a malformed file stops the start, one line naming the entry
+        (from ``mlops.prices.load_overrides``)."""
+        if path is not None:
+            try:
+                load_overrides(path)
+            except PricesFileError as exc:
+                raise ValueError(str(exc).removeprefix("PRICES_FILE ")) from None
+        return path
 
     @field_validator("database_size_limit_bytes", mode="before")
     @classmethod

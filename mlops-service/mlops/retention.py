@@ -9,8 +9,12 @@ so this holds through Neon's PgBouncer pooler too. Steps, in order:
 1. **Backfill**: roll up the events stored before the rollups existed, in
    batches of ``MAINTENANCE_BATCH_ROWS`` read by primary-key range (two
    backfills: migration 0002's rollups, and 0004's intent rollup).
-2. **Fold**: merge the write shards of past UTC days into one row each.
-3. **Retention**: with ``RETENTION_DAYS`` set (and the backfill finished),
+2. **Prices**: once the rollup backfill has finished, price the events
+   stored before prices existed (migration 0014), in batches by primary-key
+   range, by this process's price table (``mlops.prices.current()``); the
+   rollups' price sums move with them. Skipped when pricing is off.
+3. **Fold**: merge the write shards of past UTC days into one row each.
+4. **Retention**: with ``RETENTION_DAYS`` set (and both backfills finished),
    delete raw events older than that, oldest first, in batches; with
    ``ROLLUP_RETENTION_DAYS`` set, delete rollup rows of older days.
 
@@ -29,7 +33,7 @@ import random
 import threading
 import time
 
-from . import storage_budget, store
+from . import prices, storage_budget, store
 from .db import Database, DatabaseMisconfigured, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -61,13 +65,14 @@ class Maintenance:
     def run_once(self) -> dict[str, int] | None:
         """One round of every step; returns rows handled per step.
 
-        ``{"backfilled", "folded", "events_deleted", "rollups_deleted"}``, or
+        ``{"backfilled", "priced", "folded", "events_deleted", "rollups_deleted"}``, or
         None when another process held the lock (this round is skipped).
         Raises the errors of ``Database.run``.
         """
         deadline = time.monotonic() + self.budget_seconds
         storage_budget.sample(self._db)  # skips itself when a sample is under a minute old
-        done = {"backfilled": 0, "folded": 0, "events_deleted": 0, "rollups_deleted": 0}
+        done = {"backfilled": 0, "priced": 0, "folded": 0, "events_deleted": 0,
+                "rollups_deleted": 0}
 
         def repeat(key: str, step) -> bool:
             """Run ``step`` until it handles less than a batch; False if locked out."""
@@ -87,9 +92,21 @@ class Maintenance:
                 return None
             n, finished = result
             done["backfilled"] += n
+        table = prices.current()
+        priced = not table.enabled  # with pricing off, nothing is left to price
+
+        def price_batch() -> int | None:
+            nonlocal priced
+            n = store.price_backfill_batch(self._db, self.batch_rows, table)
+            priced = n is not None and n < self.batch_rows
+            return n
+
+        if finished and table.enabled and not repeat("priced", price_batch):
+            return None
         if not repeat("folded", lambda: store.fold_shards(self._db, self.batch_rows)):
             return None
-        if finished and self.retention_days and not repeat(
+        # Raw rows go only once rolled up and priced (a deleted row cannot be priced).
+        if finished and priced and self.retention_days and not repeat(
                 "events_deleted", lambda: store.delete_expired_events(
                     self._db, self.retention_days, self.batch_rows)):
             return None

@@ -40,16 +40,17 @@ class StateCollector:
     MIN_INTERVAL_SECONDS = 1.0
 
     def __init__(self, db: Database, spool: Spool, *, max_businesses: int,
-                 cache_seconds: float, version: str) -> None:
+                 cache_seconds: float, version: str, price_table: str = "") -> None:
         self._db = db
         self._spool = spool
         self._marker = spool.path.with_name("metrics-refresh-requested")
         self._max_businesses = max_businesses
         self._cache_seconds = cache_seconds
         self._version = version
+        self._price_table = price_table
         self._lock = threading.Lock()
         self._window = store.BusinessTotals(WINDOW_DAYS)  # used under _lock
-        self._totals: list[tuple[str, int, int, float, float]] = []
+        self._totals: list[store.BusinessRow] = []
         self._read_at = float("-inf")  # time.time() when the last read began
         self._db_up = False
         self._oldest_event_at: float | None = None  # Unix seconds
@@ -106,9 +107,11 @@ class StateCollector:
         up.add_metric([], 1.0 if self._db_up else 0.0)
         yield up
 
-        info = GaugeMetricFamily("mlops_build_info", "Service version; the value is always 1.",
-                                 labels=["version"])
-        info.add_metric([self._version], 1.0)
+        info = GaugeMetricFamily(
+            "mlops_build_info", "Service version and price table (genai-prices version, "
+            "+overrides-<sha256 prefix> of PRICES_FILE); the value is always 1.",
+            labels=["version", "price_table"])
+        info.add_metric([self._version, self._price_table], 1.0)
         yield info
 
         depth = GaugeMetricFamily("mlops_spool_events", "Events waiting in the local spool.")
@@ -135,15 +138,20 @@ class StateCollector:
         cost = GaugeMetricFamily(
             "mlops_business_api_cost_usd_30d", "API cost in US dollars over the last 30 days.",
             labels=labels)
+        priced = GaugeMetricFamily(
+            "mlops_business_cost_usd_30d", "API cost in US dollars over the last 30 days by "
+            "the service's price table (unpriced calls left out).", labels=labels)
         success = GaugeMetricFamily(
             "ai_success_rate", "Mean success_rate of messages in the last 30 days (0..1).",
             labels=labels)
-        for business, n, t, c, s in self._capped_totals():
+        for row in self._capped_totals():
+            business, n, t, c, s = row
             messages.add_metric([business], n)
             tokens.add_metric([business], t)
             cost.add_metric([business], c)
+            priced.add_metric([business], row.cost_usd)
             success.add_metric([business], s)
-        yield from (messages, tokens, cost, success)
+        yield from (messages, tokens, cost, priced, success)
 
     def _capped_totals(self):
         """The busiest ``max_businesses`` businesses, the rest summed under ``other``."""
@@ -153,4 +161,6 @@ class StateCollector:
             return head
         n = sum(r[1] for r in tail)
         rate = sum(r[1] * r[4] for r in tail) / n if n else 0.0
-        return [*head, (OVERFLOW_LABEL, n, sum(r[2] for r in tail), sum(r[3] for r in tail), rate)]
+        return [*head, store.BusinessRow(OVERFLOW_LABEL, n, sum(r[2] for r in tail),
+                                         sum(r[3] for r in tail), rate,
+                                         sum(r.cost_usd for r in tail))]

@@ -13,6 +13,13 @@ count twice. Reads use only rollups, so their cost does not
 grow with the number of events stored.
 Windows are whole UTC days: ``days=N`` means today (UTC) and the N-1 days
 before it.
+
+Each row also holds the service's price of the call (``price_usd``,
+``price_status``; mlops/prices.py), computed where a record becomes a row
+(:attr:`Record.price`), and the daily rollup holds its sums beside the
+client's ``api_cost_usd``. The maintenance job prices rows stored before
+prices existed, and :func:`reprice` prices a window again; both move the
+rollups by the difference, so they stay equal to the raw sums.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import TypeVar
 import psycopg2
 from psycopg2.extras import Json
 
-from . import rollups
+from . import prices, rollups
 from .db import Database, copy_from
 from .schemas import MetricsEvent
 
@@ -46,6 +53,10 @@ CONTRACT_COLUMNS = (
     "appointment_booked", "user_message_length", "ai_response_length", "response_type",
 )
 _INSERT_COLUMNS = ("event_id", "received_at", *CONTRACT_COLUMNS, "extra")
+# The service's price of the call (mlops/prices.py, migrations/0014_insert_function_prices.sql).
+PRICE_COLUMNS = ("price_usd", "price_status")
+# What insert_events stores: the event and its price.
+_STORED_COLUMNS = (*_INSERT_COLUMNS, *PRICE_COLUMNS)
 # An event's values of CONTRACT_COLUMNS, as a tuple.
 _contract_values = operator.attrgetter(*CONTRACT_COLUMNS)
 
@@ -58,6 +69,17 @@ class Record:
     received_at: datetime
     event: MetricsEvent
 
+    @property
+    def price(self) -> prices.Price:
+        """The call's price by this process's table (``prices.current()``), at ``received_at``;
+        computed once (``functools.cached_property`` would take a lock per call)."""
+        try:
+            return self.__dict__["_price"]
+        except KeyError:
+            price = self.__dict__["_price"] = prices.current().price_event(
+                self.event, self.received_at)
+            return price
+
     def row(self) -> tuple:
         """The values for ``_INSERT_COLUMNS``, in order."""
         data = self.event
@@ -68,11 +90,15 @@ class Record:
             Json(data.model_extra or {}),
         )
 
+    def stored_row(self) -> tuple:
+        """The values for ``_STORED_COLUMNS``: :meth:`row` and the price."""
+        return (*self.row(), *self.price)
+
     def copy_line(self) -> str:
-        """The row as one line of COPY text format (tab-separated, ``\\N`` for NULL)."""
+        """The stored row as one line of COPY text format (tab-separated, ``\\N`` for NULL)."""
         data = self.event
         values = [self.event_id, self.received_at.isoformat(), *_contract_values(data),
-                  json.dumps(data.model_extra) if data.model_extra else "{}"]
+                  json.dumps(data.model_extra) if data.model_extra else "{}", *self.price]
         return "\t".join(map(_copy_text, values)) + "\n"
 
 
@@ -109,8 +135,11 @@ _WINDOW_START = "(now() AT TIME ZONE 'UTC')::date - (%(days)s - 1)"
 _ROLLED_COLUMNS = (
     "id, received_at, business_id, conversation_id, model_name, response_time_ms, "
     "success_rate, tokens_used, api_cost_usd, appointment_requested, appointment_booked, "
-    "human_handoff_requested, intent_detected"
+    "human_handoff_requested, intent_detected, price_usd, price_status"
 )
+# The events whose client figure is compared with the service's price: priced
+# ones for which the client gave a cost (OTLP spans usually carry none).
+_COMPARED = "price_usd IS NOT NULL AND api_cost_usd > 0"
 _DAILY_SUMS = (
     ("messages", "count(*)"),
     ("tokens", "sum(tokens_used)"),
@@ -120,7 +149,15 @@ _DAILY_SUMS = (
     ("appointment_requests", "count(*) FILTER (WHERE appointment_requested)"),
     ("appointments_booked", "count(*) FILTER (WHERE appointment_booked)"),
     ("human_handoffs", "count(*) FILTER (WHERE human_handoff_requested)"),
+    ("cost_usd", "coalesce(sum(price_usd), 0)"),
+    ("priced_messages", "count(price_usd)"),
+    ("estimated_messages", "count(*) FILTER (WHERE price_status = 'estimated')"),
+    ("unpriced_messages", "count(*) FILTER (WHERE price_status = 'unpriced')"),
+    ("compared_cost_usd", f"coalesce(sum(price_usd) FILTER (WHERE {_COMPARED}), 0)"),
+    ("compared_api_cost_usd", f"coalesce(sum(api_cost_usd) FILTER (WHERE {_COMPARED}), 0)"),
 )
+# The sums of _DAILY_SUMS that depend on the price (what repricing changes).
+PRICE_SUMS = _DAILY_SUMS[-6:]
 _DAILY_NAMES = ", ".join(name for name, _ in _DAILY_SUMS)
 
 
@@ -195,7 +232,7 @@ rollup_conversations_span AS (
 def insert_sql(source: str, shard: int | str) -> str:
     """One statement inserting the rows of ``source`` and rolling up those inserted.
 
-    ``source`` is a query yielding ``_INSERT_COLUMNS`` in order, each typed
+    ``source`` is a query yielding ``_STORED_COLUMNS`` in order, each typed
     (``unnest`` of typed arrays, a staging table, or a generator in the
     benchmark's loader). Returns the inserted ``event_id``s. Rows whose
     ``event_id`` is already stored are skipped and left out of the rollups
@@ -205,7 +242,7 @@ def insert_sql(source: str, shard: int | str) -> str:
     Events go in ``event_id`` order and each rollup in key order, so
     concurrent inserts sharing ids or keys do not deadlock.
     """
-    columns = ", ".join(_INSERT_COLUMNS)
+    columns = ", ".join(_STORED_COLUMNS)
     return f"""
 WITH ins AS (
     INSERT INTO mlops_events ({columns})
@@ -226,27 +263,70 @@ WITH ins AS (
 SELECT event_id FROM ins"""
 
 
-# Parameter types of mlops_insert_events: one array per column of _INSERT_COLUMNS.
+# Parameter types of mlops_insert_events: one array per column of _STORED_COLUMNS.
 _ARRAY_TYPES = (
     "text", "timestamptz", "text", "text", "text", "double precision", "double precision",
     "double precision", "bigint", "bigint", "bigint", "numeric", "text", "text", "boolean",
-    "boolean", "boolean", "integer", "integer", "text", "jsonb",
+    "boolean", "boolean", "integer", "integer", "text", "jsonb", "numeric", "text",
 )
 
 
 # The migration holding the current insert_function_sql(); 0003 held the
 # first version, 0005 the one before mlops_rollup_epoch, 0007 the one before
 # mlops_erasures, 0009 the one that let Postgres re-plan every call, 0010
-# the one before erasure by session, 0012 the one taking keys in no set order.
-INSERT_FUNCTION_MIGRATION = "0013_insert_function_ordered.sql"
+# the one before erasure by session, 0012 the one taking keys in no set order,
+# 0013 the one before prices.
+INSERT_FUNCTION_MIGRATION = "0014_insert_function_prices.sql"
+
+# The schema the current function needs, created by the same migration before
+# it: the call's price beside the client's figure, the price sums of the daily
+# rollup, and the progress of pricing the events stored before (the
+# maintenance job). ADD COLUMN with a constant default or none rewrites
+# nothing, and the checks are NOT VALID (new rows only), so the table is not
+# scanned under its lock. The previous function (one array fewer per price
+# column) is dropped: during a rolling upgrade, a server of the previous
+# version spools the small batches it cannot insert until it is replaced,
+# and stores its COPY batches with price_status NULL (priced by `make reprice`).
+_INSERT_FUNCTION_SCHEMA = f"""\
+DROP FUNCTION IF EXISTS mlops_insert_events(
+    {", ".join(t + "[]" for t in _ARRAY_TYPES[:-len(PRICE_COLUMNS)])}, smallint);
+ALTER TABLE mlops_events
+    ADD COLUMN price_usd numeric(24, 12),
+    ADD COLUMN price_status text;
+ALTER TABLE mlops_events
+    ADD CONSTRAINT mlops_events_price_usd_check CHECK (price_usd >= 0) NOT VALID,
+    ADD CONSTRAINT mlops_events_price_status_check
+        CHECK (price_status IN ('priced', 'estimated', 'unpriced')) NOT VALID;
+COMMENT ON COLUMN mlops_events.price_usd IS
+    'USD by the service''s price table (mlops/prices.py); NULL when unpriced or not priced yet';
+COMMENT ON COLUMN mlops_events.price_status IS
+    'priced, estimated (total tokens only), unpriced (no table knows the model); NULL: not yet';
+ALTER TABLE mlops_rollup_daily
+    ADD COLUMN cost_usd numeric NOT NULL DEFAULT 0,
+    ADD COLUMN priced_messages bigint NOT NULL DEFAULT 0,
+    ADD COLUMN estimated_messages bigint NOT NULL DEFAULT 0,
+    ADD COLUMN unpriced_messages bigint NOT NULL DEFAULT 0,
+    ADD COLUMN compared_cost_usd numeric NOT NULL DEFAULT 0,
+    ADD COLUMN compared_api_cost_usd numeric NOT NULL DEFAULT 0;
+-- Events with id <= high_water were stored unpriced; the maintenance job prices
+-- them in batches by primary-key range (mlops/retention.py).
+CREATE TABLE mlops_price_backfill (
+    singleton    boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    high_water   bigint NOT NULL,
+    done_through bigint NOT NULL
+);
+INSERT INTO mlops_price_backfill (high_water, done_through)
+SELECT coalesce(max(id), 0), 0 FROM mlops_events;
+"""
 
 
 def insert_function_sql() -> str:
     """The text of ``migrations/INSERT_FUNCTION_MIGRATION`` (a test keeps the two equal).
 
-    ``mlops_insert_events`` runs :func:`insert_sql` over one array per
+    ``_INSERT_FUNCTION_SCHEMA`` first (the schema this version needs), then
+    ``mlops_insert_events`` running :func:`insert_sql` over one array per
     column; each version of the statement is a new migration replacing the
-    function (same signature, so ``CREATE OR REPLACE``). Being PL/pgSQL, its
+    function (``CREATE OR REPLACE``; a new signature adds an overload). Being PL/pgSQL, its
     statement is prepared once per server connection, which plain statements
     cannot be through PgBouncer (no prepared statements in transaction mode).
     ``plan_cache_mode = force_generic_plan`` makes Postgres reuse one plan
@@ -257,12 +337,13 @@ def insert_function_sql() -> str:
     one-event call's Postgres CPU. From about eight rows on it picks the
     generic plan by itself.
     """
-    params = ", ".join(f"p_{c} {t}[]" for c, t in zip(_INSERT_COLUMNS, _ARRAY_TYPES, strict=True))
-    arrays = ", ".join(f"p_{c}" for c in _INSERT_COLUMNS)
+    params = ", ".join(f"p_{c} {t}[]" for c, t in zip(_STORED_COLUMNS, _ARRAY_TYPES, strict=True))
+    arrays = ", ".join(f"p_{c}" for c in _STORED_COLUMNS)
     body = insert_sql(f"SELECT * FROM unnest({arrays})", "p_shard")
     return (
         "-- Generated by mlops.store.insert_function_sql(): the insert of insert_events\n"
         "-- (events plus rollups) as a PL/pgSQL function, so its plan is cached.\n"
+        f"{_INSERT_FUNCTION_SCHEMA}"
         f"CREATE OR REPLACE FUNCTION mlops_insert_events({params}, p_shard smallint)\n"
         "RETURNS SETOF text LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan\n"
         "AS $fn$\nBEGIN\nRETURN QUERY"
@@ -340,7 +421,7 @@ def insert_events(db: Database, records: list[Record], timeout_ms: int) -> Inser
     shard = random.randrange(SHARDS)
     rows = _first_of_each_id(records)
     if len(rows) < COPY_THRESHOLD:
-        columns = [list(values) for values in zip(*(r.row() for r in rows), strict=True)]
+        columns = [list(values) for values in zip(*(r.stored_row() for r in rows), strict=True)]
 
         def work(cur) -> Inserted:
             cur.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)};" + _CALL_SQL,
@@ -356,10 +437,10 @@ def insert_events(db: Database, records: list[Record], timeout_ms: int) -> Inser
         cur.execute(
             f"SET LOCAL statement_timeout = {int(timeout_ms)};"
             "CREATE TEMP TABLE mlops_staging ON COMMIT DROP AS "
-            f"SELECT {', '.join(_INSERT_COLUMNS)} FROM mlops_events WITH NO DATA")
-        copy_from(cur, f"COPY mlops_staging ({', '.join(_INSERT_COLUMNS)}) FROM STDIN",
+            f"SELECT {', '.join(_STORED_COLUMNS)} FROM mlops_events WITH NO DATA")
+        copy_from(cur, f"COPY mlops_staging ({', '.join(_STORED_COLUMNS)}) FROM STDIN",
                   io.StringIO(data))
-        cur.execute(insert_sql(f"SELECT {', '.join(_INSERT_COLUMNS)} FROM mlops_staging", shard))
+        cur.execute(insert_sql(f"SELECT {', '.join(_STORED_COLUMNS)} FROM mlops_staging", shard))
         return _find_conflicts(cur, records, {row[0] for row in cur.fetchall()},
                                    timeout_ms)
 
@@ -392,7 +473,10 @@ SELECT
         coalesce(sum(messages), 0), coalesce(sum(tokens), 0), coalesce(sum(api_cost_usd), 0),
         coalesce(sum(response_time_ms_sum), 0), coalesce(sum(success_rate_sum), 0),
         coalesce(sum(appointment_requests), 0), coalesce(sum(appointments_booked), 0),
-        coalesce(sum(human_handoffs), 0)) FROM d),
+        coalesce(sum(human_handoffs), 0), coalesce(sum(cost_usd), 0),
+        coalesce(sum(priced_messages), 0), coalesce(sum(estimated_messages), 0),
+        coalesce(sum(unpriced_messages), 0), coalesce(sum(compared_cost_usd), 0),
+        coalesce(sum(compared_api_cost_usd), 0)) FROM d),
     (SELECT count(*) FROM mlops_rollup_conversations
      WHERE business_id = %(business_id)s AND last_day >= {_WINDOW_START}),
     (SELECT coalesce(json_agg(json_build_array(bucket, n)), '[]'::json) FROM (
@@ -401,12 +485,15 @@ SELECT
         GROUP BY bucket) h),
     (SELECT coalesce(json_agg(m ORDER BY m.model_name), '[]'::json) FROM (
         SELECT model_name, sum(messages) AS messages, sum(tokens) AS tokens,
-               sum(api_cost_usd) AS api_cost_usd,
+               sum(api_cost_usd) AS api_cost_usd, sum(cost_usd) AS cost_usd,
+               sum(unpriced_messages) AS unpriced_messages,
+               sum(estimated_messages) AS estimated_messages,
                sum(response_time_ms_sum)::numeric / sum(messages) AS avg_response_time_ms
         FROM d GROUP BY model_name) m),
     (SELECT coalesce(json_agg(x ORDER BY x.date), '[]'::json) FROM (
         SELECT to_char(day, 'YYYY-MM-DD') AS date, sum(messages) AS messages,
                sum(tokens) AS tokens, sum(api_cost_usd) AS api_cost_usd,
+               sum(cost_usd) AS cost_usd,
                sum(response_time_ms_sum)::numeric / sum(messages) AS avg_response_time_ms,
                sum(appointments_booked) AS appointments_booked
         FROM d GROUP BY day) x),
@@ -424,10 +511,22 @@ SELECT
 def analytics(db: Database, business_id: str, days: int) -> dict:
     """Aggregates for one business over the last ``days`` UTC days (today included).
 
-    Returns ``{"metrics": {...}, "by_model": [...], "daily": [...],
-    "by_intent": [...]}``, read from the rollups only. Units: milliseconds,
-    tokens, USD. ``daily`` rows (oldest first) carry ``date``, ``messages``,
-    ``tokens``, ``api_cost_usd``, ``avg_response_time_ms``,
+    Returns ``{"metrics": {...}, "cost": {...}, "by_model": [...], "daily":
+    [...], "by_intent": [...]}``, read from the rollups only. Units:
+    milliseconds, tokens, USD. Costs: ``api_cost_usd`` (and
+    ``total_api_cost_usd``) is the client's own figure; ``cost_usd`` (and
+    ``total_cost_usd``) the service's price (mlops/prices.py), summed over
+    priced and estimated calls. ``cost`` holds ``cost_usd``,
+    ``client_estimate_usd``, ``client_estimate_difference`` ((client -
+    price) / price over ``compared_*``: the priced calls whose client cost
+    is above 0; None when there are none), ``priced_messages``,
+    ``estimated_messages``, ``unpriced_messages``, ``pending_messages``
+    (stored before pricing, not priced yet), ``unpriced_models``
+    (``[{"model_name", "messages"}]``, most first) and, when some are,
+    ``unpriced``: one line naming them. ``by_model`` rows carry
+    ``cost_usd``, ``unpriced_messages`` and ``estimated_messages`` too.
+    ``daily`` rows (oldest first) carry ``date``, ``messages``,
+    ``tokens``, ``api_cost_usd``, ``cost_usd``, ``avg_response_time_ms``,
     ``appointments_booked``, ``p50_response_time_ms`` and
     ``p95_response_time_ms``; ``by_intent`` is ``[{"intent_detected",
     "messages"}]``, busiest first (ties by name). Counts, sums and means are
@@ -444,7 +543,7 @@ def analytics(db: Database, business_id: str, days: int) -> dict:
         return cur.fetchone()
 
     totals, conversations, histogram, by_model, daily, day_histograms, by_intent = db.run(work)
-    n, tokens, cost, rt_sum, sr_sum, requested, booked, handoffs = totals
+    n, tokens, cost, rt_sum, sr_sum, requested, booked, handoffs, *priced = totals
     histogram = [(int(b), int(c)) for b, c in histogram]
     metrics = {
         "total_messages": n,
@@ -453,6 +552,7 @@ def analytics(db: Database, business_id: str, days: int) -> dict:
         "avg_tokens_used": tokens / n if n else 0,
         "total_tokens": tokens,
         "total_api_cost_usd": cost,
+        "total_cost_usd": priced[0],
         "appointment_requests": requested,
         "appointments_booked": booked,
         "human_handoffs": handoffs,
@@ -467,30 +567,76 @@ def analytics(db: Database, business_id: str, days: int) -> dict:
     for row in daily:
         row["p50_response_time_ms"] = rollups.percentile(per_day.get(row["date"], ()), 0.5)
         row["p95_response_time_ms"] = rollups.percentile(per_day.get(row["date"], ()), 0.95)
-    return {"metrics": metrics, "by_model": by_model, "daily": daily, "by_intent": by_intent}
+    return {"metrics": metrics, "cost": _cost_summary(n, cost, priced, by_model),
+            "by_model": by_model, "daily": daily, "by_intent": by_intent}
+
+
+def _cost_summary(messages: int, client_cost, priced: list, by_model: list[dict]) -> dict:
+    """``analytics``'s ``cost`` block from the window's price sums (see its docstring)."""
+    cost, priced_n, estimated_n, unpriced_n, compared_cost, compared_client = priced
+    unpriced = [{"model_name": m["model_name"], "messages": m["unpriced_messages"]}
+                for m in by_model if m["unpriced_messages"]]
+    unpriced.sort(key=lambda m: (-m["messages"], m["model_name"]))
+    pending = messages - priced_n - unpriced_n
+    summary = {
+        "cost_usd": cost,
+        "client_estimate_usd": client_cost,
+        "client_estimate_difference": (compared_client - compared_cost) / compared_cost
+        if compared_cost else None,
+        "compared_cost_usd": compared_cost,
+        "compared_client_estimate_usd": compared_client,
+        "priced_messages": priced_n,
+        "estimated_messages": estimated_n,
+        "unpriced_messages": unpriced_n,
+        "pending_messages": pending,
+        "unpriced_models": unpriced,
+    }
+    if unpriced:
+        names = ", ".join(f"{m['model_name']} ({m['messages']})" for m in unpriced[:20])
+        more = f" and {len(unpriced) - 20} more" if len(unpriced) > 20 else ""
+        summary["unpriced"] = (f"{unpriced_n} calls of models no price table knows, left out "
+                               f"of cost_usd: {names}{more}; add them to PRICES_FILE")
+    return summary
 
 
 def _business_sums(where: str) -> str:
-    """Per business: messages, tokens, cost, sum of success_rate over the daily rollup rows
-    matching ``where``."""
+    """Per business: messages, tokens, client cost, sum of success_rate, priced cost over
+    the daily rollup rows matching ``where``."""
     return ("SELECT business_id, sum(messages) n, sum(tokens) t, sum(api_cost_usd) c, "
-            f"sum(success_rate_sum) s FROM mlops_rollup_daily WHERE {where} GROUP BY 1")
+            "sum(success_rate_sum) s, sum(cost_usd) p "
+            f"FROM mlops_rollup_daily WHERE {where} GROUP BY 1")
+
+
+class BusinessRow(tuple):
+    """One business's totals over a window: ``(business_id, messages, tokens,
+    api_cost_usd, success_rate)`` (the client's cost in USD, mean success_rate
+    0..1), plus the attribute ``cost_usd``: the service's price in USD."""
+
+    cost_usd: float
+
+    def __new__(cls, business_id: str, messages: int, tokens: int, api_cost_usd: float,
+                success_rate: float, cost_usd: float) -> BusinessRow:
+        row = super().__new__(cls, (business_id, messages, tokens, api_cost_usd, success_rate))
+        row.cost_usd = cost_usd
+        return row
 
 
 _BUSINESS_TOTALS_SQL = (_business_sums(f"day >= {_WINDOW_START}")
                         + " ORDER BY n DESC, business_id")
 
 
-def business_totals(db: Database, days: int = 30) -> list[tuple[str, int, int, float, float]]:
+def business_totals(db: Database, days: int = 30) -> list[BusinessRow]:
     """Per business over the last ``days`` UTC days (today included), from the rollups.
 
-    ``(business_id, messages, tokens, cost_usd, success_rate)``, busiest
-    first (ties by id). Feeds the per-business gauges on ``/metrics``.
+    Rows of :class:`BusinessRow` (``api_cost_usd`` the client's figure, ``.cost_usd``
+    the service's price), busiest first (ties by id). Feeds the
+    per-business gauges on ``/metrics``.
     """
     def work(cur):
         cur.execute(db.timeout_prefix() + _BUSINESS_TOTALS_SQL, {"days": days})
         # Means divided here: Postgres raises "underflow" dividing a subnormal double.
-        return [(b, int(n), int(t), float(c), s / int(n)) for b, n, t, c, s in cur.fetchall()]
+        return [BusinessRow(b, int(n), int(t), float(c), s / int(n), float(p))
+                for b, n, t, c, s, p in cur.fetchall()]
 
     return db.run(work)
 
@@ -506,19 +652,20 @@ WITH k AS MATERIALIZED (
 -- small epoch table is costed as if it ran thousands of times, enough to
 -- start the JIT compiler, which takes longer than the query).
 SELECT (SELECT today FROM k), (SELECT changes FROM k), (SELECT settled_stale FROM k),
-    (SELECT array_agg(ARRAY[business_id, n::text, t::text, c::text, s::text]) FROM (
+    (SELECT array_agg(ARRAY[business_id, n::text, t::text, c::text, s::text, p::text]) FROM (
         {_business_sums(f"day >= {_SETTLED_BEFORE} AND day >= {_WINDOW_START}")}) r),
-    (SELECT array_agg(ARRAY[business_id, n::text, t::text, c::text, s::text]) FROM (
+    (SELECT array_agg(ARRAY[business_id, n::text, t::text, c::text, s::text, p::text]) FROM (
         {_business_sums(f"(SELECT settled_stale FROM k) AND day >= {_WINDOW_START}"
                         f" AND day < {_SETTLED_BEFORE}")}) p)
 """
 
-# business: (messages, tokens, cost in USD, sum of success_rate)
-_Sums = dict[str, tuple[int, int, Decimal, float]]
+# business: (messages, tokens, client cost in USD, sum of success_rate, priced cost in USD)
+_Sums = dict[str, tuple[int, int, Decimal, float, Decimal]]
 
 
 def _sums(rows) -> _Sums:
-    return {b: (int(n), int(t), Decimal(c), float(s)) for b, n, t, c, s in rows or ()}
+    return {b: (int(n), int(t), Decimal(c), float(s), Decimal(p))
+            for b, n, t, c, s, p in rows or ()}
 
 
 class BusinessTotals:
@@ -537,7 +684,7 @@ class BusinessTotals:
         self._key: tuple[object, int] | None = None  # (UTC date, changes) of _settled
         self._settled: _Sums = {}
 
-    def read(self, db: Database) -> list[tuple[str, int, int, float, float]]:
+    def read(self, db: Database) -> list[BusinessRow]:
         """The rows of ``business_totals(db, days)``; raises what ``Database.run`` raises."""
         today, changes = self._key or (None, None)
 
@@ -551,9 +698,10 @@ class BusinessTotals:
             self._settled, self._key = _sums(settled), (today, changes)
         totals = dict(self._settled)
         for business, sums in _sums(recent).items():
-            old = totals.get(business, (0, 0, Decimal(0), 0.0))
+            old = totals.get(business, (0, 0, Decimal(0), 0.0, Decimal(0)))
             totals[business] = tuple(a + b for a, b in zip(old, sums, strict=True))
-        return sorted(((b, n, t, float(c), s / n) for b, (n, t, c, s) in totals.items() if n),
+        return sorted((BusinessRow(b, n, t, float(c), s / n, float(p))
+                       for b, (n, t, c, s, p) in totals.items() if n),
                       key=lambda row: (-row[1], row[0]))
 
 
@@ -748,6 +896,175 @@ def delete_expired_rollups(db: Database, days: int, limit: int) -> int | None:
         return deleted
 
     return _locked(db, work, wait=False)
+
+
+# --- prices of stored events: the backfill and reprice ----------------------
+#
+# Both price rows in Python (the table is mlops/prices.py) and write the
+# prices back with the rollups' price sums moved by the difference, in one
+# transaction under the maintenance lock, so the rollups stay equal to the
+# raw sums. Only rows already rolled up are priced (the rollup backfill has
+# finished; see price_backfill_batch and reprice).
+
+# What pricing a stored row reads.
+_PRICE_INPUT = ("id, received_at, model_name, prompt_tokens, completion_tokens, tokens_used, "
+                f"extra -> '{prices.PROVIDER_KEY}', extra -> '{prices.CACHE_READ_KEY}'")
+
+
+def _price_sums(source: str) -> str:
+    return (f"SELECT business_id, {_DAY} AS day, model_name, "
+            + ", ".join(f"{expr} AS {name}" for name, expr in PRICE_SUMS)
+            + f" FROM {source} GROUP BY 1, 2, 3")
+
+
+_NAMES = [name for name, _ in PRICE_SUMS]
+# Writes the new prices of rows (ids, costs, statuses) and adds, per rollup
+# key, (sums over the rows as priced now) - (sums as priced before) to one
+# shard row of that key. Rows whose price does not change are left alone.
+_REPRICE_SQL = f"""
+WITH new AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(costs)s::numeric[], %(statuses)s::text[])
+        AS n (id, price_usd, price_status)
+),
+changed AS MATERIALIZED (
+    SELECT e.id, e.business_id, e.received_at, e.model_name, e.api_cost_usd,
+           e.price_usd AS old_price_usd, e.price_status AS old_price_status,
+           n.price_usd, n.price_status
+    FROM mlops_events e JOIN new n USING (id)
+    WHERE e.price_usd IS DISTINCT FROM n.price_usd::numeric(24, 12)
+       OR e.price_status IS DISTINCT FROM n.price_status
+    FOR UPDATE OF e
+),
+updated AS (
+    UPDATE mlops_events e SET price_usd = c.price_usd, price_status = c.price_status
+    FROM changed c WHERE e.id = c.id
+    RETURNING e.id, e.business_id, e.received_at, e.model_name, e.api_cost_usd,
+              e.price_usd, e.price_status
+),
+before AS (
+    SELECT business_id, received_at, model_name, api_cost_usd,
+           old_price_usd AS price_usd, old_price_status AS price_status FROM changed
+),
+delta AS (
+    SELECT a.business_id, a.day, a.model_name,
+           {", ".join(f"a.{n} - b.{n} AS {n}" for n in _NAMES)}
+    FROM ({_price_sums("updated")}) a JOIN ({_price_sums("before")}) b
+      USING (business_id, day, model_name)
+),
+-- One shard row per key takes the difference (the lowest: shard 0 once folded).
+target AS (
+    SELECT DISTINCT ON (r.business_id, r.day, r.model_name) r.shard, d.*
+    FROM mlops_rollup_daily r JOIN delta d USING (business_id, day, model_name)
+    ORDER BY r.business_id, r.day, r.model_name, r.shard
+),
+-- Locked in key order, the order writers lock rollup rows in, so a reprice
+-- and concurrent inserts do not deadlock. Rows are matched by key, not ctid:
+-- an insert may update a row (a new version) meanwhile.
+locked AS MATERIALIZED (
+    SELECT r.business_id, r.day, r.model_name, r.shard FROM mlops_rollup_daily r
+    JOIN target t USING (business_id, day, model_name, shard)
+    ORDER BY r.business_id, r.day, r.model_name, r.shard
+    FOR UPDATE OF r
+),
+rolled AS (
+    UPDATE mlops_rollup_daily r SET {", ".join(f"{n} = r.{n} + t.{n}" for n in _NAMES)}
+    FROM target t JOIN locked l USING (business_id, day, model_name, shard)
+    WHERE (r.business_id, r.day, r.model_name, r.shard)
+        = (t.business_id, t.day, t.model_name, t.shard)
+),
+epoch AS (
+    {_BUMP_EPOCH_SQL} WHERE EXISTS (SELECT FROM delta WHERE day < {_SETTLED_BEFORE})
+)
+SELECT count(*) FROM updated"""
+
+
+def _reprice_rows(cur, rows: list[tuple], table: prices.Table) -> int:
+    """Price ``rows`` (``_PRICE_INPUT`` values) by ``table`` and store what changed;
+    returns the rows whose price changed."""
+    if not rows:
+        return 0
+    ids, costs, statuses = [], [], []
+    for row_id, at, model, prompt, completion, total, provider, cached in rows:
+        cost, status = table.price_stored(model, at, prompt, completion, total, provider,
+                                          cached)
+        ids.append(row_id)
+        costs.append(cost)
+        statuses.append(status)
+    cur.execute(_REPRICE_SQL, {"ids": ids, "costs": costs, "statuses": statuses})
+    return cur.fetchone()[0]
+
+
+_PRICE_BACKFILL_BATCH_SQL = f"""
+SELECT {_PRICE_INPUT} FROM mlops_events
+WHERE id > (SELECT done_through FROM mlops_price_backfill)
+  AND id <= (SELECT high_water FROM mlops_price_backfill)
+  AND price_status IS NULL
+ORDER BY id LIMIT %(limit)s"""
+_PRICE_BACKFILL_MOVE_SQL = """
+UPDATE mlops_price_backfill
+SET done_through = CASE WHEN %(last)s::bigint IS NULL THEN high_water ELSE %(last)s END
+WHERE done_through < high_water"""
+
+
+def price_backfill_batch(db: Database, limit: int, table: prices.Table) -> int | None:
+    """Price the next ``limit`` events stored before prices existed, by ``table``.
+
+    Call once :func:`backfill_finished` (their rollup rows must exist).
+    Returns the events read (fewer than ``limit``: finished), or None when
+    another process holds the maintenance lock. Idempotent: progress is kept
+    in ``mlops_price_backfill``, and rows already priced are skipped.
+    Reads ``mlops_events`` by primary-key range.
+    """
+    def work(cur):
+        cur.execute(_PRICE_BACKFILL_BATCH_SQL, {"limit": limit})
+        rows = cur.fetchall()
+        _reprice_rows(cur, rows, table)
+        last = rows[-1][0] if len(rows) == limit else None
+        cur.execute(_PRICE_BACKFILL_MOVE_SQL, {"last": last})
+        return len(rows)
+
+    return _locked(db, work, wait=False)
+
+
+_REPRICE_BATCH_SQL = f"""
+SELECT {_PRICE_INPUT} FROM mlops_events
+WHERE received_at >= %(since)s AND received_at < %(until)s
+  AND id > %(after)s AND id <= %(through)s
+ORDER BY id LIMIT %(limit)s"""
+
+
+def reprice(db: Database, since: datetime, until: datetime, table: prices.Table, *,
+            limit: int = 5000, timeout_ms: int = 60_000) -> tuple[int, int]:
+    """Price again, by ``table``, every event received in ``[since, until)`` and stored
+    before the call (later ones were priced as they were stored).
+
+    Runs batches of ``limit`` rows, each one transaction waiting for the
+    maintenance lock (bounded by ``timeout_ms``); the rollups' price sums move
+    with the prices. Returns ``(events read, events whose price changed)``.
+    Raises ``RuntimeError`` while the rollup backfill has not finished (rows
+    it has not reached have no rollup to correct yet), and the errors of
+    ``Database.run``.
+    """
+    if not backfill_finished(db):
+        raise RuntimeError("the rollup backfill has not finished; reprice after it has")
+    def newest(cur):
+        cur.execute(db.timeout_prefix() + "SELECT coalesce(max(id), 0) FROM mlops_events")
+        return cur.fetchone()[0]
+
+    through = db.run(newest)
+    after, read, changed = 0, 0, 0
+    while True:
+        def work(cur, after=after):
+            cur.execute(_REPRICE_BATCH_SQL, {"since": since, "until": until, "after": after,
+                                             "through": through, "limit": limit})
+            rows = cur.fetchall()
+            return rows, _reprice_rows(cur, rows, table)
+
+        rows, n = _locked(db, work, wait=True, timeout_ms=timeout_ms)
+        read, changed = read + len(rows), changed + n
+        if len(rows) < limit:
+            return read, changed
+        after = rows[-1][0]
 
 
 # --- erasure -----------------------------------------------------------------

@@ -36,6 +36,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from . import prices
 from .erased_series import ErasedSeries
 from .schemas import MetricsEvent
 
@@ -77,6 +78,14 @@ AI_TOKENS = Counter(
     "ai_tokens_used", "Tokens consumed (prompt + completion).", ["business_id", "model_name"])
 AI_COST = Counter(
     "ai_api_cost_usd", "Estimated model API cost in US dollars.", ["business_id", "model_name"])
+# --- the service's own price of each call (mlops/prices.py) ---
+AI_PRICED_COST = Counter(
+    "ai_cost_usd", "Model API cost in US dollars by the service's price table (genai-prices "
+    "and PRICES_FILE); calls no table knows add nothing here and count in "
+    "mlops_unpriced_events_total.", ["business_id", "model_name"])
+UNPRICED_EVENTS = Counter(
+    "mlops_unpriced_events", "Events stored whose model no price table knows, by model_name: "
+    "add the model to PRICES_FILE.", ["model_name"])
 APPOINTMENTS_REQUESTED = Counter(
     "appointments_requested", "Messages in which the user asked for an appointment.",
     ["business_id"])
@@ -242,13 +251,14 @@ class Telemetry:
     def __init__(self, *, max_series: int, multiproc_dir: Path | None = None) -> None:
         self._budgets = {family: SeriesBudget(family, max_series) for family in (
             AI_REQUESTS, AI_TOKENS, AI_COST, APPOINTMENTS_REQUESTED, APPOINTMENTS_BOOKED,
-            HUMAN_HANDOFFS, GEN_AI_TOKEN_USAGE, GEN_AI_DURATION)}
+            HUMAN_HANDOFFS, GEN_AI_TOKEN_USAGE, GEN_AI_DURATION, AI_PRICED_COST,
+            UNPRICED_EVENTS)}
         self._multiprocess = multiproc_dir is not None
         self.state = None
         self._state_registry = CollectorRegistry(auto_describe=False)
         self.erased = ErasedSeries(
             (AI_REQUESTS, AI_TOKENS, AI_COST, APPOINTMENTS_REQUESTED, APPOINTMENTS_BOOKED,
-             HUMAN_HANDOFFS),
+             HUMAN_HANDOFFS, AI_PRICED_COST),
             multiproc_dir)
 
     def add_collector(self, collector) -> None:
@@ -287,6 +297,11 @@ class Telemetry:
             increments[AI_REQUESTS, (business, e.response_type, e.intent_detected)] += 1
             increments[AI_TOKENS, (business, model)] += e.tokens_used
             increments[AI_COST, (business, model)] += e.api_cost_usd
+            cost, status = record.price
+            if cost is not None:
+                increments[AI_PRICED_COST, (business, model)] += float(cost)
+            elif status == prices.UNPRICED:
+                increments[UNPRICED_EVENTS, (model,)] += 1
             if e.appointment_requested:
                 increments[APPOINTMENTS_REQUESTED, (business,)] += 1
             if e.appointment_booked:

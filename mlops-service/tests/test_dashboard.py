@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import ADMIN_URL, admin, empty_tables, with_dbname
-from payloads import varied
+from payloads import SUCCESS, varied
 from pgcluster import PgCluster
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -467,7 +467,7 @@ def test_intent_mix_is_shown(server, businesses, page):
 
 DAY_SECONDS = 86400
 # What each chart shows: ``daily`` row key, and the value of a day without messages.
-CHARTS = {"chart-messages": ("messages", 0), "chart-cost": ("api_cost_usd", 0),
+CHARTS = {"chart-messages": ("messages", 0), "chart-cost": ("cost_usd", 0),
           "chart-latency": ("p95_response_time_ms", None)}  # no reply, no reply time
 
 
@@ -514,6 +514,35 @@ def test_a_total_of_millions_fits_its_tile_on_one_line(server, page):
         "range.selectNodeContents(e);"
         "return new Set([...range.getClientRects()].map(r => Math.round(r.top))).size", tokens)
     assert lines == 1
+    assert_clean_console(page)
+
+
+def test_the_cost_is_the_price_beside_the_client_estimate_and_unpriced_models_are_named(
+        server, page):
+    """The cost tile shows the service's price, "client estimate +72%" under it, and
+    the models no price table knows by name; their cost is "unpriced", never $0."""
+    business = f"dash-prices-{uuid.uuid4().hex[:6]}"
+    course = {**SUCCESS, "business_id": business}
+    unknown = {**course, "model_name": "acme-chat-7b"}
+    track(server.url, [course, unknown, {**unknown, "session_id": "sess_2"}])
+    open_page(page, f"{server.url}/?business_id={business}&days=1")
+    body = analytics(server.url, business, 1)
+    assert_page_matches(page, body)
+    cost = page.find_element(By.CSS_SELECTOR, "[data-metric=total_cost_usd]")
+    assert float(cost.get_attribute("title").split()[0]) == pytest.approx(4.485e-05)
+    assert cost.text.startswith("$0.0000")
+    note = page.find_element(By.ID, "client-estimate")
+    assert note.text.startswith("client estimate +72% ($")
+    assert page.find_element(By.ID, "client-estimate-difference").text == "+72%"
+    unpriced = page.find_element(By.ID, "unpriced")
+    assert unpriced.is_displayed()
+    assert "2 calls of models" in unpriced.text and "PRICES_FILE" in unpriced.text
+    assert [li.text for li in unpriced.find_elements(By.CSS_SELECTOR, "#unpriced-models li")] \
+        == ["acme-chat-7b — 2 calls"]
+    rows = {row.find_element(By.TAG_NAME, "th").text: row.find_elements(By.TAG_NAME, "td")
+            for row in page.find_elements(By.CSS_SELECTOR, "#model-table tbody tr")}
+    assert rows["acme-chat-7b"][2].text == "unpriced"
+    assert rows["gemini-1.5-flash"][2].text.startswith("$0.0000")
     assert_clean_console(page)
 
 

@@ -33,11 +33,17 @@ def analytics(business_id: str):
 
     ``days`` is a query parameter (default 30). Read from the rollups (see
     ``store.analytics``): counts, sums and means exact, p50/p95 within 4.9%.
+    ``cost_usd`` is the service's price of the calls (docs/prices.md),
+    ``api_cost_usd`` the client's own figure.
 
     Body: ``{"business_id", "period": "<N>_days", "days", "metrics": {the
-    course's keys + total_messages, total_tokens, p50/p95_response_time_ms,
-    success_rate}, "by_model": [...], "daily": [{date, messages, tokens,
-    api_cost_usd, avg/p50/p95_response_time_ms, appointments_booked}],
+    course's keys + total_messages, total_tokens, total_cost_usd,
+    p50/p95_response_time_ms, success_rate}, "cost": {cost_usd,
+    client_estimate_usd, client_estimate_difference, priced/estimated/
+    unpriced/pending_messages, unpriced_models, unpriced (a line naming the
+    models no price table knows, when some are)}, "by_model": [...],
+    "daily": [{date, messages, tokens, api_cost_usd, cost_usd,
+    avg/p50/p95_response_time_ms, appointments_booked}],
     "by_intent": [{"intent_detected", "messages"}] (busiest first, ties by
     name), "timestamp"}``. An unknown business gets zeros and empty lists.
     Errors: 401/403 (API key, ``read`` scope; 403 too for a business the key

@@ -31,8 +31,10 @@ def businesses():
     """Each business with messages over the last ``days`` (query, default 30), busiest first.
 
     Body: ``{"days", "period": "<N>_days", "businesses": [{"business_id",
-    "messages", "tokens", "api_cost_usd", "success_rate"}], "timestamp"}``.
-    Units: tokens, US dollars; ``success_rate`` is the mean of the events'
+    "messages", "tokens", "cost_usd", "api_cost_usd", "success_rate"}],
+    "timestamp"}``. Units: tokens, US dollars; ``cost_usd`` is the service's
+    price (mlops/prices.py; unpriced calls left out), ``api_cost_usd`` the
+    client's own figure; ``success_rate`` is the mean of the events'
     ``success_rate`` (0..1). Ties in ``messages`` are ordered by
     ``business_id`` so the list is stable between refreshes. A business with
     no message in the window is not listed, nor, for a key limited to some
@@ -54,9 +56,9 @@ def businesses():
         "days": query.days,
         "period": f"{query.days}_days",
         "businesses": [
-            {"business_id": business_id, "messages": messages, "tokens": tokens,
-             "api_cost_usd": cost_usd, "success_rate": success_rate}
-            for business_id, messages, tokens, cost_usd, success_rate in rows
+            {"business_id": row[0], "messages": row[1], "tokens": row[2],
+             "cost_usd": row.cost_usd, "api_cost_usd": row[3], "success_rate": row[4]}
+            for row in rows
         ],
         "timestamp": datetime.now(UTC).isoformat(),
     })

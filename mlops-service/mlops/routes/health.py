@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, jsonify
 
+from .. import prices
 from ..auth import HEADER, get_auth
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..draining import is_draining
@@ -117,7 +118,8 @@ def ready():
 @bp.get("/health/detailed")
 def detailed():
     """Everything an operator asks first: uptime (s), version, database, pool, spool,
-    and the database's size against its budget (``storage``, see :func:`_storage_status`).
+    the database's size against its budget (``storage``, see :func:`_storage_status`),
+    and ``price_table`` (genai-prices version, ``+overrides-<sha256 prefix>`` of PRICES_FILE).
 
     Always 200 (it reports, it does not judge); ``status`` is ``"healthy"`` or
     ``"degraded"`` (database down or full). With API keys set and no key granting
@@ -159,6 +161,7 @@ def detailed():
         "spool": _spool_status(services),
         "storage": _storage_status(),
         "auth": auth,
+        "price_table": prices.current().version,
         **({"keys": _keys(services.auth)} if reveal else {}),
         "timestamp": datetime.now(UTC).isoformat(),
     })
@@ -173,6 +176,8 @@ def _keys(auth) -> list[dict]:
              "expired": grant.expired(now)}
             for key_id, source, grant in auth.keyring.listing
             if own is None or key_id == own]
+
+
 def _storage_status() -> dict:
     """The database's size against ``DATABASE_SIZE_LIMIT`` (``mlops.storage_budget``).
 

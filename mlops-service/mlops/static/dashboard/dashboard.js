@@ -3,7 +3,8 @@
  * Reads three endpoints of this origin and draws what they return; it
  * computes no figure of its own except the intent shares and the funnel bars:
  *   /businesses?days=N          the picker, busiest first
- *   /analytics/<id>?days=N      totals, by_model, daily (and by_intent when present)
+ *   /analytics/<id>?days=N      totals, cost (the service's price, the client's estimate,
+ *                               unpriced models), by_model, daily (and by_intent when present)
  *   /health/detailed            database up, down or full, spool depth, database size
  * With a key configured the data endpoints answer 401/403: the page asks for
  * the key once, keeps it in sessionStorage (this tab only) and sends it as the
@@ -56,7 +57,8 @@
   };
   const METRIC_FORMATS = {
     total_messages: "total", total_conversations: "total", total_tokens: "total",
-    total_api_cost_usd: "usd", success_rate: "rate", p50_response_time_ms: "ms",
+    total_cost_usd: "usd", total_api_cost_usd: "usd", success_rate: "rate",
+    p50_response_time_ms: "ms",
     p95_response_time_ms: "ms", human_handoffs: "total", appointment_requests: "total",
     appointments_booked: "total", appointment_conversion_rate: "rate",
   };
@@ -293,7 +295,7 @@
     const options = businesses.map((b) => {
       const option = new Option(`${b.business_id} — ${INTEGER.format(b.messages)} messages`,
                                 b.business_id);
-      option.title = `${b.messages} messages, ${b.tokens} tokens, ${b.api_cost_usd} USD`;
+      option.title = `${b.messages} messages, ${b.tokens} tokens, ${b.cost_usd ?? b.api_cost_usd} USD`;
       return option;
     });
     if (refused) {
@@ -309,7 +311,9 @@
   }
 
   function renderAnalytics(data) {
-    const metrics = data.metrics;
+    const metrics = { ...data.metrics };
+    // A service from before prices reports only the client's figure.
+    if (!("total_cost_usd" in metrics)) metrics.total_cost_usd = metrics.total_api_cost_usd;
     $("#business-name").textContent = data.business_id;
     $("#window-name").textContent = `(${WINDOWS[state.days] || `last ${state.days} days`})`;
     document.querySelectorAll("[data-metric]").forEach((element) => {
@@ -321,9 +325,41 @@
     $("#bar-requested").style.width = requested > 0 ? "100%" : "0";
     $("#bar-booked").style.width = requested > 0
       ? `${Math.min(100, (100 * metrics.appointments_booked) / requested)}%` : "0";
+    renderCost(data.cost);
     renderDaily(data.daily, data.timestamp);
     renderModels(data.by_model);
     renderIntents(data.by_intent);
+  }
+
+  // The priced cost is the main figure; the client's own estimate is shown under it,
+  // with how far it is from the price over the calls both priced (client figure > 0).
+  const SIGNED_PERCENT = numberFormat({ style: "percent", maximumFractionDigits: 0,
+                                        signDisplay: "exceptZero" });
+
+  function renderCost(cost) {
+    const difference = $("#client-estimate-difference");
+    const ratio = cost?.client_estimate_difference;
+    const differs = ratio != null && Math.abs(ratio) >= 0.005;
+    difference.hidden = !differs;
+    difference.textContent = differs ? SIGNED_PERCENT.format(ratio) : "";
+    difference.title = differs
+      ? `client's figure ${cost.compared_client_estimate_usd} USD against the price ` +
+        `${cost.compared_cost_usd} USD, over the calls with both` : "";
+    difference.dataset.value = differs ? String(ratio) : "";
+    const models = cost?.unpriced_models ?? [];
+    const box = $("#unpriced");
+    box.hidden = models.length === 0;
+    const calls = Number(cost?.unpriced_messages ?? 0);
+    $("#unpriced-count").textContent =
+      `${INTEGER.format(calls)} ${calls === 1 ? "call of a model" : "calls of models"}`;
+    $("#unpriced-models").replaceChildren(...models.map((m) => {
+      const item = document.createElement("li");
+      const name = document.createElement("code");
+      name.textContent = m.model_name;
+      item.append(name, ` — ${INTEGER.format(m.messages)} ${m.messages === 1 ? "call" : "calls"}`);
+      item.dataset.model = m.model_name;
+      return item;
+    }));
   }
 
   // Every UTC day of the window, oldest first: the `days` days ending on the
@@ -352,7 +388,8 @@
     const xs = days.map((d) => d.t);
     drawChart("chart-messages", "Messages", xs, days.map((d) => d.row?.messages ?? 0),
               { bars: true, kind: "count", color: "#2f6fb7" });
-    drawChart("chart-cost", "Cost", xs, days.map((d) => Number(d.row?.api_cost_usd ?? 0)),
+    drawChart("chart-cost", "Cost", xs,
+              days.map((d) => Number(d.row?.cost_usd ?? d.row?.api_cost_usd ?? 0)),
               { bars: true, kind: "usd", color: "#8a5cc2" });
     drawChart("chart-latency", latencyName, xs,
               days.map((d) => (d.row ? Number(d.row[latencyKey]) : null)),
@@ -363,7 +400,7 @@
       const row = headedRow(d.date);
       cell(row, d.messages, "count");
       cell(row, d.tokens, "count");
-      cell(row, d.api_cost_usd, "usd");
+      cell(row, d.cost_usd ?? d.api_cost_usd, "usd");
       cell(row, d[latencyKey], "ms");
       return row;
     });
@@ -432,12 +469,26 @@
       const row = headedRow(m.model_name);
       cell(row, m.messages, "count");
       cell(row, m.tokens, "count");
-      cell(row, m.api_cost_usd, "usd");
+      costCell(row, m);
       cell(row, m.avg_response_time_ms, "ms");
       return row;
     });
     body.replaceChildren(...rows);
     if (!rows.length) body.append(emptyRow(5, "No message in this window."));
+  }
+
+  // A model's priced cost; "unpriced" (never $0) when none of its calls has a price.
+  function costCell(row, m) {
+    const unpriced = Number(m.unpriced_messages ?? 0);
+    if (unpriced > 0 && unpriced === Number(m.messages)) {
+      const td = cell(row, "unpriced");
+      td.className = "num unpriced";
+      td.title = "no price table knows this model; add it to PRICES_FILE";
+      return td;
+    }
+    const td = cell(row, m.cost_usd ?? m.api_cost_usd, "usd");
+    if (unpriced > 0) td.title += ` (${unpriced} unpriced calls left out)`;
+    return td;
   }
 
   function renderIntents(byIntent) {

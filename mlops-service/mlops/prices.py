@@ -1,0 +1,425 @@
+"""What a model call cost, from a price table: the bundled ``genai-prices`` data and overrides.
+
+``genai-prices`` (PyPI, MIT, by the pydantic team) ships its price data
+inside the wheel: per provider and model, USD per million input, output and
+cached-input tokens, by date (a price change is a new entry with a start
+date), with tiers for long prompts. This module reads that data only; it
+never calls the package's update functions, so pricing needs no network.
+
+Overrides (``PRICES_FILE``, a JSON file, see docs/prices.md) name a model
+pattern, an optional provider, per-million rates and an optional
+``valid_from`` date; they win over the bundled table. A call no table knows
+is ``unpriced`` (no price, never $0); a call with only a total token count
+is priced as if every token were input and marked ``estimated``.
+
+:class:`Table` looks each (provider, model, UTC day) up once and keeps the
+resulting rates in a bounded LRU cache, so pricing an event costs a few
+``Decimal`` multiplications. The process-wide table (:func:`current`) is set
+by the app factory from the settings (:func:`configure`); rows get their
+price from it where records become rows (``mlops.store.Record``), so events
+delivered later from the spool are priced by the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import hashlib
+import json
+import re
+from datetime import UTC, date, datetime, time
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, NamedTuple
+
+import genai_prices
+from genai_prices import data_snapshot, types
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PRICED = "priced"
+ESTIMATED = "estimated"
+UNPRICED = "unpriced"
+
+# Keys of an event's extra fields read for pricing (OpenTelemetry GenAI semantic
+# conventions v1.37.0 attribute names).
+PROVIDER_KEY = "gen_ai.provider.name"
+CACHE_READ_KEY = "gen_ai.usage.cache_read.input_tokens"
+
+# gen_ai.provider.name well-known values whose genai-prices provider id differs.
+# Values not listed are passed as they are (openai, anthropic, cohere, deepseek,
+# groq, perplexity ... are the same in both).
+SEMCONV_PROVIDERS = {
+    "gcp.gemini": "google",
+    "gcp.vertex_ai": "google",
+    "gcp.gen_ai": "google",
+    "aws.bedrock": "aws",
+    "azure.ai.openai": "azure",
+    "azure.ai.inference": "azure",
+    "mistral_ai": "mistral",
+    "x_ai": "x-ai",
+}
+
+# Distinct (provider, model, day) rate lookups kept per process. Model names come
+# from clients, so the cache is bounded; a miss costs one table lookup (~40 µs).
+CACHE_SIZE = 4096
+# Lookups after which the genai-prices lookup object is rebuilt: it caches every
+# model name it was asked about, misses included, without a bound.
+SNAPSHOT_LOOKUPS = 10_000
+
+_MILLION = Decimal(1_000_000)
+_THOUSAND = Decimal(1000)
+
+
+class Price(NamedTuple):
+    """A call's price: ``cost_usd`` (US dollars, None when unpriced) and ``status``.
+
+    ``status`` is ``priced``, ``estimated`` (only a total token count was
+    given), ``unpriced`` (no table knows the model), or None when pricing is
+    off (``PRICES_ENABLED=false``: the row awaits ``make reprice``).
+    """
+
+    cost_usd: Decimal | None
+    status: str | None
+
+
+_NOT_PRICED = Price(None, None)
+# Price(...) without NamedTuple's Python-level __new__ (the per-event path).
+_new_price = tuple.__new__
+_UNPRICED = Price(None, UNPRICED)
+
+
+# --- overrides file -----------------------------------------------------------
+
+Rate = Annotated[Decimal, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
+
+
+class PriceOverride(BaseModel):
+    """One entry of ``PRICES_FILE``: rates in US dollars per million tokens.
+
+    ``model`` is a glob (``*``, ``?``, ``[...]``, fnmatch rules), matched
+    case-insensitively against the event's ``model_name``; ``provider``, when
+    given, must equal the call's ``gen_ai.provider.name`` (or the genai-prices
+    id it maps to). ``cache_read_per_mtok`` defaults to the input rate;
+    ``valid_from`` (a UTC date) defaults to always.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    model: str = Field(min_length=1, max_length=128)
+    provider: str | None = Field(default=None, min_length=1, max_length=128)
+    input_per_mtok: Rate
+    output_per_mtok: Rate
+    cache_read_per_mtok: Rate | None = None
+    request_per_k: Rate | None = None
+    valid_from: date | None = None
+
+
+class PricesFile(BaseModel):
+    """The whole ``PRICES_FILE``: ``{"prices": [PriceOverride, ...]}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prices: list[PriceOverride] = Field(max_length=10_000)
+
+
+class PricesFileError(ValueError):
+    """``PRICES_FILE`` is unreadable or malformed; ``str(error)`` is one line naming the entry."""
+
+
+def _entry_name(raw: object, index: int) -> str:
+    model = raw.get("model") if isinstance(raw, dict) else None
+    return f"entry {index + 1}" + (f" (model {model!r})" if isinstance(model, str) else "")
+
+
+def load_overrides(path: Path) -> tuple[list[PriceOverride], str]:
+    """The entries of the overrides file at ``path`` and the sha256 (hex) of its bytes.
+
+    Raises :class:`PricesFileError` (one line: the file, the entry number
+    and model, the field and what is wrong) for an unreadable file, bad
+    JSON, an entry that fails validation, or two entries for the same
+    model, provider and ``valid_from``.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PricesFileError(f"PRICES_FILE {path} cannot be read: {exc.strerror}") from None
+    try:
+        raw = json.loads(data, parse_float=Decimal)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PricesFileError(f"PRICES_FILE {path} is not valid JSON: {exc}") from None
+    try:
+        parsed = PricesFile.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = list(error["loc"])
+        where = "file"
+        if len(loc) >= 2 and loc[0] == "prices" and isinstance(loc[1], int):
+            where = _entry_name(raw["prices"][loc[1]], loc[1])
+            loc = loc[2:]
+        field = ".".join(map(str, loc)) or "entry"
+        raise PricesFileError(f"PRICES_FILE {path}: {where}: {field}: {error['msg']}") from None
+    seen: dict[tuple, int] = {}
+    for index, entry in enumerate(parsed.prices):
+        key = (entry.model.lower(), (entry.provider or "").lower(), entry.valid_from)
+        if key in seen:
+            raise PricesFileError(
+                f"PRICES_FILE {path}: {_entry_name(raw['prices'][index], index)}: same model, "
+                f"provider and valid_from as entry {seen[key] + 1}")
+        seen[key] = index
+    return parsed.prices, hashlib.sha256(data).hexdigest()
+
+
+# --- rates --------------------------------------------------------------------
+
+# A rate, flat or tiered as (base, ((start, rate), ...) highest start first)
+# (genai-prices' TieredPrices: crossing a tier's start, counted in input
+# tokens, applies its rate to every token of the call).
+_Tiered = tuple[Decimal, tuple[tuple[int, Decimal], ...]]
+# USD in picodollars (1e-12 USD, the scale of mlops_events.price_usd).
+_PICO = 10**12
+
+
+def _rate(price, input_tokens: int):
+    """The rate ``price`` (flat or tiered, Decimal or int) charges a call of ``input_tokens``."""
+    if type(price) is not tuple:
+        return price
+    base, tiers = price
+    for start, rate in tiers:
+        if input_tokens > start:
+            return rate
+    return base
+
+
+def _from_table(price: Decimal | types.TieredPrices | None) -> Decimal | _Tiered | None:
+    if isinstance(price, types.TieredPrices):
+        return price.base, tuple(sorted(((t.start, t.price) for t in price.tiers), reverse=True))
+    return price
+
+
+def _in_pico(price: Decimal | None, per: int) -> int | None:
+    """``price`` (USD per ``per`` units) in whole picodollars per unit; None if not whole."""
+    if price is None:
+        return 0
+    value = price * _PICO / per
+    return int(value) if value == value.to_integral_value() else None
+
+
+def _base(price):
+    return price[0] if type(price) is tuple else price
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """What one model costs on one day: USD per million input, output and cached-input
+    tokens, USD per thousand requests; ``source`` says which table gave them."""
+
+    input: Decimal | _Tiered
+    output: Decimal | _Tiered | None
+    cache_read: Decimal | _Tiered | None
+    requests: Decimal | None
+    source: str
+
+    def __post_init__(self) -> None:
+        # Below the first tier's start, the base rates in whole picodollars per
+        # token (per request), when each is a whole number of them (the table's
+        # are): integer arithmetic for the common call, as exact as Decimal's.
+        tiered = [p for p in (self.input, self.output, self.cache_read) if type(p) is tuple]
+        below = min((start for _, tiers in tiered for start, _ in tiers), default=2**63)
+        cached = self.cache_read if self.cache_read is not None else self.input
+        fast = (_in_pico(_base(self.input), 10**6), _in_pico(_base(self.output), 10**6),
+                _in_pico(_base(cached), 10**6), _in_pico(self.requests, 1000))
+        object.__setattr__(self, "_fast", (below, *fast) if None not in fast else None)
+
+    def cost(self, input_tokens: int, output_tokens: int, cache_read_tokens: int) -> Decimal:
+        """USD of one call; ``input_tokens`` includes ``cache_read_tokens`` (genai-prices'
+        rule: cached tokens are billed at the cache rate, or the input rate without one)."""
+        fast = self._fast
+        if fast is not None and input_tokens <= fast[0]:
+            _, rate_in, rate_out, rate_cached, per_request = fast
+            return Decimal(rate_in * (input_tokens - cache_read_tokens)
+                           + rate_cached * cache_read_tokens + rate_out * output_tokens
+                           + per_request).scaleb(-12)
+        total = Decimal(0)
+        uncached = input_tokens
+        if cache_read_tokens and self.cache_read is not None:
+            total = _rate(self.cache_read, input_tokens) * cache_read_tokens
+            uncached -= cache_read_tokens
+        total += _rate(self.input, input_tokens) * uncached
+        if output_tokens and self.output is not None:
+            total += _rate(self.output, input_tokens) * output_tokens
+        total /= _MILLION
+        if self.requests is not None:
+            total += self.requests / _THOUSAND
+        return total
+
+    @classmethod
+    def from_model_price(cls, price: types.ModelPrice, source: str) -> Rates:
+        """From a genai-prices ``ModelPrice``: the units a chat call reports (the others,
+        such as audio or web searches, count 0 here)."""
+        values = price.__dict__
+        return cls(_from_table(values.get("input_mtok")) or Decimal(0),
+                   _from_table(values.get("output_mtok")),
+                   _from_table(values.get("cache_read_mtok")),
+                   values.get("requests_kcount"), source)
+
+
+def _override_rates(entry: PriceOverride) -> Rates:
+    return Rates(entry.input_per_mtok, entry.output_per_mtok,
+                 entry.cache_read_per_mtok if entry.cache_read_per_mtok is not None
+                 else entry.input_per_mtok,
+                 entry.request_per_k, f"override {entry.model}")
+
+
+class _TimeOfDay(NamedTuple):
+    """A table model whose price depends on the time of day (off-peak rates)."""
+
+    model: types.ModelInfo
+    source: str
+
+
+# --- the table ------------------------------------------------------------------
+
+class Table:
+    """A price table: ``overrides`` (``PRICES_FILE`` entries) over the bundled genai-prices data.
+
+    ``version`` names it: ``genai-prices-<version>``, plus
+    ``+overrides-<first 12 hex of the file's sha256>`` with an overrides file.
+    ``enabled=False`` prices nothing (``Price(None, None)``).
+    """
+
+    def __init__(self, overrides: list[PriceOverride] = (), overrides_sha256: str | None = None,
+                 *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.version = f"genai-prices-{genai_prices.__version__}" + (
+            f"+overrides-{overrides_sha256[:12]}" if overrides_sha256 else "")
+        self._overrides = [(re.compile(fnmatch.translate(e.model.lower())), e) for e in overrides]
+        self._snapshot = self._new_snapshot()
+        self._lookups = 0
+        self.rates = functools.lru_cache(maxsize=CACHE_SIZE)(self._lookup)
+
+    @classmethod
+    def from_file(cls, path: Path | None, *, enabled: bool = True) -> Table:
+        """The table with the overrides of ``path`` (None: the bundled data only).
+
+        Raises :class:`PricesFileError`.
+        """
+        if path is None:
+            return cls(enabled=enabled)
+        return cls(*load_overrides(path), enabled=enabled)
+
+    @staticmethod
+    def _new_snapshot() -> data_snapshot.DataSnapshot:
+        return data_snapshot.DataSnapshot(
+            providers=data_snapshot.get_snapshot().providers, from_auto_update=False)
+
+    def _lookup(self, provider: str | None, model: str, day: date) -> Rates | _TimeOfDay | None:
+        """The rates for ``model`` on ``day`` (uncached); None when no table knows it."""
+        name = model.lower()
+        provider_id = SEMCONV_PROVIDERS.get(provider, provider) if provider else None
+        best = None
+        for pattern, entry in self._overrides:
+            if (pattern.match(name)
+                    and (entry.provider is None
+                         or entry.provider.lower() in (provider, provider_id))
+                    and (entry.valid_from is None or entry.valid_from <= day)
+                    and (best is None or (entry.valid_from or date.min)
+                         > (best.valid_from or date.min))):
+                best = entry
+        if best is not None:
+            return _override_rates(best)
+        self._lookups += 1
+        if self._lookups > SNAPSHOT_LOOKUPS:
+            self._snapshot, self._lookups = self._new_snapshot(), 0
+        found = None
+        for candidate in dict.fromkeys((provider_id, None)):
+            try:
+                found = self._snapshot.find_provider_model(name, None, candidate, None)
+                break
+            except LookupError:
+                continue
+        if found is None:
+            return None
+        table_provider, info = found
+        source = f"genai-prices {table_provider.id}/{info.id}"
+        if isinstance(info.prices, list) and any(
+                isinstance(c.constraint, types.TimeOfDateConstraint) for c in info.prices):
+            return _TimeOfDay(info, source)
+        return Rates.from_model_price(
+            info.get_prices(datetime.combine(day, time(), UTC)), source)
+
+    def price(self, model: str, at: datetime, *, provider: str | None = None,
+              input_tokens: int | None, output_tokens: int | None, total_tokens: int,
+              cache_read_tokens: int | None = None) -> Price:
+        """The price of one call of ``model`` at ``at`` (an aware datetime).
+
+        ``provider`` is a ``gen_ai.provider.name`` or genai-prices provider id
+        (None: inferred from the model name; a provider that does not list
+        the model is ignored the same way). With both ``input_tokens`` and
+        ``output_tokens`` the call is ``priced``; otherwise ``total_tokens``
+        are priced at the input rate and the call is ``estimated``.
+        ``cache_read_tokens`` (part of the input) is clamped to the input.
+        """
+        if not self.enabled:
+            return _NOT_PRICED
+        return self._price(model, at, provider, input_tokens, output_tokens, total_tokens,
+                           cache_read_tokens)
+
+    def _price(self, model, at, provider, input_tokens, output_tokens, total_tokens,
+               cache_read_tokens) -> Price:
+        """:meth:`price` with positional arguments (the per-event path)."""
+        day = at.date() if at.tzinfo is UTC else at.astimezone(UTC).date()
+        rates = self.rates(provider, model, day)
+        if rates is None:
+            return _UNPRICED
+        if type(rates) is _TimeOfDay:
+            rates = Rates.from_model_price(rates.model.get_prices(at), rates.source)
+        if input_tokens is None or output_tokens is None:
+            return _new_price(Price, (rates.cost(total_tokens, 0, 0), ESTIMATED))
+        if cache_read_tokens:
+            cache_read_tokens = min(cache_read_tokens, input_tokens)
+        return _new_price(Price, (rates.cost(input_tokens, output_tokens,
+                                             cache_read_tokens or 0), PRICED))
+
+    def price_event(self, event, received_at: datetime) -> Price:
+        """The price of a ``MetricsEvent`` received at ``received_at`` (its call's time).
+
+        Reads ``model_name``, ``prompt_tokens``, ``completion_tokens``,
+        ``tokens_used`` and, from the extra fields, ``gen_ai.provider.name``
+        and ``gen_ai.usage.cache_read.input_tokens`` (see :meth:`price_stored`).
+        """
+        if not self.enabled:
+            return _NOT_PRICED
+        extra = event.model_extra
+        if not extra:  # the contract's fields only: the common case, priced directly
+            return self._price(event.model_name, received_at, None, event.prompt_tokens,
+                               event.completion_tokens, event.tokens_used, None)
+        return self.price_stored(
+            event.model_name, received_at, event.prompt_tokens, event.completion_tokens,
+            event.tokens_used, extra.get(PROVIDER_KEY), extra.get(CACHE_READ_KEY))
+
+    def price_stored(self, model: str, at: datetime, prompt_tokens: int | None,
+                     completion_tokens: int | None, tokens_used: int, provider: object = None,
+                     cache_read_tokens: object = None) -> Price:
+        """:meth:`price` from an event's stored values; ``provider`` and
+        ``cache_read_tokens`` are its extra fields' values as parsed from JSON,
+        used when they are a string and a whole number >= 0 (else ignored)."""
+        if type(cache_read_tokens) is not int or cache_read_tokens < 0:
+            cache_read_tokens = None
+        return self.price(model, at, provider=provider if isinstance(provider, str) else None,
+                          input_tokens=prompt_tokens, output_tokens=completion_tokens,
+                          total_tokens=tokens_used, cache_read_tokens=cache_read_tokens)
+
+
+_current = Table()
+
+
+def configure(table: Table) -> None:
+    """Make ``table`` the one this process prices with (the app factory calls it)."""
+    global _current
+    _current = table
+
+
+def current() -> Table:
+    """The table this process prices with (the bundled data until :func:`configure`)."""
+    return _current
