@@ -33,9 +33,8 @@ from psycopg2 import sql
 
 from .breaker import Breaker
 from .config import Settings
-from .migrate import MigrationError, Schema, check_at_start
+from .migrate import MigrationError, Schema, check_at_start  # the last two: see __all__
 from .postgres import (
-    DISK_FULL,
     DatabaseFull,
     DatabaseMisconfigured,
     DatabaseUnavailable,
@@ -47,8 +46,11 @@ from .postgres import (
 from .postgres import transaction as begin_commit
 from .watchdog import Watchdog
 
+# The error kinds are named here for the modules above; MigrationError and
+# check_at_start (mlops/migrate.py) are the compatibility path for importers
+# of their former home.
 __all__ = [
-    "DISK_FULL", "FULL_REPORT_SECONDS", "Database", "DatabaseFull", "DatabaseMisconfigured",
+    "FULL_REPORT_SECONDS", "Database", "DatabaseFull", "DatabaseMisconfigured",
     "DatabaseUnavailable", "MigrationError", "TransactionRolledBack", "check_at_start",
     "classify", "connect_options", "copy_from",
 ]
