@@ -24,7 +24,7 @@ def create_app(settings=None) -> Flask:
 
     Touches no database: the pool fills lazily, so this is safe in every
     gunicorn worker and when Postgres is down (events spool until it is back).
-    Migrations run before, once per server (``mlops.db.check_at_start``).
+    Migrations run before, once per server (``mlops.migrate.check_at_start``).
     Raises ``ConfigError`` for a missing or malformed setting.
     """
     from flask_cors import CORS
@@ -116,7 +116,7 @@ def start_server(exit_now: Callable[[int], object] = sys.exit):
 
     Starts the embedded PostgreSQL when ``DATABASE_URL`` asks for it
     (mlops/embedded.py), reads the settings, migrates
-    (:func:`mlops.db.check_at_start`), configures logging for this process,
+    (:func:`mlops.migrate.check_at_start`), configures logging for this process,
     creates the spool file (and its WAL mode) before workers race to, and
     writes the start-up line (:func:`announce`). Returns the settings. A
     missing or malformed setting, a database refusing these credentials or
@@ -125,7 +125,8 @@ def start_server(exit_now: Callable[[int], object] = sys.exit):
     """
     from . import embedded, logs
     from .config import ConfigError, Settings
-    from .db import DatabaseMisconfigured, MigrationError, check_at_start
+    from .db import DatabaseMisconfigured
+    from .migrate import MigrationError, check_at_start
     from .spool import Spool
 
     try:

@@ -41,7 +41,7 @@ class Delivery:
         learns of them.
 
         ``skip_if_down`` fails at once while the database's breaker is open
-        (see ``Database.deadline``); ``replayed`` marks records coming from
+        (``Database.run``); ``replayed`` marks records coming from
         the spool. An insert Postgres rolls back to end a deadlock or a
         serialization conflict (``TransactionRolledBack``) runs again while
         ``timeout_ms`` lasts. Raises ``DatabaseUnavailable`` (``DatabaseFull``
@@ -50,6 +50,7 @@ class Delivery:
         again (an insert abandoned at its deadline may still commit: the
         retry then skips it).
         """
+        # The block bounds every call store.insert_events makes (Database.deadline).
         with self.db.deadline(timeout_ms, skip_if_down=skip_if_down):
             inserted = self._insert(list(records), timeout_ms)
         if inserted:  # rows were added: the database had room

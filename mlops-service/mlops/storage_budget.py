@@ -86,7 +86,7 @@ def sample(db: Database) -> int | None:
     ``DatabaseMisconfigured`` (``Database.run``).
     """
     def work(cur):
-        cur.execute(db.timeout_prefix() + _SAMPLE_SQL,
+        cur.execute(_SAMPLE_SQL,
                     {"interval": SAMPLE_INTERVAL_SECONDS, "keep": KEEP_SECONDS})
         row = cur.fetchone()
         return int(row[0]) if row else None
@@ -181,12 +181,11 @@ class StorageBudget:
 
     def _read(self) -> Reading | None:
         def work(cur):
-            cur.execute(self._db.timeout_prefix() + _READ_SQL,
+            cur.execute(_READ_SQL,
                         {"window": GROWTH_WINDOW_SECONDS})
             return cur.fetchone()
 
-        with self._db.deadline(READ_TIMEOUT_MS, skip_if_down=True):
-            row = self._db.run(work)
+        row = self._db.run(work, timeout_ms=READ_TIMEOUT_MS, skip_if_down=True)
         if row is None:
             return None
         sampled_at, size, slope, span = row

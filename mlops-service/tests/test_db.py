@@ -215,7 +215,7 @@ def test_a_background_probe_closes_the_breaker_once_the_database_answers(proxy, 
         holds_for(lambda: not skipping_call_succeeds(), "the breaker open while refused", 0.7)
         proxy.resume()
         wait_until(skipping_call_succeeds, "the breaker to close")
-        wait_until(lambda: db._prober is None, "the probe to end once the breaker closed",
+        wait_until(lambda: not db.breaker.probing, "the probe to end once the breaker closed",
                    interval=0.02)
 
 
@@ -285,7 +285,6 @@ def test_migrations_run_at_start_once_and_a_broken_file_is_named(fresh_database,
     assert not migrate.is_current(url, good)
     assert check_at_start(settings) == "ready"
     assert migrate.is_current(url, good)
-    assert not migrate.is_current(url, tmp_path)
     assert psql(name, "SELECT count(*) FROM mlops_schema_migrations") == len(
         migrate.pending_files())
     assert check_at_start(settings) == "ready"  # again: nothing left to apply
@@ -556,8 +555,10 @@ def test_a_worker_forked_after_the_migration_does_not_migrate_again(fresh_databa
                                                                       tmp_path):
     name = fresh_database()
     url = with_dbname(ADMIN_URL, name)
+    (tmp_path / "0001_broken.sql").write_text("SELECT 1;\n")
+    assert check_at_start(Settings.from_env({"DATABASE_URL": url,  # as gunicorn's master does
+                                             "MIGRATIONS_DIR": str(tmp_path)})) == "ready"
     (tmp_path / "0001_broken.sql").write_text("SELEC 1;\n")
-    migrate.mark_current(url, tmp_path)  # as the gunicorn master records before it forks
     db = make_db(url, MIGRATIONS_DIR=tmp_path)
     assert db.run(select_one) == 1
 
@@ -691,3 +692,55 @@ def test_the_watchdog_takes_ever_sooner_deadlines_in_a_row(database_url, make_db
     tokens = [db._watchdog.watch(conn, now + 100 - i) for i in range(50)]  # each one sooner
     assert not any(db._watchdog.release(t) for t in tokens)  # none fired
     conn.close()
+
+
+def show_timeout(cur) -> str:
+    cur.execute("SHOW statement_timeout")
+    return cur.fetchone()[0]
+
+
+def test_run_sends_its_timeout_as_the_statement_timeout(database_url, make_db):
+    db = make_db(database_url, DB_STATEMENT_TIMEOUT_MS=2500)
+    assert db.run(show_timeout) == "2500ms"  # the setting, by default
+    assert db.run(show_timeout, timeout_ms=1234) == "1234ms"
+    assert db.run(show_timeout, timeout_ms=1234, transaction=True) == "1234ms"
+    elapsed, error = timed(lambda: db.run(lambda cur: cur.execute("SELECT pg_sleep(5)"),
+                                          timeout_ms=300))
+    assert isinstance(error, DatabaseUnavailable) and elapsed < 1.5, (elapsed, error)
+
+
+def test_run_in_a_transaction_commits_or_rolls_back_as_one(database_url, make_db):
+    db = make_db(database_url, DB_POOL_SIZE=1)
+    name = f"t_{uuid.uuid4().hex[:8]}"
+
+    def create_then(fail: bool):
+        def work(cur):
+            status = cur.connection.info.transaction_status
+            cur.execute(f"CREATE TABLE {name} (n int)")
+            cur.execute(f"INSERT INTO {name} VALUES (1)")
+            if fail:
+                raise ValueError("a bug after the statements")
+            return status, show_timeout(cur)
+        return work
+
+    with pytest.raises(ValueError):
+        db.run(create_then(fail=True), timeout_ms=2000, transaction=True)
+    assert db.run(lambda cur: (cur.execute("SELECT to_regclass(%s)", (name,)),
+                               cur.fetchone()[0])[1]) is None
+    assert db.run(create_then(fail=False), timeout_ms=2000, transaction=True) == (
+        psycopg2.extensions.TRANSACTION_STATUS_INTRANS, "2s")
+    assert db.run(lambda cur: (cur.execute(f"SELECT count(*) FROM {name}"),
+                               cur.fetchone()[0])[1]) == 1
+    db.run(lambda cur: cur.execute(f"DROP TABLE {name}"))
+    assert db.pool_in_use() == 0
+
+
+def test_run_skips_at_once_while_the_breaker_is_open_when_asked(make_db):
+    db = make_db("postgresql://postgres@127.0.0.1:1/postgres", breaker_seconds=60)
+    assert not db.breaker.is_open
+    assert isinstance(timed(lambda: db.run(select_one))[1], DatabaseUnavailable)
+    assert db.breaker.is_open
+    error = timed(lambda: db.run(select_one, timeout_ms=200, skip_if_down=True))[1]
+    assert str(error) == "skipped: the database failed its last call"
+    error = timed(lambda: db.run(select_one, timeout_ms=200))[1]
+    assert str(error).startswith('connection to server at "127.0.0.1", port 1 failed')

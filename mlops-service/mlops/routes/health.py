@@ -44,8 +44,7 @@ def _database_status(services, reveal: bool) -> dict:
     """
     started = time.perf_counter()
     try:
-        with services.db.deadline(PING_TIMEOUT_MS):
-            services.db.ping()
+        services.db.ping(PING_TIMEOUT_MS)
     except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
         kind = "misconfigured" if isinstance(exc, DatabaseMisconfigured) else "unavailable"
         return {"status": "down", "error": str(exc) if reveal else kind,
