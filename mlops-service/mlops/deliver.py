@@ -50,9 +50,7 @@ class Delivery:
         again (an insert abandoned at its deadline may still commit: the
         retry then skips it).
         """
-        # The block bounds every call store.insert_events makes (Database.deadline).
-        with self.db.deadline(timeout_ms, skip_if_down=skip_if_down):
-            inserted = self._insert(list(records), timeout_ms)
+        inserted = self._insert(list(records), timeout_ms, skip_if_down)
         if inserted:  # rows were added: the database had room
             self.db.write_succeeded()
         new, counted = [], set()
@@ -71,13 +69,15 @@ class Delivery:
                                                    "business_id": business_id})
         return inserted
 
-    def _insert(self, records: list[store.Record], timeout_ms: int) -> store.Inserted:
+    def _insert(self, records: list[store.Record], timeout_ms: int,
+                skip_if_down: bool) -> store.Inserted:
         """``store.insert_events``, run again after each ``TransactionRolledBack``
         until ``timeout_ms`` (in all) has passed; then that error is raised."""
         ends = time.monotonic() + timeout_ms / 1000
         while True:
             try:
-                return store.insert_events(self.db, records, timeout_ms)
+                return store.insert_events(self.db, records, timeout_ms,
+                                           skip_if_down=skip_if_down)
             except TransactionRolledBack as exc:
                 timeout_ms = int((ends - time.monotonic()) * 1000)
                 if timeout_ms <= 0:

@@ -25,7 +25,6 @@ rollups by the difference, so they stay equal to the raw sums.
 from __future__ import annotations
 
 import collections
-import contextlib
 import io
 import json
 import operator
@@ -374,14 +373,14 @@ class Inserted(set):
 _OWNERS_SQL = "SELECT event_id, business_id FROM mlops_events WHERE event_id = ANY(%s)"
 
 
-def _find_conflicts(cur, records: list[Record], inserted: set[str], timeout_ms: int) -> Inserted:
+def _find_conflicts(cur, records: list[Record], inserted: set[str]) -> Inserted:
     """``inserted`` with the records whose id another business holds (one more
     query, only when some record was not new or an id came twice)."""
     ids = collections.Counter(r.event_id for r in records)
     doubtful = [i for i, n in ids.items() if i not in inserted or n > 1]
     if not doubtful:
         return Inserted(inserted)
-    cur.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)};" + _OWNERS_SQL, (doubtful,))
+    cur.execute(_OWNERS_SQL, (doubtful,))
     owner = dict(cur.fetchall())
     # An id absent from the table was refused by an erasure (mlops_erasures): no conflict.
     return Inserted(inserted, {
@@ -401,7 +400,8 @@ def _first_of_each_id(records: list[Record]) -> list[Record]:
     return list(first.values())
 
 
-def insert_events(db: Database, records: list[Record], timeout_ms: int) -> Inserted:
+def insert_events(db: Database, records: list[Record], timeout_ms: int, *,
+                  skip_if_down: bool = False) -> Inserted:
     """Insert ``records`` and update the rollups in one transaction; return the ids stored.
 
     Idempotent: an ``event_id`` already present is skipped (``ON CONFLICT DO
@@ -409,7 +409,7 @@ def insert_events(db: Database, records: list[Record], timeout_ms: int) -> Inser
     it is present for another business, the record is listed in the
     result's ``conflicts`` (:class:`Inserted`). An id given twice in
     ``records`` is stored from its first record.
-    ``timeout_ms`` bounds the transaction's statements. Up to
+    ``timeout_ms`` and ``skip_if_down`` are ``Database.run``'s. Up to
     ``COPY_THRESHOLD - 1`` records go as one call of ``mlops_insert_events``
     (one round trip, a cached plan); larger batches are COPYed into a
     temporary table dropped at commit (no session state, so safe through
@@ -424,41 +424,24 @@ def insert_events(db: Database, records: list[Record], timeout_ms: int) -> Inser
         columns = [list(values) for values in zip(*(r.stored_row() for r in rows), strict=True)]
 
         def work(cur) -> Inserted:
-            cur.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)};" + _CALL_SQL,
-                        (*columns, shard))
-            return _find_conflicts(cur, records, {row[0] for row in cur.fetchall()},
-                                   timeout_ms)
+            cur.execute(_CALL_SQL, (*columns, shard))
+            return _find_conflicts(cur, records, {row[0] for row in cur.fetchall()})
 
-        return db.run(work)
+        return db.run(work, timeout_ms=timeout_ms, skip_if_down=skip_if_down)
 
     data = "".join(r.copy_line() for r in rows)
 
     def copy_work(cur) -> Inserted:
         cur.execute(
-            f"SET LOCAL statement_timeout = {int(timeout_ms)};"
             "CREATE TEMP TABLE mlops_staging ON COMMIT DROP AS "
             f"SELECT {', '.join(_STORED_COLUMNS)} FROM mlops_events WITH NO DATA")
         copy_from(cur, f"COPY mlops_staging ({', '.join(_STORED_COLUMNS)}) FROM STDIN",
                   io.StringIO(data))
         cur.execute(insert_sql(f"SELECT {', '.join(_STORED_COLUMNS)} FROM mlops_staging", shard))
-        return _find_conflicts(cur, records, {row[0] for row in cur.fetchall()},
-                                   timeout_ms)
+        return _find_conflicts(cur, records, {row[0] for row in cur.fetchall()})
 
-    return db.run(lambda cur: _transaction(cur, copy_work))
+    return db.run(copy_work, timeout_ms=timeout_ms, transaction=True, skip_if_down=skip_if_down)
 
-
-def _transaction(cur, work: Callable[[psycopg2.extensions.cursor], T]) -> T:
-    """Run ``work`` between BEGIN and COMMIT on an autocommit connection; roll back on error."""
-    cur.execute("BEGIN")
-    try:
-        result = work(cur)
-        cur.execute("COMMIT")
-    except BaseException:
-        if not cur.connection.closed:
-            with contextlib.suppress(psycopg2.Error):  # keep the original error
-                cur.execute("ROLLBACK")
-        raise
-    return result
 
 
 # --- reads (rollups only) ----------------------------------------------------
@@ -538,7 +521,7 @@ def analytics(db: Database, business_id: str, days: int) -> dict:
     requested. An unknown business yields zeros and empty lists.
     """
     def work(cur):
-        cur.execute(db.timeout_prefix() + _ANALYTICS_SQL,
+        cur.execute(_ANALYTICS_SQL,
                     {"business_id": business_id, "days": days})
         return cur.fetchone()
 
@@ -633,7 +616,7 @@ def business_totals(db: Database, days: int = 30) -> list[BusinessRow]:
     per-business gauges on ``/metrics``.
     """
     def work(cur):
-        cur.execute(db.timeout_prefix() + _BUSINESS_TOTALS_SQL, {"days": days})
+        cur.execute(_BUSINESS_TOTALS_SQL, {"days": days})
         # Means divided here: Postgres raises "underflow" dividing a subnormal double.
         return [BusinessRow(b, int(n), int(t), float(c), s / int(n), float(p))
                 for b, n, t, c, s, p in cur.fetchall()]
@@ -689,7 +672,7 @@ class BusinessTotals:
         today, changes = self._key or (None, None)
 
         def work(cur):
-            cur.execute(db.timeout_prefix() + _RECENT_AND_SETTLED_SQL,
+            cur.execute(_RECENT_AND_SETTLED_SQL,
                         {"days": self.days, "today": today, "changes": changes})
             return cur.fetchone()
 
@@ -711,8 +694,7 @@ def oldest_event_received_at(db: Database) -> float | None:
     One index lookup on ``mlops_events (received_at)``.
     """
     def work(cur):
-        cur.execute(db.timeout_prefix()
-                    + "SELECT extract(epoch FROM min(received_at)) FROM mlops_events")
+        cur.execute("SELECT extract(epoch FROM min(received_at)) FROM mlops_events")
         return cur.fetchone()[0]
 
     oldest = db.run(work)
@@ -734,7 +716,6 @@ def _locked(db: Database, work: Callable[[psycopg2.extensions.cursor], T], *, wa
     ``wait=False`` returns None at once when another session holds it.
     """
     def locked(cur):
-        cur.execute(f"SET LOCAL statement_timeout = {int(timeout_ms or db.statement_timeout_ms)}")
         if wait:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (MAINTENANCE_LOCK_KEY,))
         else:
@@ -743,7 +724,7 @@ def _locked(db: Database, work: Callable[[psycopg2.extensions.cursor], T], *, wa
                 return None
         return work(cur)
 
-    return db.run(lambda cur: _transaction(cur, locked))
+    return db.run(locked, timeout_ms=timeout_ms, transaction=True)
 
 
 def _backfill_sql(state: str, ctes: str) -> str:
@@ -799,7 +780,7 @@ def backfill_batch(db: Database, limit: int) -> tuple[int, bool] | None:
 def backfill_finished(db: Database) -> bool:
     """Whether every event stored before the rollups existed has been rolled up."""
     def work(cur):
-        cur.execute(db.timeout_prefix() + "SELECT bool_and(done_through >= high_water) FROM ("
+        cur.execute("SELECT bool_and(done_through >= high_water) FROM ("
                     + " UNION ALL ".join(f"SELECT done_through, high_water FROM {state}"
                                          for state, _ in _BACKFILLS) + ") s")
         return bool(cur.fetchone()[0])
@@ -1048,7 +1029,7 @@ def reprice(db: Database, since: datetime, until: datetime, table: prices.Table,
     if not backfill_finished(db):
         raise RuntimeError("the rollup backfill has not finished; reprice after it has")
     def newest(cur):
-        cur.execute(db.timeout_prefix() + "SELECT coalesce(max(id), 0) FROM mlops_events")
+        cur.execute("SELECT coalesce(max(id), 0) FROM mlops_events")
         return cur.fetchone()[0]
 
     through = db.run(newest)
@@ -1291,11 +1272,10 @@ def record_erasure_refusal(db: Database, requester: Requester, target: str, targ
     """Append a refused erasure (HTTP ``status``, ``reason`` such as ``wrong_key``) to
     the audit trail. Raises the errors of ``Database.run``."""
     def work(cur):
-        cur.execute(db.timeout_prefix())
         _audit(cur, "refused", requester.key_id, target, target_id, {},
                {"status": status, "reason": reason})
 
-    db.run(lambda cur: _transaction(cur, work))
+    db.run(work, transaction=True)
 
 
 _AUDIT_PAGE_SQL = """
@@ -1314,7 +1294,7 @@ def erasure_audit(db: Database, limit: int, before: int | None = None) -> list[d
     ``rollup_changes``, ``detail``. One index range scan on the primary key.
     """
     def work(cur):
-        cur.execute(db.timeout_prefix() + _AUDIT_PAGE_SQL,
+        cur.execute(_AUDIT_PAGE_SQL,
                     {"before": before if before is not None else 2**63 - 1, "limit": limit})
         return cur.fetchall()
 
@@ -1342,7 +1322,7 @@ def businesses_holding(db: Database, field: str, value: str) -> frozenset[str]:
     """The business ids with stored events whose ``field`` (``conversation_id`` or
     ``session_id``) is ``value``; empty when none. Raises the errors of ``Database.run``."""
     def work(cur):
-        cur.execute(db.timeout_prefix() + _HOLDERS_SQL[field], {"id": value})
+        cur.execute(_HOLDERS_SQL[field], {"id": value})
         return frozenset(row[0] for row in cur.fetchall())
 
     return db.run(work)
