@@ -293,7 +293,7 @@ def test_every_rule_is_healthy_after_traffic(stack, traffic):
     # The recording rules the dashboard and alerts read have values.
     for name in ("business_id:ai_requests:rate5m", "business_id:ai_requests_failed:ratio_rate15m",
                  "business_id_model_name:ai_tokens_used:rate5m",
-                 "business_id:ai_api_cost_usd:rate1h", "job:ai_response_time_seconds:p95_5m",
+                 "business_id:ai_cost_usd:rate1h", "job:ai_response_time_seconds:p95_5m",
                  "job:http_requests:error_ratio_rate5m", "mlops_daily_budget_usd"):
         assert prometheus.query(name), name
     assert prometheus.value(f'job:http_requests:error_ratio_rate5m{{job="{JOB}"}}') == 0
