@@ -84,7 +84,7 @@ def when_ready(server):
 def post_fork(server, worker):
     """Worker, before loading the app: ``WEB_CONCURRENCY`` says how many workers run now
     (also when set by ``--workers``), so each divides the memory:// rate limits
-    among them (mlops/limits.py)."""
+    among them (mlops/ratelimit.py)."""
     os.environ["WEB_CONCURRENCY"] = str(server.num_workers)
 
 

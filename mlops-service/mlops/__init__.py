@@ -30,11 +30,12 @@ def create_app(settings=None) -> Flask:
     from flask_cors import CORS
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import auth, bodies, errors, limits, logs, prices, retention, telemetry
+    from . import auth, bodies, errors, logs, prices, ratelimit, telemetry
     from .config import ConfigError, Settings
     from .db import Database
     from .deliver import Delivery, GroupCommit
     from .ingest import Ingestor
+    from .maintenance import Maintenance
     from .outbox import Outbox
     from .routes import (
         analytics,
@@ -84,7 +85,7 @@ def create_app(settings=None) -> Flask:
     deliver = Delivery(db, telem)
     outbox = Outbox(spool, deliver, timeout_ms=db.default_timeout_ms)
     ingestor = Ingestor(GroupCommit(deliver), outbox, timeout_ms=settings.db_insert_timeout_ms)
-    maintenance = retention.Maintenance.from_settings(db, settings)
+    maintenance = Maintenance.from_settings(db, settings)
     Services(settings, db, outbox, telem, ingestor, maintenance,
              auth.Auth(settings)).install(app)
     budget = StorageBudget(db, settings.database_size_limit_bytes)
@@ -100,7 +101,7 @@ def create_app(settings=None) -> Flask:
         app.register_blueprint(module.bp)
     errors.init_app(app)
     auth.init_app(app)
-    limits.init_app(app, settings)
+    ratelimit.init_app(app, settings)
     logs.init_app(app)
     telemetry.init_app(app)
     outbox.start()

@@ -15,13 +15,11 @@ The error kinds live in mlops/postgres.py and are named here too.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
@@ -33,7 +31,7 @@ from psycopg2 import sql
 
 from .breaker import Breaker
 from .config import Settings
-from .migrate import MigrationError, Schema, check_at_start  # the last two: see __all__
+from .migrate import Schema
 from .postgres import (
     DatabaseFull,
     DatabaseMisconfigured,
@@ -46,13 +44,10 @@ from .postgres import (
 from .postgres import transaction as begin_commit
 from .watchdog import Watchdog
 
-# The error kinds are named here for the modules above; MigrationError and
-# check_at_start (mlops/migrate.py) are the compatibility path for importers
-# of their former home.
+# The error kinds are named here for the modules above.
 __all__ = [
     "FULL_REPORT_SECONDS", "Database", "DatabaseFull", "DatabaseMisconfigured",
-    "DatabaseUnavailable", "MigrationError", "TransactionRolledBack", "check_at_start",
-    "classify", "connect_options", "copy_from",
+    "DatabaseUnavailable", "TransactionRolledBack", "classify", "connect_options", "copy_from",
 ]
 
 log = logging.getLogger(__name__)
@@ -103,11 +98,6 @@ class _TimedCursor(psycopg2.extensions.cursor):
             else:
                 query = self.timeout_prefix + query
         return super().execute(query, vars)
-
-
-# The compatibility path's deadline (see Database.deadline): (time.monotonic(), skip_if_down).
-_deadline: contextvars.ContextVar[tuple[float, bool] | None] = contextvars.ContextVar(
-    "mlops_db_deadline", default=None)
 
 
 class Database:
@@ -165,20 +155,6 @@ class Database:
         """Record that a write committed: the database has room again."""
         self._full = None
 
-    @contextlib.contextmanager
-    def deadline(self, timeout_ms: int, *, skip_if_down: bool = False) -> Iterator[None]:
-        """Compatibility path: bound every :meth:`run` inside the block that is
-        given no ``timeout_ms`` of its own to ``timeout_ms`` in all.
-
-        For callers not yet passing ``timeout_ms``/``skip_if_down`` to
-        :meth:`run`, which is the one way to give a call its deadline.
-        """
-        token = _deadline.set((time.monotonic() + timeout_ms / 1000, skip_if_down))
-        try:
-            yield
-        finally:
-            _deadline.reset(token)
-
     def run(self, work: Callable[[psycopg2.extensions.cursor], T], *,
             timeout_ms: int | None = None, transaction: bool = False,
             skip_if_down: bool = False) -> T:
@@ -207,15 +183,8 @@ class Database:
         :class:`DatabaseMisconfigured`; other ``psycopg2.Error`` (a bug in
         our SQL, a constraint) propagate unchanged.
         """
-        now = time.monotonic()
-        outer = _deadline.get()  # the compatibility path (deadline())
-        if timeout_ms is not None:
-            deadline = now + timeout_ms / 1000
-        elif outer is not None:
-            deadline = outer[0]
-        else:
-            deadline = now + self.default_timeout_ms / 1000
-        skip_if_down = skip_if_down or (outer is not None and outer[1])
+        deadline = time.monotonic() + (
+            timeout_ms if timeout_ms is not None else self.default_timeout_ms) / 1000
         if skip_if_down and self.breaker.is_open:
             raise DatabaseUnavailable("skipped: the database failed its last call")
         statement_ms = int(timeout_ms if timeout_ms is not None else self.statement_timeout_ms)
@@ -280,14 +249,6 @@ class Database:
             self._release(conn)
             return result
         raise AssertionError("unreachable")  # pragma: no mutate
-
-    def timeout_prefix(self) -> str:
-        """Compatibility path: SQL that sets the default statement timeout.
-
-        :meth:`run` now sends it with every statement; callers that still
-        prepend it send it twice (the last one holds).
-        """
-        return f"SET LOCAL statement_timeout = {int(self.statement_timeout_ms)};"
 
     def ping(self, timeout_ms: int | None = None) -> None:
         """One round trip (``SELECT 1``) within ``timeout_ms``. Raises like :meth:`run`."""

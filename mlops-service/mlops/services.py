@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # annotations only
     from .config import Settings
     from .db import Database
     from .ingest import Ingestor
+    from .maintenance import Maintenance
     from .outbox import Outbox
-    from .retention import Maintenance
     from .telemetry import Telemetry
 
 _EXTENSION = "mlops"

@@ -8,7 +8,7 @@ there:
   ``mlops_database_size_samples`` (migrations/0015), at most once per
   ``SAMPLE_INTERVAL_SECONDS`` across every worker and replica (the insert
   skips itself when a newer row exists). The maintenance job calls it
-  (mlops/retention.py), never a request.
+  (mlops/maintenance.py), never a request.
 * :class:`StorageBudget` — reads the newest sample and the last seven days'
   growth from that table (so every instance reports the same, across
   restarts), and turns them, with ``DATABASE_SIZE_LIMIT``, into the share of

@@ -38,7 +38,7 @@ from typing import TypeVar
 import psycopg2
 from psycopg2.extras import Json
 
-from . import prices, rollups
+from . import latency_histogram, prices
 from .db import Database, copy_from
 from .schemas import MetricsEvent
 
@@ -194,7 +194,7 @@ rollup_daily AS (
 ),
 rollup_latency AS (
     INSERT INTO mlops_rollup_latency AS r (business_id, day, bucket, shard, messages)
-    SELECT business_id, {_DAY}, {rollups.BUCKET_SQL}, {shard}, count(*)
+    SELECT business_id, {_DAY}, {latency_histogram.BUCKET_SQL}, {shard}, count(*)
     FROM {source} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
     ON CONFLICT (business_id, day, bucket, shard)
     DO UPDATE SET messages = r.messages + EXCLUDED.messages
@@ -516,9 +516,10 @@ def analytics(db: Database, business_id: str, days: int) -> dict:
     exact (``total_conversations`` counts distinct conversations over the
     whole window); ``p50/p95_response_time_ms`` (window and per day) come
     from the response-time histogram, within 4.9% of the exact
-    ``percentile_cont`` (see :mod:`mlops.rollups`). ``appointment_conversion_rate`` is booked /
-    requested (the course service's definition), 0 when nothing was
-    requested. An unknown business yields zeros and empty lists.
+    ``percentile_cont`` (see :mod:`mlops.latency_histogram`).
+    ``appointment_conversion_rate`` is booked / requested (the course
+    service's definition), 0 when nothing was requested. An unknown
+    business yields zeros and empty lists.
     """
     def work(cur):
         cur.execute(_ANALYTICS_SQL,
@@ -539,8 +540,8 @@ def analytics(db: Database, business_id: str, days: int) -> dict:
         "appointment_requests": requested,
         "appointments_booked": booked,
         "human_handoffs": handoffs,
-        "p50_response_time_ms": rollups.percentile(histogram, 0.5),
-        "p95_response_time_ms": rollups.percentile(histogram, 0.95),
+        "p50_response_time_ms": latency_histogram.percentile(histogram, 0.5),
+        "p95_response_time_ms": latency_histogram.percentile(histogram, 0.95),
         "success_rate": sr_sum / n if n else 0,
         "appointment_conversion_rate": booked / requested if requested else 0.0,
     }
@@ -548,8 +549,9 @@ def analytics(db: Database, business_id: str, days: int) -> dict:
     for date, bucket, count in day_histograms:
         per_day.setdefault(date, []).append((int(bucket), int(count)))
     for row in daily:
-        row["p50_response_time_ms"] = rollups.percentile(per_day.get(row["date"], ()), 0.5)
-        row["p95_response_time_ms"] = rollups.percentile(per_day.get(row["date"], ()), 0.95)
+        day = per_day.get(row["date"], ())
+        row["p50_response_time_ms"] = latency_histogram.percentile(day, 0.5)
+        row["p95_response_time_ms"] = latency_histogram.percentile(day, 0.95)
     return {"metrics": metrics, "cost": _cost_summary(n, cost, priced, by_model),
             "by_model": by_model, "daily": daily, "by_intent": by_intent}
 
@@ -1090,7 +1092,7 @@ _SUBTRACT_DAILY_SQL = _subtract_sql(
     tuple(name for name, _ in _DAILY_SUMS))
 _SUBTRACT_LATENCY_SQL = _subtract_sql(
     "mlops_rollup_latency", ("business_id", "day", "bucket"),
-    f"SELECT business_id, {_DAY} AS day, ({rollups.BUCKET_SQL})::smallint AS bucket, "
+    f"SELECT business_id, {_DAY} AS day, ({latency_histogram.BUCKET_SQL})::smallint AS bucket, "
     f"count(*) AS messages FROM mlops_erased WHERE {_ROLLED_UP} GROUP BY 1, 2, 3",
     ("messages",))
 _SUBTRACT_INTENTS_SQL = _subtract_sql(

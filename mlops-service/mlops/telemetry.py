@@ -153,7 +153,7 @@ EVENTS_REJECTED = Counter(
     "event_id_conflict: the id is stored for another business).",
     ["reason"])
 
-# --- access control (mlops/auth.py, mlops/limits.py) ---
+# --- access control (mlops/auth.py, mlops/ratelimit.py) ---
 AUTH_FAILURES = Counter(
     "mlops_auth_failures", "Requests without a valid credential for their scope, by scope "
     "(write, read, erase, metrics) and reason (missing_key, wrong_key, insufficient_scope, "

@@ -42,7 +42,8 @@ from tcpproxy import StallingProxy
 
 from mlops import create_app
 from mlops.config import Settings
-from mlops.db import Database, check_at_start
+from mlops.db import Database
+from mlops.migrate import check_at_start
 from mlops.services import get_services
 
 LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -2,7 +2,7 @@
 
 Same window as the store (``days=N``: today, UTC, and the N-1 days before
 it); percentiles exact (``percentile_cont``), which the rollups estimate
-within ``rollups.RELATIVE_ERROR``.
+within ``latency_histogram.RELATIVE_ERROR``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import pytest
 
-from mlops import rollups
+from mlops import latency_histogram
 
 _START = "((now() AT TIME ZONE 'UTC')::date - (%(days)s - 1))::timestamp AT TIME ZONE 'UTC'"
 
@@ -105,7 +105,8 @@ def _assert_percentiles(row: dict, p50, p95, low) -> None:
         if exact is None:
             assert estimate == 0
         else:
-            assert abs(estimate - exact) <= rollups.RELATIVE_ERROR * exact * (1 + 1e-9) + slack
+            error = latency_histogram.RELATIVE_ERROR
+            assert abs(estimate - exact) <= error * exact * (1 + 1e-9) + slack
 
 
 def assert_totals_match_raw(pg, totals: list[tuple], days: int) -> None:

@@ -32,11 +32,10 @@ from mlops.db import (
     Database,
     DatabaseMisconfigured,
     DatabaseUnavailable,
-    MigrationError,
-    check_at_start,
     classify,
     copy_from,
 )
+from mlops.migrate import MigrationError, check_at_start
 
 
 @pytest.fixture
@@ -102,13 +101,11 @@ def timed(call) -> tuple[float, BaseException | None]:
 
 def test_a_silent_server_cannot_hold_a_call_past_its_deadline(proxy, make_db, dbname):
     db = make_db(proxy.url(dbname))
-    with db.deadline(100):
-        assert db.run(select_one) == 1  # a warm connection in the pool
+    assert db.run(select_one, timeout_ms=100) == 1  # a warm connection in the pool
     time.sleep(0.2)  # past that call's deadline: the watchdog wakes with nothing to watch
     proxy.stall()
     threading.Timer(3.0, proxy.resume).start()  # without the deadline the call waits for this
-    with db.deadline(200):
-        elapsed, error = timed(lambda: db.run(select_one))
+    elapsed, error = timed(lambda: db.run(select_one, timeout_ms=200))
     assert isinstance(error, DatabaseUnavailable), error
     assert str(error) == "no answer within the deadline (server closed the connection unexpectedly)"
     assert 0.15 < elapsed < 0.6, elapsed
@@ -135,8 +132,7 @@ def test_concurrent_calls_each_keep_their_own_deadline(proxy, make_db, dbname):
     results: list[tuple[float, BaseException | None]] = []
 
     def call():
-        with db.deadline(200):
-            results.append(timed(lambda: db.run(select_one)))
+        results.append(timed(lambda: db.run(select_one, timeout_ms=200)))
 
     threads = [threading.Thread(target=call) for _ in range(3)]
     for t in threads:
@@ -151,29 +147,25 @@ def test_a_ping_is_a_real_round_trip(proxy, make_db, dbname):
     db = make_db(proxy.url(dbname), breaker_seconds=60)
     assert db.run(select_one) == 1  # a warm connection in the pool
     proxy.stall()
-    with db.deadline(200):
-        assert isinstance(timed(db.ping)[1], DatabaseUnavailable)
+    assert isinstance(timed(lambda: db.ping(200))[1], DatabaseUnavailable)
 
 
 def test_a_connection_not_ready_by_the_deadline_joins_the_pool_later(proxy, make_db, dbname):
     db = make_db(proxy.url(dbname), breaker_seconds=60)  # no probe meanwhile
     proxy.stall()
-    with db.deadline(200):
-        elapsed, error = timed(lambda: db.run(select_one))
+    elapsed, error = timed(lambda: db.run(select_one, timeout_ms=200))
     assert isinstance(error, DatabaseUnavailable) and elapsed < 0.6, (elapsed, error)
     assert str(error) == "no connection within the deadline"
     proxy.resume()
     wait_until(lambda: db._idle, "the late connection to join the pool", interval=0.02)
     assert len(db._idle) == 1
-    with db.deadline(200):
-        assert db.run(select_one) == 1
+    assert db.run(select_one, timeout_ms=200) == 1
 
 
 def test_a_connection_failing_after_its_deadline_gives_its_slot_back(proxy, make_db, dbname):
     db = make_db(proxy.url(dbname), breaker_seconds=60, DB_POOL_SIZE=1)
     proxy.stall()
-    with db.deadline(200):
-        assert isinstance(timed(lambda: db.run(select_one))[1], DatabaseUnavailable)
+    assert isinstance(timed(lambda: db.run(select_one, timeout_ms=200))[1], DatabaseUnavailable)
     assert db.pool_in_use() == 1  # the connect goes on in the background
     proxy.refuse()
     wait_until(lambda: db.pool_in_use() == 0, "the failed connect to give its slot back",
@@ -185,17 +177,15 @@ def test_after_a_failure_calls_that_may_skip_do_not_wait(proxy, make_db, dbname)
     db = make_db(proxy.url(dbname))
     db.run(select_one)
     proxy.stall()
-    with db.deadline(200, skip_if_down=True):
-        assert isinstance(timed(lambda: db.run(select_one))[1], DatabaseUnavailable)
-    with db.deadline(200, skip_if_down=True):
-        elapsed, error = timed(lambda: db.run(select_one))
+    assert isinstance(timed(lambda: db.run(select_one, timeout_ms=200, skip_if_down=True))[1],
+                      DatabaseUnavailable)
+    elapsed, error = timed(lambda: db.run(select_one, timeout_ms=200, skip_if_down=True))
     assert isinstance(error, DatabaseUnavailable) and elapsed < 0.05, (elapsed, error)
     assert str(error) == "skipped: the database failed its last call"
     proxy.resume()
     # A call that may not skip (readiness, the flusher) still tries, and closes the breaker.
     assert db.run(select_one) == 1
-    with db.deadline(200, skip_if_down=True):
-        assert db.run(select_one) == 1
+    assert db.run(select_one, timeout_ms=200, skip_if_down=True) == 1
 
 
 def test_a_background_probe_closes_the_breaker_once_the_database_answers(proxy, make_db,
@@ -203,14 +193,13 @@ def test_a_background_probe_closes_the_breaker_once_the_database_answers(proxy, 
     db = make_db(proxy.url(dbname), breaker_seconds=0.2)
 
     def skipping_call_succeeds() -> bool:
-        with db.deadline(500, skip_if_down=True):
-            return timed(lambda: db.run(select_one))[1] is None
+        return timed(lambda: db.run(select_one, timeout_ms=500, skip_if_down=True))[1] is None
 
     for _ in range(2):  # a second outage needs a new probe
         db.run(select_one)
         proxy.refuse()
-        with db.deadline(100, skip_if_down=True):
-            assert isinstance(timed(lambda: db.run(select_one))[1], DatabaseUnavailable)
+        assert isinstance(timed(lambda: db.run(select_one, timeout_ms=100, skip_if_down=True))[1],
+                          DatabaseUnavailable)
         # Several probes fail meanwhile; the breaker stays open and the probing goes on.
         holds_for(lambda: not skipping_call_succeeds(), "the breaker open while refused", 0.7)
         proxy.resume()
@@ -419,13 +408,11 @@ def test_the_watchdog_outlives_a_deadline_on_a_connection_already_closed(proxy, 
         cur.connection.close()
         time.sleep(0.3)  # the deadline passes on a closed connection
 
-    with db.deadline(100):
-        db.run(close_and_linger)
+    db.run(close_and_linger, timeout_ms=100)
     assert db.run(select_one) == 1 and db.pool_in_use() == 0
     proxy.stall()
     threading.Timer(3.0, proxy.resume).start()
-    with db.deadline(200):
-        elapsed, error = timed(lambda: db.run(select_one))
+    elapsed, error = timed(lambda: db.run(select_one, timeout_ms=200))
     assert isinstance(error, DatabaseUnavailable) and elapsed < 0.6, (elapsed, error)
 
 
@@ -436,14 +423,14 @@ def test_an_error_without_a_message_is_named_by_its_kind():
 def test_a_database_created_after_a_failure_closes_the_breaker_on_its_own(make_db):
     name = f"mlops_test_{uuid.uuid4().hex[:12]}"
     db = make_db(with_dbname(ADMIN_URL, name), breaker_seconds=0.1)
-    with db.deadline(500, skip_if_down=True):
-        assert isinstance(timed(db.ping)[1], DatabaseMisconfigured)
+    assert isinstance(timed(lambda: db.run(select_one, timeout_ms=500, skip_if_down=True))[1],
+                      DatabaseMisconfigured)
     time.sleep(0.3)  # the probe meets the same error a few times, and goes on
     admin(f'CREATE DATABASE "{name}"')
     try:
         def pings() -> bool:
-            with db.deadline(2000, skip_if_down=True):
-                return timed(db.ping)[1] is None
+            return timed(lambda: db.run(select_one, timeout_ms=2000, skip_if_down=True))[1] \
+                is None
 
         wait_until(pings, "the breaker to close")
     finally:
@@ -454,8 +441,7 @@ def test_a_database_created_after_a_failure_closes_the_breaker_on_its_own(make_d
 def test_close_does_not_wait_for_a_connection_attempt_in_progress(proxy, make_db, dbname):
     db = make_db(proxy.url(dbname), breaker_seconds=60)
     proxy.stall()
-    with db.deadline(100):
-        assert isinstance(timed(db.ping)[1], DatabaseUnavailable)
+    assert isinstance(timed(lambda: db.ping(100))[1], DatabaseUnavailable)
     elapsed, error = timed(db.close)
     assert error is None and elapsed < 0.5, elapsed
 
@@ -465,8 +451,7 @@ def test_close_abandons_the_connects_still_waiting_for_a_thread(proxy, make_db, 
     proxy.stall()
 
     def call():
-        with db.deadline(100):
-            timed(db.ping)
+        timed(lambda: db.ping(100))
 
     threads = [threading.Thread(target=call) for _ in range(4)]
     for t in threads:
@@ -496,15 +481,13 @@ def test_a_full_pool_waits_for_a_connection_until_the_deadline(database_url, mak
     for t in threads:
         t.start()
     holding.wait(5)
-    with db.deadline(200):
-        elapsed, error = timed(lambda: db.run(select_one))
+    elapsed, error = timed(lambda: db.run(select_one, timeout_ms=200))
     assert isinstance(error, DatabaseUnavailable) and 0.15 < elapsed < 0.6, (elapsed, error)
     assert str(error) == "connection pool exhausted (2 in use)"
 
     # A connection given back in time serves the waiting call.
     threading.Timer(0.2, release.set).start()
-    with db.deadline(3000):
-        elapsed, error = timed(lambda: db.run(select_one))
+    elapsed, error = timed(lambda: db.run(select_one, timeout_ms=3000))
     for t in threads:
         t.join(5)
     assert error is None and 0.15 < elapsed < 1.0, (elapsed, error)
@@ -517,20 +500,19 @@ def test_a_call_that_raises_is_no_longer_watched(database_url, make_db):
     def bug(cur):
         raise ValueError("a bug in the caller")
 
-    with db.deadline(100), pytest.raises(ValueError):
-        db.run(bug)
+    with pytest.raises(ValueError):
+        db.run(bug, timeout_ms=100)
     runs = []
 
     def slow(cur):
         runs.append(1)
         cur.execute("SELECT pg_sleep(0.3)")
 
-    with db.deadline(2000):
-        db.run(slow)  # on the same connection, past the first call's deadline
+    db.run(slow, timeout_ms=2000)  # on the same connection, past the first call's deadline
     assert len(runs) == 1  # not broken by a stale deadline, so not retried
 
 
-def test_a_call_without_a_deadline_block_ends_by_the_default_one(proxy, make_db, dbname):
+def test_a_call_without_a_timeout_ends_by_the_default_one(proxy, make_db, dbname):
     db = make_db(proxy.url(dbname), breaker_seconds=60, DB_CONNECT_TIMEOUT_SECONDS=1,
                  DB_STATEMENT_TIMEOUT_MS=200)
     assert db.run(select_one) == 1  # a warm connection in the pool
@@ -545,8 +527,7 @@ def test_a_migration_at_first_use_ends_by_the_calls_deadline(fresh_database, mak
     name = fresh_database()
     (tmp_path / "0001_slow.sql").write_text("SELECT pg_sleep(3);\n")
     db = make_db(with_dbname(ADMIN_URL, name), breaker_seconds=60, MIGRATIONS_DIR=tmp_path)
-    with db.deadline(300):
-        elapsed, error = timed(db.ping)
+    elapsed, error = timed(lambda: db.ping(300))
     assert isinstance(error, DatabaseUnavailable) and elapsed < 1.0, (elapsed, error)
     assert str(error) == "server closed the connection unexpectedly"
 
@@ -588,14 +569,14 @@ def test_by_default_a_probe_every_second_closes_the_breaker(proxy, dbname, tmp_p
     db = Database(settings)
     try:
         proxy.refuse()
-        with db.deadline(500, skip_if_down=True):
-            assert isinstance(timed(db.ping)[1], DatabaseUnavailable)
+        assert isinstance(timed(lambda: db.run(select_one, timeout_ms=500, skip_if_down=True))[1],
+                          DatabaseUnavailable)
         proxy.resume()
         started = time.monotonic()
 
         def pings() -> bool:
-            with db.deadline(500, skip_if_down=True):
-                return timed(db.ping)[1] is None
+            return timed(lambda: db.run(select_one, timeout_ms=500, skip_if_down=True))[1] \
+                is None
 
         wait_until(pings, "the breaker to close", timeout=1.9, interval=0.02)
         assert time.monotonic() - started > 0.9
@@ -635,8 +616,7 @@ locker = psycopg2.connect(sys.argv[1])
 locker.cursor().execute("LOCK TABLE copy_probe IN ACCESS EXCLUSIVE MODE")
 started = time.monotonic()
 try:
-    with db.deadline(300):
-        db.run(copy)
+    db.run(copy, timeout_ms=300)
     print("copied again", flush=True)
 except DatabaseUnavailable:
     print(f"unavailable after {time.monotonic() - started:.2f} s", flush=True)

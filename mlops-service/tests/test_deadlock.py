@@ -192,5 +192,4 @@ def test_a_deadlocked_group_commit_runs_again_within_its_deadline(db, pg, databa
                  event_id) == [("k1",)]
     # The breaker stayed closed: a call that skips the database while it is down stores.
     second = record(business, "k2")
-    with db.deadline(5000, skip_if_down=True):
-        assert store.insert_events(db, [second], 5000) == {second.event_id}
+    assert store.insert_events(db, [second], 5000, skip_if_down=True) == {second.event_id}

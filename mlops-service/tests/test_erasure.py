@@ -22,7 +22,7 @@ from support import wait_until
 
 from mlops import store
 from mlops.auth import key_id
-from mlops.retention import Maintenance
+from mlops.maintenance import Maintenance
 from mlops.schemas import MetricsEvent
 from mlops.services import get_services
 

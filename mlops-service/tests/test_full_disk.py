@@ -34,7 +34,7 @@ from payloads import SUCCESS
 from pgcluster import PgCluster
 
 from mlops.config import Settings
-from mlops.db import check_at_start
+from mlops.migrate import check_at_start
 
 # The tmpfs holding the events; the filler leaves this much of it free.
 TMPFS_SIZE = "4m"

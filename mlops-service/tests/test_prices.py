@@ -29,8 +29,8 @@ from mlops import prices, store
 from mlops.config import ConfigError, Settings
 from mlops.db import Database
 from mlops.deliver import Delivery
+from mlops.maintenance import Maintenance
 from mlops.outbox import Outbox
-from mlops.retention import Maintenance
 from mlops.schemas import MetricsEvent
 from mlops.spool import Spool
 from mlops.telemetry import Telemetry

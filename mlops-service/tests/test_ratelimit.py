@@ -26,7 +26,7 @@ from payloads import SUCCESS
 from support import wait_until
 
 from mlops.config import ConfigError, Settings
-from mlops.limits import per_process
+from mlops.ratelimit import per_process
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 KEY = "rate-key-full-01a9"

@@ -23,10 +23,10 @@ from payloads import SUCCESS, varied
 from pgcluster import PgCluster
 from rollup_checks import assert_matches_raw, assert_totals_match_raw
 
-from mlops import migrate, rollups, store
+from mlops import latency_histogram, migrate, store
 from mlops.config import Settings
 from mlops.db import Database
-from mlops.retention import Maintenance
+from mlops.maintenance import Maintenance
 from mlops.schemas import MetricsEvent
 
 
@@ -145,19 +145,20 @@ def test_histogram_percentiles_are_within_the_stated_error(values, q):
     exact = ordered[low] + (rank - low) * (ordered[high] - ordered[low])
     histogram = {}
     for v in values:
-        histogram[rollups.bucket_of(v)] = histogram.get(rollups.bucket_of(v), 0) + 1
-    estimate = rollups.percentile(histogram.items(), q)
-    assert abs(estimate - exact) <= rollups.RELATIVE_ERROR * exact * (1 + 1e-9)
+        bucket = latency_histogram.bucket_of(v)
+        histogram[bucket] = histogram.get(bucket, 0) + 1
+    estimate = latency_histogram.percentile(histogram.items(), q)
+    assert abs(estimate - exact) <= latency_histogram.RELATIVE_ERROR * exact * (1 + 1e-9)
 
 
 def test_the_sql_bucket_agrees_with_the_documented_layout(pg):
     for value in (0, 0.999, 1, 1.0999, 1.1, 1432, 30012, 1e10):
-        sql = rollups.BUCKET_SQL.replace("response_time_ms", "%s::double precision")
+        sql = latency_histogram.BUCKET_SQL.replace("response_time_ms", "%s::double precision")
         (bucket,), = query(pg, f"SELECT {sql}", value, value)
-        assert bucket == rollups.bucket_of(value)
+        assert bucket == latency_histogram.bucket_of(value)
         if bucket:
-            assert rollups.GROWTH ** (bucket - 1) <= value * (1 + 1e-12)
-            assert value < rollups.GROWTH ** bucket
+            assert latency_histogram.GROWTH ** (bucket - 1) <= value * (1 + 1e-12)
+            assert value < latency_histogram.GROWTH ** bucket
 
 
 def test_concurrent_writers_for_one_business_under_gunicorn(gunicorn, pg):

@@ -11,7 +11,7 @@ from .. import store
 from ..auth import get_auth, require_scope
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..errors import error_response
-from ..limits import rate_limited
+from ..ratelimit import rate_limited
 from ..schemas import Id, InvalidRequest, WindowDays, field_errors
 from ..services import get_services
 

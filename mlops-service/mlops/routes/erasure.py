@@ -35,7 +35,7 @@ from .. import store
 from ..auth import FORBIDDEN_MESSAGE, HEADER, bearer_token, get_auth, key_id, require_scope
 from ..db import DatabaseMisconfigured, DatabaseUnavailable
 from ..errors import error_response
-from ..limits import rate_limited
+from ..ratelimit import rate_limited
 from ..schemas import Id, InvalidRequest, field_errors
 from ..services import get_services
 from ..spool import SpoolBusy

@@ -26,7 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from .. import otlp, otlp_genai
 from ..auth import FORBIDDEN_MESSAGE, get_auth, require_scope
 from ..bodies import read_body
-from ..limits import rate_limited
+from ..ratelimit import rate_limited
 from ..services import get_services
 from ..telemetry import OTLP_DISCARDED, OTLP_SPANS
 

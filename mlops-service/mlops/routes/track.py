@@ -11,7 +11,7 @@ from werkzeug.exceptions import UnsupportedMediaType
 from ..auth import FORBIDDEN_MESSAGE, get_auth, require_scope
 from ..bodies import REFRESH_BODY_BYTES, read_body
 from ..errors import error_response
-from ..limits import rate_limited
+from ..ratelimit import rate_limited
 from ..schemas import InvalidRequest, RefreshRequest, field_errors, parse_batch, parse_event
 from ..services import get_services
 from ..telemetry import EVENTS_REJECTED

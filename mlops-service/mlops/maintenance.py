@@ -1,4 +1,4 @@
-"""The maintenance job: rollup backfill, shard folding, and retention.
+"""The maintenance job: rollup and price backfills, shard folding, retention, size sampling.
 
 Every worker of every replica runs a :class:`Maintenance` thread, but each
 step is a short transaction that first tries a transaction-level advisory

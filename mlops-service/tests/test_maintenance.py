@@ -16,7 +16,7 @@ from rollup_checks import assert_matches_raw
 from mlops import store
 from mlops.config import Settings
 from mlops.db import Database
-from mlops.retention import Maintenance
+from mlops.maintenance import Maintenance
 from mlops.schemas import MetricsEvent
 
 
