@@ -367,7 +367,7 @@ def test_reprice_prices_a_window_again_with_the_current_table(db, pg, tmp_path, 
         [sys.executable, "-m", "mlops.reprice", "--since", str(today), "--until",
          str(today + timedelta(days=1))],
         env={"DATABASE_URL": database_url, "PRICES_FILE": path, "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=120, cwd=Path(store.__file__).parent.parent)
+        capture_output=True, text=True, timeout=120, cwd=Path(store.__file__).parents[2])
     assert done.returncode == 0, done.stderr
     assert "reprice: 2 events received from" in done.stdout  # today's, not the older one
     assert ", 1 with a new price (genai-prices-" in done.stdout

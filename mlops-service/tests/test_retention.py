@@ -117,7 +117,7 @@ def test_track_never_waits_for_a_retention_batch(make_app, db, database_url):
     other = psycopg2.connect(database_url)
     with other.cursor() as cur:  # a retention batch, deleted but not yet committed
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (store.MAINTENANCE_LOCK_KEY,))
-        cur.execute(store._EXPIRE_EVENTS_SQL, {"days": 30, "limit": 1000})
+        cur.execute(store.housekeeping.EXPIRE_EVENTS_SQL, {"days": 30, "limit": 1000})
         assert cur.rowcount == 50
         started = time.monotonic()
         event = varied(1, [business], seed=8)[0]

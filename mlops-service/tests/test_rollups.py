@@ -219,8 +219,8 @@ def test_the_migration_backfills_existing_rows_in_batches(tmp_path, monkeypatch,
                for i, e in enumerate(varied(250, [business, "other"], seed=21))]
         with conn.cursor() as cur:  # the version-1 insert: events only
             cur.executemany(
-                f"INSERT INTO mlops_events ({', '.join(store._INSERT_COLUMNS)}) "
-                f"VALUES ({', '.join(['%s'] * len(store._INSERT_COLUMNS))})",
+                f"INSERT INTO mlops_events ({', '.join(store.events.INSERT_COLUMNS)}) "
+                f"VALUES ({', '.join(['%s'] * len(store.events.INSERT_COLUMNS))})",
                 [r.row() for r in old])
         assert migrate.apply(conn) == sorted(
             int(path.name[:4]) for path in migrate.MIGRATIONS_DIR.glob("*.sql"))[1:]
