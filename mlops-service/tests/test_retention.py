@@ -17,7 +17,7 @@ from mlops import store
 from mlops.config import Settings
 from mlops.db import Database
 from mlops.retention import Maintenance
-from mlops.schemas import MetricsEvent
+from mlops.schemas import MetricsEvent, Record
 
 
 @pytest.fixture
@@ -31,8 +31,8 @@ def db(database_url):
 def seed(db, business: str, ages_days: list[int]) -> None:
     """One event per entry of ``ages_days``, received that many days ago."""
     now = datetime.now(UTC)
-    records = [store.Record(str(uuid.uuid4()), now - timedelta(days=age, minutes=1),
-                            MetricsEvent.model_validate(event))
+    records = [Record(str(uuid.uuid4()), now - timedelta(days=age, minutes=1),
+                      MetricsEvent.model_validate(event))
                for age, event in zip(ages_days, varied(len(ages_days), [business], seed=4),
                                      strict=True)]
     store.insert_events(db, records, 5000)

@@ -14,14 +14,11 @@ import io
 import json
 import operator
 import random
-from dataclasses import dataclass
-from datetime import datetime
 
 from psycopg2.extras import Json
 
-from .. import prices
 from ..db import Database, copy_from
-from ..schemas import MetricsEvent
+from ..schemas import Record
 from .rollup_sql import ROLLED_COLUMNS, SHARDS, rollup_ctes
 
 # The contract's fields, in column order (see migrations/0001_events.sql).
@@ -40,45 +37,29 @@ STORED_COLUMNS = (*INSERT_COLUMNS, *PRICE_COLUMNS)
 _contract_values = operator.attrgetter(*CONTRACT_COLUMNS)
 
 
-@dataclass(frozen=True)
-class Record:
-    """An event ready to store: its idempotency key, server receive time and body."""
+def insert_row(record: Record) -> tuple:
+    """The values of ``record`` for ``INSERT_COLUMNS``, in order."""
+    data = record.event
+    return (
+        record.event_id,
+        record.received_at,
+        *_contract_values(data),
+        Json(data.model_extra or {}),
+    )
 
-    event_id: str
-    received_at: datetime
-    event: MetricsEvent
 
-    @property
-    def price(self) -> prices.Price:
-        """The call's price by this process's table (``prices.current()``), at ``received_at``;
-        computed once (``functools.cached_property`` would take a lock per call)."""
-        try:
-            return self.__dict__["_price"]
-        except KeyError:
-            price = self.__dict__["_price"] = prices.current().price_event(
-                self.event, self.received_at)
-            return price
+def stored_row(record: Record) -> tuple:
+    """The values of ``record`` for ``STORED_COLUMNS``: :func:`insert_row` and the price."""
+    return (*insert_row(record), *record.price)
 
-    def row(self) -> tuple:
-        """The values for ``INSERT_COLUMNS``, in order."""
-        data = self.event
-        return (
-            self.event_id,
-            self.received_at,
-            *_contract_values(data),
-            Json(data.model_extra or {}),
-        )
 
-    def stored_row(self) -> tuple:
-        """The values for ``STORED_COLUMNS``: :meth:`row` and the price."""
-        return (*self.row(), *self.price)
-
-    def copy_line(self) -> str:
-        """The stored row as one line of COPY text format (tab-separated, ``\\N`` for NULL)."""
-        data = self.event
-        values = [self.event_id, self.received_at.isoformat(), *_contract_values(data),
-                  json.dumps(data.model_extra) if data.model_extra else "{}", *self.price]
-        return "\t".join(map(_copy_text, values)) + "\n"
+def copy_line(record: Record) -> str:
+    """The stored row of ``record`` as one line of COPY text format
+    (tab-separated, ``\\N`` for NULL)."""
+    data = record.event
+    values = [record.event_id, record.received_at.isoformat(), *_contract_values(data),
+              json.dumps(data.model_extra) if data.model_extra else "{}", *record.price]
+    return "\t".join(map(_copy_text, values)) + "\n"
 
 
 def _copy_text(value) -> str:
@@ -289,7 +270,7 @@ def insert_events(db: Database, records: list[Record], timeout_ms: int, *,
     shard = random.randrange(SHARDS)
     rows = _first_of_each_id(records)
     if len(rows) < COPY_THRESHOLD:
-        columns = [list(values) for values in zip(*(r.stored_row() for r in rows), strict=True)]
+        columns = [list(values) for values in zip(*(stored_row(r) for r in rows), strict=True)]
 
         def work(cur) -> Inserted:
             cur.execute(_CALL_SQL, (*columns, shard))
@@ -297,7 +278,7 @@ def insert_events(db: Database, records: list[Record], timeout_ms: int, *,
 
         return db.run(work, timeout_ms=timeout_ms, skip_if_down=skip_if_down)
 
-    data = "".join(r.copy_line() for r in rows)
+    data = "".join(map(copy_line, rows))
 
     def copy_work(cur) -> Inserted:
         cur.execute(
