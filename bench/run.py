@@ -44,7 +44,7 @@ from payloads import FAILURE, SUCCESS  # noqa: E402
 from mlops import store  # noqa: E402
 from mlops.config import Settings  # noqa: E402
 from mlops.db import Database  # noqa: E402
-from mlops.schemas import parse_event  # noqa: E402
+from mlops.schemas import Record, parse_event  # noqa: E402
 
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 WORKERS = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -201,7 +201,7 @@ def group_costs(url: str, events: list[dict],
     for size in GROUP_SIZES:
         def group(size=size):
             now = datetime.now(UTC)
-            return [store.Record(str(uuid.uuid4()), now, parsed[i % len(parsed)])
+            return [Record(str(uuid.uuid4()), now, parsed[i % len(parsed)])
                     for i in range(size)]
         store.insert_events(db, group(), 10_000)  # warm: connection, plan
         calls = per_size // size
@@ -267,8 +267,8 @@ def storage_per_1000() -> dict[str, float]:
             conversation = (i // (STORAGE_BUSINESSES * CONVERSATION_MESSAGES)
                             * STORAGE_BUSINESSES + i % STORAGE_BUSINESSES)
             event["conversation_id"] = str(uuid.UUID(int=conversation + 1))
-            records.append(store.Record(str(uuid.uuid4()), start + i * step,
-                                        parse_event(json.dumps(event).encode())))
+            records.append(Record(str(uuid.uuid4()), start + i * step,
+                                  parse_event(json.dumps(event).encode())))
         conn = psycopg2.connect(url)
         conn.autocommit = True
         per_day = STORAGE_EVENTS // STORAGE_DAYS
@@ -349,7 +349,7 @@ def pricing_costs(url: str, events: list[dict], rounds: int = 9, batches: int = 
             client, server = 0.0, _backends_cpu_seconds(db)
             for _ in range(batches):  # one batch's records alive at a time, as in a request
                 now = datetime.now(UTC)
-                records = [store.Record(str(uuid.uuid4()), now, parsed[j % len(parsed)])
+                records = [Record(str(uuid.uuid4()), now, parsed[j % len(parsed)])
                            for j in range(size)]
                 started = time.process_time()
                 store.insert_events(db, records, 60_000)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from . import store
 from .db import Database, DatabaseUnavailable, TransactionRolledBack
+from .schemas import Record
 from .telemetry import EVENTS_REJECTED, Telemetry
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ class Delivery:
         self.db = db
         self.telemetry = telemetry
 
-    def __call__(self, records: Sequence[store.Record], *, timeout_ms: int,
+    def __call__(self, records: Sequence[Record], *, timeout_ms: int,
                  skip_if_down: bool = False, replayed: bool = False) -> store.Inserted:
         """Insert ``records`` within ``timeout_ms`` (in all); return the event ids newly stored.
 
@@ -69,7 +70,7 @@ class Delivery:
                                                    "business_id": business_id})
         return inserted
 
-    def _insert(self, records: list[store.Record], timeout_ms: int,
+    def _insert(self, records: list[Record], timeout_ms: int,
                 skip_if_down: bool) -> store.Inserted:
         """``store.insert_events``, run again after each ``TransactionRolledBack``
         until ``timeout_ms`` (in all) has passed; then that error is raised."""
@@ -96,7 +97,7 @@ class _Waiting:
 
     __slots__ = ("records", "deadline", "done", "inserted", "error")
 
-    def __init__(self, records: Sequence[store.Record], deadline: float) -> None:
+    def __init__(self, records: Sequence[Record], deadline: float) -> None:
         self.records = records
         self.deadline = deadline  # time.monotonic()
         self.done = threading.Event()
@@ -132,7 +133,7 @@ class GroupCommit:
         self._thread: threading.Thread | None = None
         self._stopped = False  # pragma: no mutate - None is as false
 
-    def __call__(self, records: Sequence[store.Record], *, timeout_ms: int) -> store.Inserted:
+    def __call__(self, records: Sequence[Record], *, timeout_ms: int) -> store.Inserted:
         """Deliver ``records`` within ``timeout_ms`` (in all); return the event ids newly stored,
         with the conflicts among ``records`` (:class:`mlops.store.Inserted`).
 

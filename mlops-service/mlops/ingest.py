@@ -20,8 +20,7 @@ from datetime import UTC, datetime
 from .db import DatabaseMisconfigured, DatabaseUnavailable
 from .deliver import GroupCommit
 from .outbox import Outbox
-from .schemas import MetricsEvent
-from .store import Record
+from .schemas import MetricsEvent, Record
 from .telemetry import EVENTS_QUEUED
 
 

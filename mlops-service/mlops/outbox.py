@@ -20,9 +20,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from .db import DatabaseMisconfigured, DatabaseUnavailable
-from .schemas import MetricsEvent
+from .schemas import MetricsEvent, Record
 from .spool import Spool, SpooledEvent
-from .store import Record
 
 log = logging.getLogger(__name__)
 

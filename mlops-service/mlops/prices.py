@@ -16,7 +16,7 @@ is priced as if every token were input and marked ``estimated``.
 resulting rates in a bounded LRU cache, so pricing an event costs a few
 ``Decimal`` multiplications. The process-wide table (:func:`current`) is set
 by the app factory from the settings (:func:`configure`); rows get their
-price from it where records become rows (``mlops.store.Record``), so events
+price from it where records become rows (``mlops.schemas.Record``), so events
 delivered later from the spool are priced by the same table.
 """
 

@@ -5,13 +5,16 @@ The contract is ``shared/contract/nextjs-client.md``. Validation is strict
 that every accepted value also fits its Postgres column: the store never
 sees input it would reject. Fields the contract does not name are kept, in
 ``model_extra``, and stored as JSONB. The same models generate the OpenAPI
-document served at ``/openapi.json``.
+document served at ``/openapi.json``. An accepted event travels on as a
+:class:`Record` (its id, receive time and price) to the outbox and the store.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 
 import pydantic_core
@@ -23,6 +26,8 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
 )
+
+from . import prices
 
 INT32_MAX = 2**31 - 1  # Postgres integer
 INT64_MAX = 2**63 - 1  # Postgres bigint
@@ -87,6 +92,31 @@ class MetricsEvent(BaseModel):
     user_message_length: Length
     ai_response_length: Length
     response_type: Label
+
+
+@dataclass(frozen=True)
+class Record:
+    """An event ready to store: its idempotency key, server receive time and body.
+
+    Made where a request's events are accepted (``mlops.ingest``) or read
+    back from the spool (``mlops.outbox``); ``mlops.store.events`` encodes it
+    as a row.
+    """
+
+    event_id: str
+    received_at: datetime
+    event: MetricsEvent
+
+    @property
+    def price(self) -> prices.Price:
+        """The call's price by this process's table (``prices.current()``), at ``received_at``;
+        computed once (``functools.cached_property`` would take a lock per call)."""
+        try:
+            return self.__dict__["_price"]
+        except KeyError:
+            price = self.__dict__["_price"] = prices.current().price_event(
+                self.event, self.received_at)
+            return price
 
 
 def _jsonb_problem(value: Any) -> str | None:

@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -38,7 +37,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import prices
 from .erased_series import ErasedSeries
-from .schemas import MetricsEvent
+from .schemas import MetricsEvent, Record
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +231,6 @@ class SeriesBudget:
         return self._overflow
 
 
-class Stored(Protocol):
-    """What :meth:`Telemetry.record_stored` reads of a stored record
-    (``mlops.store.Record`` is one): the event as the schema parsed it."""
-
-    event: MetricsEvent
-
-
 class Telemetry:
     """Per-app telemetry state: series budgets, erased series, the scrape-time state.
 
@@ -278,7 +270,7 @@ class Telemetry:
         of this server (``mlops.erased_series``); it counts from 0 if it comes back."""
         self.erased.forget(business_id)
 
-    def record_stored(self, records: Iterable[Stored], *, replayed: bool = False) -> None:
+    def record_stored(self, records: Iterable[Record], *, replayed: bool = False) -> None:
         """Count events whose rows were just committed (call after the commit).
 
         ``replayed``: they came from the spool (``mlops_events_replayed_total``),

@@ -27,7 +27,7 @@ from mlops import store
 from mlops.config import Settings
 from mlops.db import Database, TransactionRolledBack
 from mlops.deliver import Delivery, GroupCommit
-from mlops.schemas import MetricsEvent
+from mlops.schemas import MetricsEvent, Record
 from mlops.telemetry import Telemetry
 
 # A row of mlops_events with only what its constraints require.
@@ -48,9 +48,9 @@ def db(database_url):
 
 
 def record(business: str, conversation: str | None, event_id: str | None = None):
-    return store.Record(event_id or str(uuid.uuid4()), datetime.now(UTC),
-                        MetricsEvent.model_validate({**SUCCESS, "business_id": business,
-                                                     "conversation_id": conversation}))
+    return Record(event_id or str(uuid.uuid4()), datetime.now(UTC),
+                  MetricsEvent.model_validate({**SUCCESS, "business_id": business,
+                                               "conversation_id": conversation}))
 
 
 def waiting_on_locks(pg) -> int:

@@ -23,7 +23,7 @@ from support import wait_until
 from mlops import store
 from mlops.auth import key_id
 from mlops.maintenance import Maintenance
-from mlops.schemas import MetricsEvent
+from mlops.schemas import MetricsEvent, Record
 from mlops.services import get_services
 
 KEY = "erasure-test-key-0123456789"
@@ -31,7 +31,7 @@ KEY = "erasure-test-key-0123456789"
 
 def seed(db, events: list[dict], days_ago: int = 0) -> None:
     at = datetime.now(UTC) - timedelta(days=days_ago)
-    store.insert_events(db, [store.Record(str(uuid.uuid4()), at, MetricsEvent.model_validate(e))
+    store.insert_events(db, [Record(str(uuid.uuid4()), at, MetricsEvent.model_validate(e))
                              for e in events], 5000)
 
 
@@ -78,9 +78,9 @@ def test_a_conversation_leaves_events_rollups_and_gauges(make_app, db, pg):
     assert "erased_at" in line
 
 
-def records(events: list[dict], days_ago: float = 0) -> list[store.Record]:
+def records(events: list[dict], days_ago: float = 0) -> list[Record]:
     at = datetime.now(UTC) - timedelta(days=days_ago)
-    return [store.Record(str(uuid.uuid4()), at, MetricsEvent.model_validate(e)) for e in events]
+    return [Record(str(uuid.uuid4()), at, MetricsEvent.model_validate(e)) for e in events]
 
 
 @pytest.mark.parametrize("erased", ["conversation_id", "business_id"])
@@ -260,7 +260,7 @@ def test_the_audit_row_outlives_200k_later_messages_and_names_the_key(make_app, 
     for _ in range(20):
         at = datetime.now(UTC)
         stored = store.insert_events(
-            db, [store.Record(str(uuid.uuid4()), at, event) for _ in range(10_000)], 60_000)
+            db, [Record(str(uuid.uuid4()), at, event) for _ in range(10_000)], 60_000)
         assert len(stored) == 10_000
     assert query(pg, "SELECT count(*) FROM mlops_events") == [(200_000,)]
 

@@ -13,7 +13,7 @@ from support import wait_until
 
 from mlops import store
 from mlops.outbox import to_row
-from mlops.schemas import MetricsEvent
+from mlops.schemas import MetricsEvent, Record
 from mlops.services import get_services
 
 
@@ -84,10 +84,10 @@ def test_a_spooled_conflict_is_counted_and_logged_not_lost_silently(client, app,
     outbox = get_services(app).outbox
     before = rejected(client)
     # As if received while Postgres was away: answered 202 "queued" long ago.
-    record = store.Record(event_id, datetime.now(UTC),
-                          MetricsEvent.model_validate(event(b, event_id)))
-    kept = store.Record(str(uuid.uuid4()), record.received_at,
-                        MetricsEvent.model_validate(event(b, "x")))
+    record = Record(event_id, datetime.now(UTC),
+                    MetricsEvent.model_validate(event(b, event_id)))
+    kept = Record(str(uuid.uuid4()), record.received_at,
+                  MetricsEvent.model_validate(event(b, "x")))
     outbox.spool.put([to_row(record), to_row(kept)])
 
     with caplog.at_level(logging.WARNING, logger="mlops.deliver"):

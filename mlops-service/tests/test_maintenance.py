@@ -17,7 +17,7 @@ from mlops import store
 from mlops.config import Settings
 from mlops.db import Database
 from mlops.maintenance import Maintenance
-from mlops.schemas import MetricsEvent
+from mlops.schemas import MetricsEvent, Record
 
 
 @pytest.fixture
@@ -31,8 +31,8 @@ def db(database_url):
 def seed(db, business: str, ages_days: list[int]) -> None:
     """One event per entry of ``ages_days``, received that many days ago."""
     now = datetime.now(UTC)
-    records = [store.Record(str(uuid.uuid4()), now - timedelta(days=age, minutes=1),
-                            MetricsEvent.model_validate(event))
+    records = [Record(str(uuid.uuid4()), now - timedelta(days=age, minutes=1),
+                      MetricsEvent.model_validate(event))
                for age, event in zip(ages_days, varied(len(ages_days), [business], seed=4),
                                      strict=True)]
     store.insert_events(db, records, 5000)
@@ -117,7 +117,7 @@ def test_track_never_waits_for_a_retention_batch(make_app, db, database_url):
     other = psycopg2.connect(database_url)
     with other.cursor() as cur:  # a retention batch, deleted but not yet committed
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (store.MAINTENANCE_LOCK_KEY,))
-        cur.execute(store._EXPIRE_EVENTS_SQL, {"days": 30, "limit": 1000})
+        cur.execute(store.housekeeping.EXPIRE_EVENTS_SQL, {"days": 30, "limit": 1000})
         assert cur.rowcount == 50
         started = time.monotonic()
         event = varied(1, [business], seed=8)[0]

@@ -19,12 +19,11 @@ from payloads import varied
 from psycopg2.extensions import parse_dsn
 from support import wait_until
 
-from mlops import store
 from mlops.config import Settings
 from mlops.db import Database
 from mlops.deliver import Delivery
 from mlops.outbox import FLUSH_BATCH, Outbox, from_row
-from mlops.schemas import parse_event
+from mlops.schemas import Record, parse_event
 from mlops.spool import Spool
 from mlops.telemetry import Telemetry
 
@@ -53,10 +52,10 @@ def outbox(database_url, tmp_path):
     empty_tables(database_url)
 
 
-def records(n: int, business: str | None = None) -> list[store.Record]:
+def records(n: int, business: str | None = None) -> list[Record]:
     business = business or str(uuid.uuid4())
-    return [store.Record(str(uuid.uuid4()), datetime.now(UTC),
-                         parse_event(e))
+    return [Record(str(uuid.uuid4()), datetime.now(UTC),
+                   parse_event(e))
             for e in varied(n, [business])]
 
 

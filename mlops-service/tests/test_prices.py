@@ -31,7 +31,7 @@ from mlops.db import Database
 from mlops.deliver import Delivery
 from mlops.maintenance import Maintenance
 from mlops.outbox import Outbox
-from mlops.schemas import MetricsEvent
+from mlops.schemas import MetricsEvent, Record
 from mlops.spool import Spool
 from mlops.telemetry import Telemetry
 
@@ -58,9 +58,9 @@ def db(database_url):
     empty_tables(database_url)
 
 
-def record(event: dict, received_at: datetime | None = None) -> store.Record:
-    return store.Record(str(uuid.uuid4()), received_at or datetime.now(UTC),
-                        MetricsEvent.model_validate(event))
+def record(event: dict, received_at: datetime | None = None) -> Record:
+    return Record(str(uuid.uuid4()), received_at or datetime.now(UTC),
+                  MetricsEvent.model_validate(event))
 
 
 def stored(pg, business: str) -> list[tuple]:
@@ -302,7 +302,7 @@ def test_events_delivered_from_the_spool_are_priced_by_the_same_table(database_u
                  timeout_ms=2000)
     business = str(uuid.uuid4())
     received = datetime.now(UTC) - timedelta(hours=1)
-    box.put([store.Record(str(uuid.uuid4()), received, MetricsEvent.model_validate(
+    box.put([Record(str(uuid.uuid4()), received, MetricsEvent.model_validate(
         {**SUCCESS, "business_id": business, "model_name": m}))
         for m in ("acme-chat-7b", "gemini-1.5-flash")])
     try:
@@ -319,7 +319,7 @@ def test_events_delivered_from_the_spool_are_priced_by_the_same_table(database_u
 
 # --- history: the maintenance job and reprice -----------------------------------------
 
-def store_unpriced(db, events: list[dict], days_ago: int = 0) -> list[store.Record]:
+def store_unpriced(db, events: list[dict], days_ago: int = 0) -> list[Record]:
     """Store ``events`` as a server with pricing off does (price_status NULL)."""
     prices.configure(prices.Table(enabled=False))
     records = [record(e, datetime.now(UTC) - timedelta(days=days_ago)) for e in events]
@@ -367,7 +367,7 @@ def test_reprice_prices_a_window_again_with_the_current_table(db, pg, tmp_path, 
         [sys.executable, "-m", "mlops.reprice", "--since", str(today), "--until",
          str(today + timedelta(days=1))],
         env={"DATABASE_URL": database_url, "PRICES_FILE": path, "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=120, cwd=Path(store.__file__).parent.parent)
+        capture_output=True, text=True, timeout=120, cwd=Path(store.__file__).parents[2])
     assert done.returncode == 0, done.stderr
     assert "reprice: 2 events received from" in done.stdout  # today's, not the older one
     assert ", 1 with a new price (genai-prices-" in done.stdout

@@ -27,7 +27,7 @@ from mlops import latency_histogram, migrate, store
 from mlops.config import Settings
 from mlops.db import Database
 from mlops.maintenance import Maintenance
-from mlops.schemas import MetricsEvent
+from mlops.schemas import MetricsEvent, Record
 
 
 @pytest.fixture
@@ -40,8 +40,8 @@ def db(database_url):
 
 
 def record(event: dict, received_at: datetime | None = None, event_id: str | None = None):
-    return store.Record(event_id or str(uuid.uuid4()), received_at or datetime.now(UTC),
-                        MetricsEvent.model_validate(event))
+    return Record(event_id or str(uuid.uuid4()), received_at or datetime.now(UTC),
+                  MetricsEvent.model_validate(event))
 
 
 def test_single_and_batch_writes_match_raw(client, pg, db):
@@ -220,9 +220,9 @@ def test_the_migration_backfills_existing_rows_in_batches(tmp_path, monkeypatch,
                for i, e in enumerate(varied(250, [business, "other"], seed=21))]
         with conn.cursor() as cur:  # the version-1 insert: events only
             cur.executemany(
-                f"INSERT INTO mlops_events ({', '.join(store._INSERT_COLUMNS)}) "
-                f"VALUES ({', '.join(['%s'] * len(store._INSERT_COLUMNS))})",
-                [r.row() for r in old])
+                f"INSERT INTO mlops_events ({', '.join(store.events.INSERT_COLUMNS)}) "
+                f"VALUES ({', '.join(['%s'] * len(store.events.INSERT_COLUMNS))})",
+                [store.events.insert_row(r) for r in old])
         assert migrate.apply(conn) == sorted(
             int(path.name[:4]) for path in migrate.MIGRATIONS_DIR.glob("*.sql"))[1:]
         database = Database(Settings.from_env({"DATABASE_URL": url}))
@@ -347,7 +347,7 @@ def test_window_totals_reread_settled_days_only_when_they_change(db, pg):
     business, leaving = str(uuid.uuid4()), str(uuid.uuid4())
     now = datetime.now(UTC)
 
-    def put(days_ago: int, biz: str = business) -> list[store.Record]:
+    def put(days_ago: int, biz: str = business) -> list[Record]:
         records = [record(e, now - timedelta(days=days_ago))
                    for e in varied(4, [biz], seed=days_ago)]
         store.insert_events(db, records, 5000)

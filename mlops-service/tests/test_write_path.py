@@ -28,7 +28,7 @@ from mlops.db import Database, DatabaseUnavailable
 from mlops.deliver import Delivery, GroupCommit
 from mlops.ingest import Ingestor
 from mlops.outbox import Outbox, from_row, to_row
-from mlops.schemas import parse_event
+from mlops.schemas import Record, parse_event
 from mlops.spool import Spool, SpoolFull
 from mlops.telemetry import OVERFLOW_LABEL, Telemetry
 
@@ -80,8 +80,8 @@ def scrape() -> dict:
     return metric_values(generate_latest(REGISTRY).decode())
 
 
-def records_of(batch) -> list[store.Record]:
-    return [store.Record(e.event_id, datetime.now(UTC), e) for e in batch]
+def records_of(batch) -> list[Record]:
+    return [Record(e.event_id, datetime.now(UTC), e) for e in batch]
 
 
 def stored(pg, ids) -> list[str]:
@@ -92,7 +92,7 @@ def stored(pg, ids) -> list[str]:
 
 def test_a_spool_row_gives_back_the_record_it_was_made_from(tmp_path):
     event = parse_event({**SUCCESS, "event_id": "e-1", "locale": "de-DE", "nested": {"a": [1]}})
-    record = store.Record("e-1", datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), event)
+    record = Record("e-1", datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC), event)
     spool = Spool(tmp_path, 1 << 20)
     spool.put([to_row(record)])
     (item,) = spool.peek(10)
@@ -166,7 +166,7 @@ def test_the_flusher_delivers_through_the_same_step_and_counts_once(parts, pg, t
                                                                     database_url):
     p = parts()
     batch = events(20)
-    records = [store.Record(e.event_id, datetime.now(UTC), e) for e in batch]
+    records = [Record(e.event_id, datetime.now(UTC), e) for e in batch]
     p.outbox.put(records)
     # The crash window: Postgres committed half of them, the spool delete never happened.
     assert len(store.insert_events(p.db, records[:10], 1000)) == 10
@@ -185,7 +185,7 @@ def test_the_flusher_delivers_through_the_same_step_and_counts_once(parts, pg, t
 def test_a_failed_flush_leaves_the_batch_in_the_spool(parts):
     away = parts("postgresql://postgres@127.0.0.1:1/postgres")
     batch = events(3)
-    away.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in batch])
+    away.outbox.put([Record(e.event_id, datetime.now(UTC), e) for e in batch])
     with pytest.raises(DatabaseUnavailable):
         away.outbox.flush_once()
     assert away.spool.depth() == 3
@@ -197,7 +197,7 @@ def test_only_one_process_leads_the_flush_and_stop_drains(parts, pg):
     second.spool = second.outbox.spool = first.spool  # one spool file, two outboxes
     assert first.outbox._is_leader() and not second.outbox._is_leader()
     batch = events(4)
-    first.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in batch])
+    first.outbox.put([Record(e.event_id, datetime.now(UTC), e) for e in batch])
     assert first.outbox.stop(drain_seconds=5) == 0
     assert len(stored(pg, [e.event_id for e in batch])) == 4
     assert second.outbox._is_leader()  # the lock is free once the leader stops
@@ -205,7 +205,7 @@ def test_only_one_process_leads_the_flush_and_stop_drains(parts, pg):
 
 def test_the_flusher_backs_off_exponentially_while_the_database_is_away(parts):
     away = parts("postgresql://postgres@127.0.0.1:1/postgres", backoff_seconds=(0.01, 0.04))
-    away.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in events(1)])
+    away.outbox.put([Record(e.event_id, datetime.now(UTC), e) for e in events(1)])
     waits: list[float] = []
 
     class Waits(logging.Handler):
@@ -230,7 +230,7 @@ def test_the_flusher_backs_off_exponentially_while_the_database_is_away(parts):
 def test_the_background_flusher_empties_the_spool(parts, pg):
     p = parts()
     batch = events(7)
-    p.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in batch])
+    p.outbox.put([Record(e.event_id, datetime.now(UTC), e) for e in batch])
     p.outbox.start()
     p.outbox.start()  # idempotent
     deadline = time.monotonic() + 10
@@ -256,7 +256,7 @@ def test_a_family_holds_at_most_its_series_budget(parts):
     business = str(uuid.uuid4())
 
     def record(n: int, tag: str) -> None:
-        p.telemetry.record_stored([store.Record(
+        p.telemetry.record_stored([Record(
             str(uuid.uuid4()), datetime.now(UTC),
             parse_event({**SUCCESS, "business_id": business, "model_name": f"{tag}{i}",
                          "intent_detected": f"{tag}{i}", "response_type": f"{tag}{i}"}))
@@ -307,7 +307,7 @@ def test_a_follower_takes_over_when_the_leader_stops(parts, pg):
     time.sleep(0.2)  # the follower's first bid for the lock (nothing to observe) fails
     first.outbox.stop(0)
     batch = events(3)
-    first.outbox.put([store.Record(e.event_id, datetime.now(UTC), e) for e in batch])
+    first.outbox.put([Record(e.event_id, datetime.now(UTC), e) for e in batch])
     deadline = time.monotonic() + 10
     while first.spool.depth() and time.monotonic() < deadline:
         time.sleep(0.02)
