@@ -59,8 +59,9 @@ CHUNK = 250_000
 BUSIEST = "biz-000"
 SECONDS_PER_60_DAYS = 60 * 86400
 
-# Event number g: conversation g / 10; one business per conversation. (%% is
-# a literal % here: the query takes parameters.)
+# Event number g: conversation g / 10; one business per conversation; each
+# priced at gemini-1.5-flash's list rates (0.075 / 0.30 USD per million input /
+# output tokens). (%% is a literal % here: the query takes parameters.)
 _SOURCE = f"""
 SELECT 'hist-' || g,
        now() - make_interval(
@@ -70,7 +71,8 @@ SELECT 'hist-' || g,
        100 + g %% 800, 80 + g %% 600, 20 + g %% 200, (g %% 5000) / 1e6,
        (ARRAY['gemini-1.5-flash', 'gemini-1.5-pro', 'gpt-4o-mini'])[g %% 3 + 1], 'general',
        g %% 7 = 0, g %% 31 = 0, CASE WHEN g %% 7 = 0 THEN g %% 2 = 0 END,
-       40 + g %% 300, 100 + g %% 1500, 'text', '{{}}'::jsonb
+       40 + g %% 300, 100 + g %% 1500, 'text', '{{}}'::jsonb,
+       ((80 + g %% 600) * 0.075 + (20 + g %% 200) * 0.30) / 1e6, 'priced'
 FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g,
      LATERAL (SELECT CASE WHEN (g / 10) %% 10 = 0 THEN '{BUSIEST}'
                           ELSE 'biz-' || lpad(((g / 10) %% 199 + 1)::text, 3, '0') END AS id) b
