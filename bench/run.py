@@ -319,15 +319,19 @@ def _backends_cpu_seconds(db: Database) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def pricing_costs(url: str, events: list[dict], rounds: int = 9, batches: int = 10,
-                  size: int = BATCH_SIZE) -> tuple[float, float]:
+def pricing_costs(url: str, events: list[dict], rounds: int = 12, batches: int = 10,
+                  size: int = BATCH_SIZE) -> tuple[float, float, float]:
     """CPU per event (client + Postgres, µs) of ``store.insert_events`` of ``size`` events
-    (the COPY path of a /track/batch), with the service's pricing on and off.
+    (the COPY path of a /track/batch), with the service's pricing on and off:
+    ``(median with, median without, median of the paired differences)``.
 
     Each round inserts ``batches`` batches, so it spans many clock ticks of /proc's
-    CPU times (10 ms each).
-    Rounds alternate on and off (``prices.configure``, as ``PRICES_ENABLED``
-    does) on one connection; each figure is the median of ``rounds``.
+    CPU times (10 ms each). Rounds come in pairs, one with pricing and one
+    without (``prices.configure``, as ``PRICES_ENABLED`` does), on one
+    connection, in ABBA order (with, without, without, with, ...) so that a
+    steady drift (the table growing, the machine's other load) cancels; the
+    cost of pricing is the median of the ``rounds`` pairs' differences, each
+    taken between two neighbouring rounds.
     Postgres's CPU is that of this database's backends. The
     same insert statement runs either way, so the difference is pricing's
     whole cost: the lookups, the arithmetic and the two values stored. Being
@@ -342,9 +346,10 @@ def pricing_costs(url: str, events: list[dict], rounds: int = 9, batches: int = 
     parsed = [parse_event(json.dumps(e).encode()) for e in events]
     tables = {True: prices.Table(), False: prices.Table(enabled=False)}
     figures: dict[bool, list[float]] = {True: [], False: []}
+    differences: list[float] = []
+    abba = [True, False, False, True] * ((rounds + 1) // 2)
     try:
-        for i in range(2 * rounds + 2):
-            enabled = i % 2 == 0
+        for i, enabled in enumerate([True, False, *abba[:2 * rounds]]):
             prices.configure(tables[enabled])
             client, server = 0.0, _backends_cpu_seconds(db)
             for _ in range(batches):  # one batch's records alive at a time, as in a request
@@ -357,10 +362,14 @@ def pricing_costs(url: str, events: list[dict], rounds: int = 9, batches: int = 
             cpu = client + _backends_cpu_seconds(db) - server
             if i >= 2:  # the first of each warms the connection, plan and caches
                 figures[enabled].append(cpu / (batches * size) * 1e6)
+                if i % 2:  # the second round of a pair: its difference, with - without
+                    with_, without = (figures[True][-1], figures[False][-1])
+                    differences.append(with_ - without)
     finally:
         prices.configure(prices.Table())
         db.close()
-    return statistics.median(figures[True]), statistics.median(figures[False])
+    return (statistics.median(figures[True]), statistics.median(figures[False]),
+            statistics.median(differences))
 
 
 def wait_drained(base: str, timeout: float = 60.0) -> None:
@@ -710,9 +719,9 @@ def main() -> None:
             f"{name} {status} in {seconds:.2f} s" for name, status, seconds in hostile)
             + f"; peak RSS {' / '.join(f'{r:.0f}' for r in hostile_rss)} MiB", flush=True)
         groups = group_costs(database_url, [SUCCESS, FAILURE])
-        priced_cpu, unpriced_cpu = pricing_costs(database_url, PRICED_EVENTS)
-        print(f"bench: pricing: {priced_cpu:.1f} µs per event with, {unpriced_cpu:.1f} without",
-              flush=True)
+        priced_cpu, unpriced_cpu, pricing_cpu = pricing_costs(database_url, PRICED_EVENTS)
+        print(f"bench: pricing: {priced_cpu:.1f} µs per event with, {unpriced_cpu:.1f} without, "
+              f"paired difference {pricing_cpu:+.1f}", flush=True)
         print("bench: insert_events CPU per event by group size: " + ", ".join(
             f"{n}: {c:.0f} + {p:.0f} µs" for n, c, p in groups), flush=True)
         storage = storage_row(storage_per_1000())
@@ -763,10 +772,10 @@ def main() -> None:
          "one connection, one group at a time (insert, rollups, commit), on the idle server; "
          "/track's group commit shares a commit among the requests that wait together"),
         ("pricing's CPU per event in /track/batch",
-         f"{priced_cpu - unpriced_cpu:+.1f} µs, "
-         f"{(priced_cpu - unpriced_cpu) / batch_cpu * 100:+.1f} %",
-         f"`insert_events` of {BATCH_SIZE} (client + Postgres backends) priced "
-         f"{priced_cpu:.1f} µs, not {unpriced_cpu:.1f} µs (medians of alternating rounds), "
+         f"{pricing_cpu:+.1f} µs, {pricing_cpu / batch_cpu * 100:+.1f} %",
+         f"`insert_events` of {BATCH_SIZE} (client + Postgres backends) with and without "
+         f"pricing: median of the paired differences of neighbouring rounds in ABBA order "
+         f"(medians {priced_cpu:.1f} µs with, {unpriced_cpu:.1f} µs without), "
          f"÷ /track/batch's CPU per event ({batch_cpu:.1f} µs: the cores ÷ the batch rate); "
          "target ≤ 5 %"),
         ("/metrics scrape p50 / p99", f"{scrape['p50']:.1f} / {scrape['p99']:.1f} ms",
