@@ -303,10 +303,12 @@ def storage_row(storage: dict[str, float]) -> tuple[str, str, str]:
             f"of {CONVERSATION_MESSAGES}; shards folded and vacuumed daily; pg_table_size, "
             "pg_indexes_size, pg_total_relation_size")
 def _backends_cpu_seconds(db: Database) -> float:
-    """User + system CPU of the Postgres backends connected to ``db``'s database (from
-    /proc): unlike every postgres process's, not moved by other databases' work."""
+    """User + system CPU of the client backends connected to ``db``'s database (from
+    /proc): unlike every postgres process's, not moved by other databases' work, nor
+    by an autovacuum worker that happens to visit this one."""
     def pids(cur):
-        cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND backend_type = 'client backend'")
         return [row[0] for row in cur.fetchall()]
 
     ticks = 0

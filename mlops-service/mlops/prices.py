@@ -6,7 +6,7 @@ cached-input tokens, by date (a price change is a new entry with a start
 date), with tiers for long prompts. This module reads that data only; it
 never calls the package's update functions, so pricing needs no network.
 
-Overrides (``PRICES_FILE``, a JSON file, see docs/prices.md) name a model
+Overrides (``PRICES_FILE``, mlops/price_overrides.py, docs/prices.md) name a model
 pattern, an optional provider, per-million rates and an optional
 ``valid_from`` date; they win over the bundled table. A call no table knows
 is ``unpriced`` (no price, never $0); a call with only a total token count
@@ -14,10 +14,11 @@ is priced as if every token were input and marked ``estimated``.
 
 :class:`Table` looks each (provider, model, UTC day) up once and keeps the
 resulting rates in a bounded LRU cache, so pricing an event costs a few
-``Decimal`` multiplications. The process-wide table (:func:`current`) is set
-by the app factory from the settings (:func:`configure`); rows get their
-price from it where records become rows (``mlops.schemas.Record``), so events
-delivered later from the spool are priced by the same table.
+integer multiplications (in picodollars, :class:`Price`). The process-wide
+table (:func:`current`) is set by the app factory from the settings
+(:func:`configure`); rows get their price from it where records become rows
+(``mlops.schemas.Record``), so events delivered later from the spool are
+priced by the same table.
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
-import hashlib
-import json
 import re
 from datetime import UTC, date, datetime, time
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Annotated, NamedTuple
+from typing import NamedTuple
 
 import genai_prices
 from genai_prices import data_snapshot, types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# PricesFileError is Table.from_file's error, named here for the table's users.
+from .price_overrides import PriceOverride, PricesFileError, load_overrides  # noqa: F401
 
 PRICED = "priced"
 ESTIMATED = "estimated"
@@ -67,107 +68,35 @@ CACHE_SIZE = 4096
 # model name it was asked about, misses included, without a bound.
 SNAPSHOT_LOOKUPS = 10_000
 
+_ONE = Decimal(1)
 _MILLION = Decimal(1_000_000)
 _THOUSAND = Decimal(1000)
 
 
 class Price(NamedTuple):
-    """A call's price: ``cost_usd`` (US dollars, None when unpriced) and ``status``.
+    """A call's price: ``picodollars`` (an int, None when unpriced) and ``status``.
 
+    A picodollar is 1e-12 US dollar, the scale of ``mlops_events.price_usd``
+    (``numeric(24, 12)``): whole picodollars are exactly what the column
+    stores, and an int costs far less to compute than a ``Decimal``.
     ``status`` is ``priced``, ``estimated`` (only a total token count was
     given), ``unpriced`` (no table knows the model), or None when pricing is
     off (``PRICES_ENABLED=false``: the row awaits ``make reprice``).
     """
 
-    cost_usd: Decimal | None
+    picodollars: int | None
     status: str | None
+
+    @property
+    def cost_usd(self) -> Decimal | None:
+        """The price in US dollars (``picodollars`` scaled by 1e-12), or None."""
+        return None if self.picodollars is None else Decimal(self.picodollars).scaleb(-12)
 
 
 _NOT_PRICED = Price(None, None)
 # Price(...) without NamedTuple's Python-level __new__ (the per-event path).
 _new_price = tuple.__new__
 _UNPRICED = Price(None, UNPRICED)
-
-
-# --- overrides file -----------------------------------------------------------
-
-Rate = Annotated[Decimal, Field(ge=0, le=1_000_000, allow_inf_nan=False)]
-
-
-class PriceOverride(BaseModel):
-    """One entry of ``PRICES_FILE``: rates in US dollars per million tokens.
-
-    ``model`` is a glob (``*``, ``?``, ``[...]``, fnmatch rules), matched
-    case-insensitively against the event's ``model_name``; ``provider``, when
-    given, must equal the call's ``gen_ai.provider.name`` (or the genai-prices
-    id it maps to). ``cache_read_per_mtok`` defaults to the input rate;
-    ``valid_from`` (a UTC date) defaults to always.
-    """
-
-    model_config = ConfigDict(extra="forbid", strict=False)
-
-    model: str = Field(min_length=1, max_length=128)
-    provider: str | None = Field(default=None, min_length=1, max_length=128)
-    input_per_mtok: Rate
-    output_per_mtok: Rate
-    cache_read_per_mtok: Rate | None = None
-    request_per_k: Rate | None = None
-    valid_from: date | None = None
-
-
-class PricesFile(BaseModel):
-    """The whole ``PRICES_FILE``: ``{"prices": [PriceOverride, ...]}``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prices: list[PriceOverride] = Field(max_length=10_000)
-
-
-class PricesFileError(ValueError):
-    """``PRICES_FILE`` is unreadable or malformed; ``str(error)`` is one line naming the entry."""
-
-
-def _entry_name(raw: object, index: int) -> str:
-    model = raw.get("model") if isinstance(raw, dict) else None
-    return f"entry {index + 1}" + (f" (model {model!r})" if isinstance(model, str) else "")
-
-
-def load_overrides(path: Path) -> tuple[list[PriceOverride], str]:
-    """The entries of the overrides file at ``path`` and the sha256 (hex) of its bytes.
-
-    Raises :class:`PricesFileError` (one line: the file, the entry number
-    and model, the field and what is wrong) for an unreadable file, bad
-    JSON, an entry that fails validation, or two entries for the same
-    model, provider and ``valid_from``.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise PricesFileError(f"PRICES_FILE {path} cannot be read: {exc.strerror}") from None
-    try:
-        raw = json.loads(data, parse_float=Decimal)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PricesFileError(f"PRICES_FILE {path} is not valid JSON: {exc}") from None
-    try:
-        parsed = PricesFile.model_validate(raw)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        loc = list(error["loc"])
-        where = "file"
-        if len(loc) >= 2 and loc[0] == "prices" and isinstance(loc[1], int):
-            where = _entry_name(raw["prices"][loc[1]], loc[1])
-            loc = loc[2:]
-        field = ".".join(map(str, loc)) or "entry"
-        raise PricesFileError(f"PRICES_FILE {path}: {where}: {field}: {error['msg']}") from None
-    seen: dict[tuple, int] = {}
-    for index, entry in enumerate(parsed.prices):
-        key = (entry.model.lower(), (entry.provider or "").lower(), entry.valid_from)
-        if key in seen:
-            raise PricesFileError(
-                f"PRICES_FILE {path}: {_entry_name(raw['prices'][index], index)}: same model, "
-                f"provider and valid_from as entry {seen[key] + 1}")
-        seen[key] = index
-    return parsed.prices, hashlib.sha256(data).hexdigest()
 
 
 # --- rates --------------------------------------------------------------------
@@ -234,12 +163,6 @@ class Rates:
     def cost(self, input_tokens: int, output_tokens: int, cache_read_tokens: int) -> Decimal:
         """USD of one call; ``input_tokens`` includes ``cache_read_tokens`` (genai-prices'
         rule: cached tokens are billed at the cache rate, or the input rate without one)."""
-        fast = self._fast
-        if fast is not None and input_tokens <= fast[0]:
-            _, rate_in, rate_out, rate_cached, per_request = fast
-            return Decimal(rate_in * (input_tokens - cache_read_tokens)
-                           + rate_cached * cache_read_tokens + rate_out * output_tokens
-                           + per_request).scaleb(-12)
         total = Decimal(0)
         uncached = input_tokens
         if cache_read_tokens and self.cache_read is not None:
@@ -252,6 +175,17 @@ class Rates:
         if self.requests is not None:
             total += self.requests / _THOUSAND
         return total
+
+    def picodollars(self, input_tokens: int, output_tokens: int, cache_read_tokens: int) -> int:
+        """:meth:`cost` in whole picodollars (1e-12 USD), rounded half away from zero
+        as ``numeric(24, 12)`` rounds; integer arithmetic for the common call."""
+        fast = self._fast
+        if fast is not None and input_tokens <= fast[0]:
+            _, rate_in, rate_out, rate_cached, per_request = fast
+            return (rate_in * (input_tokens - cache_read_tokens) + rate_cached * cache_read_tokens
+                    + rate_out * output_tokens + per_request)
+        cost = self.cost(input_tokens, output_tokens, cache_read_tokens)
+        return int(cost.scaleb(12).quantize(_ONE, rounding=ROUND_HALF_UP))
 
     @classmethod
     def from_model_price(cls, price: types.ModelPrice, source: str) -> Rates:
@@ -375,11 +309,18 @@ class Table:
         if type(rates) is _TimeOfDay:
             rates = Rates.from_model_price(rates.model.get_prices(at), rates.source)
         if input_tokens is None or output_tokens is None:
-            return _new_price(Price, (rates.cost(total_tokens, 0, 0), ESTIMATED))
-        if cache_read_tokens:
-            cache_read_tokens = min(cache_read_tokens, input_tokens)
-        return _new_price(Price, (rates.cost(input_tokens, output_tokens,
-                                             cache_read_tokens or 0), PRICED))
+            input_tokens, output_tokens, cache_read_tokens, status = total_tokens, 0, 0, ESTIMATED
+        else:
+            cache_read_tokens = min(cache_read_tokens, input_tokens) if cache_read_tokens else 0
+            status = PRICED
+        fast = rates._fast  # Rates.picodollars's integer path, inlined (the per-event path)
+        if fast is not None and input_tokens <= fast[0]:
+            _, rate_in, rate_out, rate_cached, per_request = fast
+            return _new_price(Price, (rate_in * (input_tokens - cache_read_tokens)
+                                      + rate_cached * cache_read_tokens
+                                      + rate_out * output_tokens + per_request, status))
+        return _new_price(Price, (rates.picodollars(input_tokens, output_tokens,
+                                                    cache_read_tokens), status))
 
     def price_event(self, event, received_at: datetime) -> Price:
         """The price of a ``MetricsEvent`` received at ``received_at`` (its call's time).
@@ -391,12 +332,15 @@ class Table:
         if not self.enabled:
             return _NOT_PRICED
         extra = event.model_extra
-        if not extra:  # the contract's fields only: the common case, priced directly
-            return self._price(event.model_name, received_at, None, event.prompt_tokens,
-                               event.completion_tokens, event.tokens_used, None)
-        return self.price_stored(
-            event.model_name, received_at, event.prompt_tokens, event.completion_tokens,
-            event.tokens_used, extra.get(PROVIDER_KEY), extra.get(CACHE_READ_KEY))
+        provider = cache_read_tokens = None
+        if extra:
+            provider, cache_read_tokens = extra.get(PROVIDER_KEY), extra.get(CACHE_READ_KEY)
+            if type(provider) is not str:
+                provider = None
+            if type(cache_read_tokens) is not int or cache_read_tokens < 0:
+                cache_read_tokens = None
+        return self._price(event.model_name, received_at, provider, event.prompt_tokens,
+                           event.completion_tokens, event.tokens_used, cache_read_tokens)
 
     def price_stored(self, model: str, at: datetime, prompt_tokens: int | None,
                      completion_tokens: int | None, tokens_used: int, provider: object = None,
@@ -404,11 +348,12 @@ class Table:
         """:meth:`price` from an event's stored values; ``provider`` and
         ``cache_read_tokens`` are its extra fields' values as parsed from JSON,
         used when they are a string and a whole number >= 0 (else ignored)."""
+        if not self.enabled:
+            return _NOT_PRICED
         if type(cache_read_tokens) is not int or cache_read_tokens < 0:
             cache_read_tokens = None
-        return self.price(model, at, provider=provider if isinstance(provider, str) else None,
-                          input_tokens=prompt_tokens, output_tokens=completion_tokens,
-                          total_tokens=tokens_used, cache_read_tokens=cache_read_tokens)
+        return self._price(model, at, provider if type(provider) is str else None,
+                           prompt_tokens, completion_tokens, tokens_used, cache_read_tokens)
 
 
 _current = Table()

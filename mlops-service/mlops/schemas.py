@@ -111,12 +111,11 @@ class Record:
     def price(self) -> prices.Price:
         """The call's price by this process's table (``prices.current()``), at ``received_at``;
         computed once (``functools.cached_property`` would take a lock per call)."""
-        try:
-            return self.__dict__["_price"]
-        except KeyError:
+        price = self.__dict__.get("_price")
+        if price is None:
             price = self.__dict__["_price"] = prices.current().price_event(
                 self.event, self.received_at)
-            return price
+        return price
 
 
 def _jsonb_problem(value: Any) -> str | None:

@@ -289,9 +289,9 @@ class Telemetry:
             increments[AI_REQUESTS, (business, e.response_type, e.intent_detected)] += 1
             increments[AI_TOKENS, (business, model)] += e.tokens_used
             increments[AI_COST, (business, model)] += e.api_cost_usd
-            cost, status = record.price
-            if cost is not None:
-                increments[AI_PRICED_COST, (business, model)] += float(cost)
+            picodollars, status = record.price
+            if picodollars is not None:
+                increments[AI_PRICED_COST, (business, model)] += picodollars / 1e12
             elif status == prices.UNPRICED:
                 increments[UNPRICED_EVENTS, (model,)] += 1
             if e.appointment_requested:

@@ -13,7 +13,7 @@ import sys
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
@@ -189,15 +189,21 @@ def test_rates_agree_with_genai_prices_for_every_model_of_the_table():
                     continue
                 rates = prices.Rates.from_model_price(model.get_prices(at), "test")
                 assert rates.cost(*usage) == expected, (provider.id, model.id, usage)
+                assert Decimal(rates.picodollars(*usage)).scaleb(-12) == expected.quantize(
+                    Decimal('1e-12'), rounding=ROUND_HALF_UP), (provider.id, model.id, usage)
                 checked += 1
     assert checked > 1000
 
 
 def test_rates_finer_than_a_picodollar_per_token_are_priced_exactly():
-    """Rates that are not whole picodollars per token take the Decimal path, still exact."""
+    """Rates that are not whole picodollars per token take the Decimal path: exact, then
+    rounded to the picodollar (the stored scale)."""
     fine = prices.Rates(Decimal("0.0000001"), Decimal("0.3333333"), None, None, "test")
     assert fine.cost(350, 62, 100) == (350 * Decimal("0.0000001")
                                        + 62 * Decimal("0.3333333")) / 1_000_000
+    # In whole picodollars, rounded half away from zero as numeric(24, 12) stores it.
+    assert fine.picodollars(350, 62, 100) == 20_666_700
+    assert fine.picodollars(0, 3, 0) == 1_000_000
     whole = prices.Rates(Decimal("0.075"), Decimal("0.3"), Decimal("0.01875"), Decimal(5), "t")
     assert whole.cost(350, 62, 100) == (250 * Decimal("0.075") + 100 * Decimal("0.01875")
                                         + 62 * Decimal("0.3")) / 1_000_000 + Decimal("0.005")

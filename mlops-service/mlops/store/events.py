@@ -50,7 +50,13 @@ def insert_row(record: Record) -> tuple:
 
 def stored_row(record: Record) -> tuple:
     """The values of ``record`` for ``STORED_COLUMNS``: :func:`insert_row` and the price."""
-    return (*insert_row(record), *record.price)
+    price = record.price
+    return (*insert_row(record), price.cost_usd, price.status)
+
+
+# The COPY text of each price status (none needs escaping).
+_STATUS_TEXT = {None: "\\N", "priced": "priced", "estimated": "estimated",
+                "unpriced": "unpriced"}
 
 
 def copy_line(record: Record) -> str:
@@ -58,8 +64,11 @@ def copy_line(record: Record) -> str:
     (tab-separated, ``\\N`` for NULL)."""
     data = record.event
     values = [record.event_id, record.received_at.isoformat(), *_contract_values(data),
-              json.dumps(data.model_extra) if data.model_extra else "{}", *record.price]
-    return "\t".join(map(_copy_text, values)) + "\n"
+              json.dumps(data.model_extra) if data.model_extra else "{}"]
+    picodollars, status = record.price
+    # price_usd as whole picodollars in exponent notation, which numeric's input reads.
+    price = "\\N" if picodollars is None else f"{picodollars}e-12"
+    return "\t".join(map(_copy_text, values)) + f"\t{price}\t{_STATUS_TEXT[status]}\n"
 
 
 def _copy_text(value) -> str:

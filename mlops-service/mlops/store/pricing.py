@@ -96,11 +96,10 @@ def _reprice_rows(cur, rows: list[tuple], table: prices.Table) -> int:
         return 0
     ids, costs, statuses = [], [], []
     for row_id, at, model, prompt, completion, total, provider, cached in rows:
-        cost, status = table.price_stored(model, at, prompt, completion, total, provider,
-                                          cached)
+        price = table.price_stored(model, at, prompt, completion, total, provider, cached)
         ids.append(row_id)
-        costs.append(cost)
-        statuses.append(status)
+        costs.append(price.cost_usd)
+        statuses.append(price.status)
     cur.execute(_REPRICE_SQL, {"ids": ids, "costs": costs, "statuses": statuses})
     return cur.fetchone()[0]
 
