@@ -7,7 +7,9 @@ declaration, and docs/configuration.md's table lists the same variables (a
 test keeps the two in step). Nothing else in the package reads ``os.environ``
 for a setting; gunicorn.conf.py takes its server settings from
 :class:`ServerSettings`, the part of :class:`Settings` a server needs before
-it has a database.
+it has a database. The values read here are checked by their types
+(mlops/setting_types.py: whole numbers, flags, sizes) and, for the keys and
+secrets, by :func:`mlops.keys.auth_settings`; neither module reads the environment.
 
 Rules every variable follows: a value in the environment wins over the same
 line in `.env` (in the working directory); an empty value counts as unset; a
@@ -27,11 +29,8 @@ from limits import parse_many
 from psycopg2.extensions import parse_dsn
 from pydantic import (
     AliasGenerator,
-    BeforeValidator,
-    ByteSize,
     Field,
     SkipValidation,
-    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -41,6 +40,7 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from .keys import KeySpec, auth_settings
 from .prices import PricesFileError, load_overrides
+from .setting_types import Bytes, Flag, Number, RateLimit, Whole, WholeSeconds
 
 
 class ConfigError(Exception):
@@ -52,42 +52,6 @@ class ConfigError(Exception):
 EMBEDDED = "embedded"
 RATE_LIMIT_SCHEMES = ("memory://", "redis://", "rediss://", "redis+unix://")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def _whole(value):
-    """A whole number as ``int()`` reads one (``"12"``, ``" 12 "``, ``"1_000"``)."""
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"must be a whole number, got {value!r}") from None
-    return value
-
-
-def _number(value):
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"must be a number, got {value!r}") from None
-    return value
-
-
-def _flag(value):
-    if isinstance(value, str):
-        if value.lower() in {"1", "true", "yes"}:
-            return True
-        if value.lower() in {"0", "false", "no"}:
-            return False
-        raise ValueError(f"must be true or false, got {value!r}")
-    return value
-
-
-Whole = Annotated[int, BeforeValidator(_whole)]
-Number = Annotated[float, BeforeValidator(_number)]
-Flag = Annotated[bool, BeforeValidator(_flag)]
-# A rate limit in the ``limits`` notation: 100/second, 1000 per minute, 10/second;300/minute.
-RateLimit = str
 
 # The mapping Settings.from_env(environ) reads instead of the environment and `.env`.
 _ENVIRON: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
@@ -250,7 +214,7 @@ class Settings(ServerSettings):
         1000, ge=1, description="businesses in the per-business gauges")
     metrics_max_series: Whole = Field(
         1000, ge=10, le=1_000_000, description="series budget per labelled metric family")
-    metrics_cache_seconds: Annotated[float, BeforeValidator(_whole)] = Field(
+    metrics_cache_seconds: WholeSeconds = Field(
         10.0, ge=0, le=3600, description="reuse of the Postgres-derived gauges (whole seconds)")
     db_pool_size: Whole = Field(10, ge=1, le=1000, description="connections per worker")
     db_connect_timeout_seconds: Whole = Field(3, ge=1, description="connect timeout")
@@ -279,7 +243,7 @@ class Settings(ServerSettings):
     otlp_business_attributes: Annotated[tuple[str, ...], NoDecode] = Field(
         ("mlops.business_id", "tenant.id"),
         description="span/resource attribute keys naming a call's business, in order")
-    database_size_limit_bytes: int | None = Field(
+    database_size_limit_bytes: Bytes = Field(
         None, validation_alias="DATABASE_SIZE_LIMIT",
         description="the database's size budget (0.5GB, 512MiB); unset: none")
     prices_file: Path | None = Field(
@@ -363,11 +327,6 @@ class Settings(ServerSettings):
                 raise ValueError(str(exc).removeprefix("PRICES_FILE ")) from None
         return path
 
-    @field_validator("database_size_limit_bytes", mode="before")
-    @classmethod
-    def _size(cls, value):
-        return _bytes(value)
-
     @field_validator("otlp_business_attributes", mode="before")
     @classmethod
     def _attribute_keys(cls, value):
@@ -378,25 +337,6 @@ class Settings(ServerSettings):
                 raise ValueError("holds an empty attribute key (check the commas)")
             return keys
         return value
-
-
-def _bytes(value) -> int | None:
-    """A size in bytes with an optional unit, or None when unset.
-
-    Parsed by pydantic's ``ByteSize``: ``500MB`` and ``0.5GB`` are powers of
-    1000 (500,000,000 bytes), ``512MiB`` powers of 1024 (536,870,912 bytes);
-    a bare number is bytes. At least 1 MiB.
-    """
-    if value is None:
-        return None
-    try:
-        size = int(TypeAdapter(ByteSize).validate_python(value))
-    except ValidationError:
-        raise ValueError(f"must be a size such as 0.5GB, 512MiB or 500000000 (bytes), "
-                         f"got {value!r}") from None
-    if size < 1 << 20:
-        raise ValueError(f"must be at least 1MiB, got {value!r}")
-    return size
 
 
 def _one_line(settings_cls: type[BaseSettings], error: ValidationError) -> str:
