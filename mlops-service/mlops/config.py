@@ -7,7 +7,9 @@ declaration, and docs/configuration.md's table lists the same variables (a
 test keeps the two in step). Nothing else in the package reads ``os.environ``
 for a setting; gunicorn.conf.py takes its server settings from
 :class:`ServerSettings`, the part of :class:`Settings` a server needs before
-it has a database.
+it has a database. The values read here are checked by their types
+(mlops/setting_types.py: whole numbers, flags, sizes) and, for the keys and
+secrets, by :func:`mlops.keys.auth_settings`; neither module reads the environment.
 
 Rules every variable follows: a value in the environment wins over the same
 line in `.env` (in the working directory); an empty value counts as unset; a
@@ -27,11 +29,8 @@ from limits import parse_many
 from psycopg2.extensions import parse_dsn
 from pydantic import (
     AliasGenerator,
-    BeforeValidator,
-    ByteSize,
     Field,
     SkipValidation,
-    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -39,8 +38,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
-from .keys import KeysFileError, KeySpec, load_keys_file
+from .keys import KeySpec, auth_settings
 from .prices import PricesFileError, load_overrides
+from .setting_types import Bytes, Flag, Number, RateLimit, Whole, WholeSeconds
 
 
 class ConfigError(Exception):
@@ -50,47 +50,8 @@ class ConfigError(Exception):
 # DATABASE_URL's value asking for the embedded PostgreSQL (mlops/embedded.py);
 # an unset DATABASE_URL asks for it too.
 EMBEDDED = "embedded"
-# Characters: the shortest API key or /metrics token accepted. A
-# key from ``secrets.token_urlsafe(32)`` has 43.
-MIN_SECRET_CHARS = 16
 RATE_LIMIT_SCHEMES = ("memory://", "redis://", "rediss://", "redis+unix://")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def _whole(value):
-    """A whole number as ``int()`` reads one (``"12"``, ``" 12 "``, ``"1_000"``)."""
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"must be a whole number, got {value!r}") from None
-    return value
-
-
-def _number(value):
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"must be a number, got {value!r}") from None
-    return value
-
-
-def _flag(value):
-    if isinstance(value, str):
-        if value.lower() in {"1", "true", "yes"}:
-            return True
-        if value.lower() in {"0", "false", "no"}:
-            return False
-        raise ValueError(f"must be true or false, got {value!r}")
-    return value
-
-
-Whole = Annotated[int, BeforeValidator(_whole)]
-Number = Annotated[float, BeforeValidator(_number)]
-Flag = Annotated[bool, BeforeValidator(_flag)]
-# A rate limit in the ``limits`` notation: 100/second, 1000 per minute, 10/second;300/minute.
-RateLimit = str
 
 # The mapping Settings.from_env(environ) reads instead of the environment and `.env`.
 _ENVIRON: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar(
@@ -253,7 +214,7 @@ class Settings(ServerSettings):
         1000, ge=1, description="businesses in the per-business gauges")
     metrics_max_series: Whole = Field(
         1000, ge=10, le=1_000_000, description="series budget per labelled metric family")
-    metrics_cache_seconds: Annotated[float, BeforeValidator(_whole)] = Field(
+    metrics_cache_seconds: WholeSeconds = Field(
         10.0, ge=0, le=3600, description="reuse of the Postgres-derived gauges (whole seconds)")
     db_pool_size: Whole = Field(10, ge=1, le=1000, description="connections per worker")
     db_connect_timeout_seconds: Whole = Field(3, ge=1, description="connect timeout")
@@ -282,7 +243,7 @@ class Settings(ServerSettings):
     otlp_business_attributes: Annotated[tuple[str, ...], NoDecode] = Field(
         ("mlops.business_id", "tenant.id"),
         description="span/resource attribute keys naming a call's business, in order")
-    database_size_limit_bytes: int | None = Field(
+    database_size_limit_bytes: Bytes = Field(
         None, validation_alias="DATABASE_SIZE_LIMIT",
         description="the database's size budget (0.5GB, 512MiB); unset: none")
     prices_file: Path | None = Field(
@@ -297,40 +258,9 @@ class Settings(ServerSettings):
     @model_validator(mode="before")
     @classmethod
     def _auth(cls, data: dict) -> dict:
-        """API keys (full and read-only, each from its variable or its ``_FILE``),
-        the auth mode and the /metrics token.
-
-        The mode is ``off`` without keys, else ``MLOPS_AUTH_MODE`` (``enforce``
-        by default, or ``warn``). Keys and the token are ``MIN_SECRET_CHARS``
-        characters at least.
-        """
-        data = dict(data)
-        full = _keys(data, "MLOPS_API_KEY")
-        read = _keys(data, "MLOPS_READ_API_KEY")
-        scoped = _scoped_keys(data)
-        writers = full or any("write" in spec.grant.scopes for spec in scoped)
-        if read and not writers:
-            raise ValueError("MLOPS_READ_API_KEY needs MLOPS_API_KEY too (no key could write)")
-        if set(full) & set(read):
-            raise ValueError("a key is in both MLOPS_API_KEY and MLOPS_READ_API_KEY")
-        if {spec.key for spec in scoped} & (set(full) | set(read)):
-            raise ValueError("a key of MLOPS_KEYS_FILE is also in MLOPS_API_KEY or "
-                             "MLOPS_READ_API_KEY (give each key once)")
-        mode = str(data.get("MLOPS_AUTH_MODE", "enforce")).lower()
-        if mode not in {"enforce", "warn"}:
-            raise ValueError(f"MLOPS_AUTH_MODE must be enforce or warn, got {mode!r}")
-        if not full and not scoped:
-            if "MLOPS_AUTH_MODE" in data:
-                raise ValueError("MLOPS_AUTH_MODE needs MLOPS_API_KEY (without a key nothing "
-                                 "is checked)")
-            mode = "off"
-        token = _secret(data, "MLOPS_METRICS_TOKEN")
-        if token is not None:
-            _long_enough("MLOPS_METRICS_TOKEN", (token,))
-        data.update({"MLOPS_API_KEY": full, "MLOPS_READ_API_KEY": read,
-                     "MLOPS_KEYS_FILE": scoped, "MLOPS_AUTH_MODE": mode,
-                     "MLOPS_METRICS_TOKEN": token})
-        return data
+        """API keys (full and read-only, each from its variable or its ``_FILE``), the
+        keys file, the auth mode and the /metrics token: :func:`mlops.keys.auth_settings`."""
+        return {**data, **auth_settings(data)}
 
     @field_validator("database_url", mode="before")
     @classmethod
@@ -397,11 +327,6 @@ class Settings(ServerSettings):
                 raise ValueError(str(exc).removeprefix("PRICES_FILE ")) from None
         return path
 
-    @field_validator("database_size_limit_bytes", mode="before")
-    @classmethod
-    def _size(cls, value):
-        return _bytes(value)
-
     @field_validator("otlp_business_attributes", mode="before")
     @classmethod
     def _attribute_keys(cls, value):
@@ -412,87 +337,6 @@ class Settings(ServerSettings):
                 raise ValueError("holds an empty attribute key (check the commas)")
             return keys
         return value
-
-
-def _secret(data: Mapping[str, object], name: str) -> str | None:
-    """``name``, or the contents of the file named by ``name_FILE`` (Docker/Kubernetes secrets).
-
-    Surrounding whitespace is dropped, and a file's UTF-8 byte order mark
-    (``utf-8-sig``), so a key saved by an editor that adds one still matches.
-    """
-    key_file = data.get(f"{name}_FILE")
-    if key_file:
-        if name in data:
-            raise ValueError(f"set {name} or {name}_FILE, not both")
-        try:
-            value = Path(key_file).read_text(encoding="utf-8-sig").strip()
-        except OSError as exc:
-            raise ValueError(f"{name}_FILE cannot be read: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{name}_FILE is not UTF-8 text") from None
-        if not value:
-            raise ValueError(f"{name}_FILE names an empty file")
-        return value
-    value = str(data.get(name) or "").strip()
-    return value or None
-
-
-def _scoped_keys(data: Mapping[str, object]) -> tuple[KeySpec, ...]:
-    """The keys of ``MLOPS_KEYS_FILE`` (TOML; the format is in mlops/keys.py), or ()."""
-    path = data.get("MLOPS_KEYS_FILE")
-    if isinstance(path, tuple):  # already read (settings built from keyword arguments)
-        return path
-    if not path:
-        return ()
-    try:
-        return load_keys_file(Path(str(path)))
-    except KeysFileError as exc:
-        raise ValueError(f"MLOPS_KEYS_FILE {exc}") from None
-
-
-def _bytes(value) -> int | None:
-    """A size in bytes with an optional unit, or None when unset.
-
-    Parsed by pydantic's ``ByteSize``: ``500MB`` and ``0.5GB`` are powers of
-    1000 (500,000,000 bytes), ``512MiB`` powers of 1024 (536,870,912 bytes);
-    a bare number is bytes. At least 1 MiB.
-    """
-    if value is None:
-        return None
-    try:
-        size = int(TypeAdapter(ByteSize).validate_python(value))
-    except ValidationError:
-        raise ValueError(f"must be a size such as 0.5GB, 512MiB or 500000000 (bytes), "
-                         f"got {value!r}") from None
-    if size < 1 << 20:
-        raise ValueError(f"must be at least 1MiB, got {value!r}")
-    return size
-
-
-def _long_enough(name: str, secrets: tuple[str, ...]) -> None:
-    """ValueError naming ``name`` and the rule if a secret is short (never the secret)."""
-    for position, secret in enumerate(secrets, start=1):
-        if len(secret) < MIN_SECRET_CHARS:
-            which = f"key {position} of {len(secrets)}" if len(secrets) > 1 else "it"
-            raise ValueError(
-                f"{name} must be at least {MIN_SECRET_CHARS} characters ({which} has "
-                f"{len(secret)}); make one with: python3 -c 'import secrets; "
-                "print(secrets.token_urlsafe(32))'")
-
-
-def _keys(data: Mapping[str, object], name: str) -> tuple[str, ...]:
-    """The keys in ``name`` (or its ``_FILE``): separated by commas or newlines, trimmed,
-    each at least ``MIN_SECRET_CHARS`` long."""
-    raw = data.get(name)
-    if isinstance(raw, tuple):  # already read (settings built from keyword arguments)
-        return raw
-    raw = _secret(data, name) or ""
-    keys = tuple(k.strip() for k in raw.replace("\n", ",").split(","))
-    if raw and not all(keys):
-        raise ValueError(f"{name} holds an empty key (check the commas)")
-    keys = tuple(k for k in keys if k)
-    _long_enough(name, keys)
-    return keys
 
 
 def _one_line(settings_cls: type[BaseSettings], error: ValidationError) -> str:

@@ -2,6 +2,10 @@
 
 :class:`Keyring` holds every key (``MLOPS_API_KEY``, ``MLOPS_READ_API_KEY``
 and the keys file's) with its :class:`Grant`; mlops/auth.py asks it.
+:func:`auth_settings` reads and checks the keys, the auth mode and the
+/metrics token from the values ``mlops.config`` read from the environment and
+`.env` (this module reads no environment variable itself): a value, or the
+file its ``_FILE`` names (Docker/Kubernetes secrets), or the keys file.
 
 A keys file is TOML (read with the standard library's ``tomllib``), one
 ``[[key]]`` table per key::
@@ -22,8 +26,9 @@ A keys file is TOML (read with the standard library's ``tomllib``), one
 ``MLOPS_API_KEY`` does). Given per scope, every scope of the key must have
 its list. docs/security.md ("Keys limited to businesses") says why TOML.
 
-:func:`load_keys_file` is called by ``mlops.config`` only; it raises
-:class:`KeysFileError` with one line naming the entry (never the key).
+:func:`load_keys_file` raises :class:`KeysFileError` with one line naming the
+entry (never the key); :func:`auth_settings`, called by ``mlops.config`` only,
+raises ValueError with one line naming the variable or the entry.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ SCOPES: tuple[str, ...] = ("write", "read", "erase")
 MAX_KEYS = 1000
 # Business ids one scope of one key may list (held as a frozenset: one lookup per check).
 MAX_BUSINESSES = 10_000
-MIN_KEY_CHARS = 16  # as mlops.config.MIN_SECRET_CHARS
+# Characters: the shortest key (any of them) or /metrics token accepted. A
+# key from ``secrets.token_urlsafe(32)`` has 43.
+MIN_SECRET_CHARS = 16
 MAX_KEYS_FILE_BYTES = 4 * 1024 * 1024
 
 
@@ -239,8 +246,8 @@ def parse_keys(text: str, folder: Path) -> tuple[KeySpec, ...]:
         try:
             entry = _Entry.model_validate(table)
             key = _read_key(entry, folder)
-            if len(key) < MIN_KEY_CHARS:
-                raise ValueError(f"the key must be at least {MIN_KEY_CHARS} characters "
+            if len(key) < MIN_SECRET_CHARS:
+                raise ValueError(f"the key must be at least {MIN_SECRET_CHARS} characters "
                                  f"(it has {len(key)})")
             if "\n" in key:
                 raise ValueError("the key must not hold a line break")
@@ -270,3 +277,104 @@ def load_keys_file(path: Path) -> tuple[KeySpec, ...]:
     except UnicodeDecodeError:
         raise KeysFileError("is not UTF-8 text") from None
     return parse_keys(text, path.parent)
+
+
+def auth_settings(values: Mapping[str, object]) -> dict[str, object]:
+    """The auth settings from ``values``, the settings as read (variable name -> value).
+
+    Returns ``{"MLOPS_API_KEY": (key, ...), "MLOPS_READ_API_KEY": (key, ...),
+    "MLOPS_KEYS_FILE": (KeySpec, ...), "MLOPS_AUTH_MODE": "enforce" | "warn" | "off",
+    "MLOPS_METRICS_TOKEN": str | None}``. Each key and the token comes from its
+    variable or the file named by its ``_FILE``; each is ``MIN_SECRET_CHARS``
+    characters at least. The mode is ``off`` without keys, else
+    ``MLOPS_AUTH_MODE`` (``enforce`` by default, or ``warn``).
+
+    Raises ValueError: one line naming the variable or the keys file's entry,
+    never a key.
+    """
+    full = _keys(values, "MLOPS_API_KEY")
+    read = _keys(values, "MLOPS_READ_API_KEY")
+    scoped = _scoped_keys(values)
+    writers = full or any("write" in spec.grant.scopes for spec in scoped)
+    if read and not writers:
+        raise ValueError("MLOPS_READ_API_KEY needs MLOPS_API_KEY too (no key could write)")
+    if set(full) & set(read):
+        raise ValueError("a key is in both MLOPS_API_KEY and MLOPS_READ_API_KEY")
+    if {spec.key for spec in scoped} & (set(full) | set(read)):
+        raise ValueError("a key of MLOPS_KEYS_FILE is also in MLOPS_API_KEY or "
+                         "MLOPS_READ_API_KEY (give each key once)")
+    mode = str(values.get("MLOPS_AUTH_MODE", "enforce")).lower()
+    if mode not in {"enforce", "warn"}:
+        raise ValueError(f"MLOPS_AUTH_MODE must be enforce or warn, got {mode!r}")
+    if not full and not scoped:
+        if "MLOPS_AUTH_MODE" in values:
+            raise ValueError("MLOPS_AUTH_MODE needs MLOPS_API_KEY (without a key nothing "
+                             "is checked)")
+        mode = "off"
+    token = _secret(values, "MLOPS_METRICS_TOKEN")
+    if token is not None:
+        _long_enough("MLOPS_METRICS_TOKEN", (token,))
+    return {"MLOPS_API_KEY": full, "MLOPS_READ_API_KEY": read, "MLOPS_KEYS_FILE": scoped,
+            "MLOPS_AUTH_MODE": mode, "MLOPS_METRICS_TOKEN": token}
+
+
+def _secret(values: Mapping[str, object], name: str) -> str | None:
+    """``name``, or the contents of the file named by ``name_FILE`` (Docker/Kubernetes secrets).
+
+    Surrounding whitespace is dropped, and a file's UTF-8 byte order mark
+    (``utf-8-sig``), so a key saved by an editor that adds one still matches.
+    """
+    key_file = values.get(f"{name}_FILE")
+    if key_file:
+        if name in values:
+            raise ValueError(f"set {name} or {name}_FILE, not both")
+        try:
+            value = Path(key_file).read_text(encoding="utf-8-sig").strip()
+        except OSError as exc:
+            raise ValueError(f"{name}_FILE cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{name}_FILE is not UTF-8 text") from None
+        if not value:
+            raise ValueError(f"{name}_FILE names an empty file")
+        return value
+    value = str(values.get(name) or "").strip()
+    return value or None
+
+
+def _keys(values: Mapping[str, object], name: str) -> tuple[str, ...]:
+    """The keys in ``name`` (or its ``_FILE``): separated by commas or newlines, trimmed,
+    each at least ``MIN_SECRET_CHARS`` long."""
+    raw = values.get(name)
+    if isinstance(raw, tuple):  # already read (settings built from keyword arguments)
+        return raw
+    raw = _secret(values, name) or ""
+    keys = tuple(k.strip() for k in raw.replace("\n", ",").split(","))
+    if raw and not all(keys):
+        raise ValueError(f"{name} holds an empty key (check the commas)")
+    keys = tuple(k for k in keys if k)
+    _long_enough(name, keys)
+    return keys
+
+
+def _scoped_keys(values: Mapping[str, object]) -> tuple[KeySpec, ...]:
+    """The keys of ``MLOPS_KEYS_FILE`` (TOML; the format is at the top of this module), or ()."""
+    path = values.get("MLOPS_KEYS_FILE")
+    if isinstance(path, tuple):  # already read (settings built from keyword arguments)
+        return path
+    if not path:
+        return ()
+    try:
+        return load_keys_file(Path(str(path)))
+    except KeysFileError as exc:
+        raise ValueError(f"MLOPS_KEYS_FILE {exc}") from None
+
+
+def _long_enough(name: str, secrets: tuple[str, ...]) -> None:
+    """ValueError naming ``name`` and the rule if a secret is short (never the secret)."""
+    for position, secret in enumerate(secrets, start=1):
+        if len(secret) < MIN_SECRET_CHARS:
+            which = f"key {position} of {len(secrets)}" if len(secrets) > 1 else "it"
+            raise ValueError(
+                f"{name} must be at least {MIN_SECRET_CHARS} characters ({which} has "
+                f"{len(secret)}); make one with: python3 -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'")
