@@ -296,7 +296,7 @@ def valid_events(draw) -> dict:
     return {**extra, **event}
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(event=valid_events())
 def test_any_valid_event_round_trips_as_json_and_as_a_dict(event):
     from_json = parse_event(json.dumps(event).encode())
