@@ -6,7 +6,7 @@
 too). An exception a step lets out ends the thread (``threading.excepthook``
 reports it): each user catches what it means to survive. Built on
 ``threading``, so in gevent's worker, where ``threading`` is patched, these
-are greenlets.
+are greenlets (``mlops.watchdog`` needs an OS thread there and starts its own).
 """
 
 from __future__ import annotations
