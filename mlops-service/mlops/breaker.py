@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable
+
+from .background import Loop
 
 
 class Breaker:
@@ -33,7 +34,7 @@ class Breaker:
         self._lock = threading.Lock()
         self._open = threading.Event()
         self._stopped = False
-        self._prober: threading.Thread | None = None
+        self._prober: Loop | None = None  # guarded by _lock
 
     @property
     def is_open(self) -> bool:
@@ -52,11 +53,8 @@ class Breaker:
                 return False
             self._open.set()
             if self._prober is None and not self._stopped:
-                # Not mutated: the thread's name and daemon flag.
-                prober = threading.Thread(target=self._loop, daemon=True)  # pragma: no mutate
-                prober.name = self._thread_name  # pragma: no mutate
-                self._prober = prober
-                prober.start()
+                self._prober = Loop(self._thread_name, self._probe_pass)
+                self._prober.start()
             return True
 
     def close(self) -> None:
@@ -68,12 +66,14 @@ class Breaker:
         with self._lock:
             self._stopped = True
 
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                if not self._open.is_set() or self._stopped:
-                    self._prober = None
-                    return
-            time.sleep(self._interval)
-            with contextlib.suppress(*self._expected):
-                self._probe()
+    def _probe_pass(self) -> None:
+        """One pass of the probe thread: end it if closed or stopped, else wait and probe."""
+        with self._lock:
+            prober = self._prober
+            if not self._open.is_set() or self._stopped:
+                self._prober = None
+                prober.stop()  # the last pass
+                return
+        prober.wait(self._interval)
+        with contextlib.suppress(*self._expected):
+            self._probe()

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 
 from . import prices, storage_budget, store
+from .background import Loop
 from .db import Database, DatabaseMisconfigured, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ class Maintenance:
         self.batch_rows = batch_rows
         self.interval_seconds = interval_seconds
         self.budget_seconds = budget_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Loop("maintenance", self._round)
+        self._first = True  # the thread's first pass waits a random delay first
 
     @classmethod
     def from_settings(cls, db: Database, settings) -> Maintenance:
@@ -76,7 +76,7 @@ class Maintenance:
 
         def repeat(key: str, step) -> bool:
             """Run ``step`` until it handles less than a batch; False if locked out."""
-            while time.monotonic() < deadline and not self._stop.is_set():
+            while time.monotonic() < deadline and not self._loop.stopping:
                 n = step()
                 if n is None:
                     return False
@@ -86,7 +86,7 @@ class Maintenance:
             return True
 
         finished = store.backfill_finished(self._db)
-        while not finished and time.monotonic() < deadline and not self._stop.is_set():
+        while not finished and time.monotonic() < deadline and not self._loop.stopping:
             result = store.backfill_batch(self._db, self.batch_rows)
             if result is None:
                 return None
@@ -118,26 +118,28 @@ class Maintenance:
 
     def start(self) -> None:
         """Start the thread (idempotent; not when ``interval_seconds`` is 0)."""
-        if self._thread is None and self.interval_seconds > 0:
-            self._thread = threading.Thread(target=self._loop, name="maintenance", daemon=True)
-            self._thread.start()
+        if self.interval_seconds > 0:
+            self._loop.start()
 
     def stop(self) -> None:
         """Ask the thread to stop after its current batch."""
-        self._stop.set()
+        self._loop.stop()
 
-    def _loop(self) -> None:
-        # A random first delay spreads the workers' rounds apart.
-        self._stop.wait(random.uniform(1.0, 5.0))
-        while not self._stop.is_set():
-            try:
-                done = self.run_once()
-            except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
-                log.warning("maintenance round failed; retrying next round",
-                            extra={"error": str(exc)})
-            except Exception:  # keep the thread alive whatever happens
-                log.exception("maintenance round crashed; retrying next round")
-            else:
-                if done and any(done.values()):
-                    log.info("maintenance round", extra=done)
-            self._stop.wait(self.interval_seconds)
+    def _round(self) -> None:
+        """One pass of the thread: a round, then ``interval_seconds`` of rest."""
+        if self._first:
+            self._first = False
+            # A random first delay, drawn in each process, spreads the workers' rounds apart.
+            if self._loop.wait(random.uniform(1.0, 5.0)):
+                return
+        try:
+            done = self.run_once()
+        except (DatabaseUnavailable, DatabaseMisconfigured) as exc:
+            log.warning("maintenance round failed; retrying next round",
+                        extra={"error": str(exc)})
+        except Exception:  # keep the thread alive whatever happens
+            log.exception("maintenance round crashed; retrying next round")
+        else:
+            if done and any(done.values()):
+                log.info("maintenance round", extra=done)
+        self._loop.wait(self.interval_seconds)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
+from .background import Loop
 from .db import DatabaseMisconfigured, DatabaseUnavailable
 from .schemas import MetricsEvent, Record
 from .spool import Spool, SpooledEvent
@@ -30,8 +31,8 @@ BACKOFF_MIN_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 10.0
 # How often a follower checks whether it may lead, and the leader looks at an
 # empty spool without being woken: latency choices, not correctness.
-LEADER_POLL_SECONDS = 1.0  # pragma: no mutate
-IDLE_POLL_SECONDS = 0.5  # pragma: no mutate
+LEADER_POLL_SECONDS = 1.0
+IDLE_POLL_SECONDS = 0.5
 
 Deliver = Callable[..., set[str]]  # mlops.deliver.Delivery
 
@@ -57,10 +58,9 @@ class Outbox:
         self._deliver = deliver
         self._timeout_ms = timeout_ms
         self._backoff_min, self._backoff_max = backoff_seconds
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._backoff = self._backoff_min  # the flusher's wait after its next failure
         self._lock_file = None
-        self._thread: threading.Thread | None = None
+        self._flusher = Loop("spool-flusher", self._flush_pass)
         self._flush_lock = threading.Lock()
 
     def put(self, records: Sequence[Record]) -> None:
@@ -69,7 +69,7 @@ class Outbox:
         Raises :class:`mlops.spool.SpoolFull` (nothing written) at the cap.
         """
         self.spool.put(to_row(r) for r in records)
-        self._wake.set()
+        self._flusher.wake()
 
     def discard(self, field: str, value: str) -> int:
         """Erase waiting events whose ``field`` (``business_id``, ``conversation_id``) is ``value``.
@@ -98,17 +98,12 @@ class Outbox:
 
     def start(self) -> None:
         """Start the flusher thread (idempotent). Call in the serving process, after fork."""
-        if self._thread is None:
-            # Not mutated: the thread's name and daemon flag (stop() ends the thread).
-            thread = threading.Thread(target=self._loop, daemon=True)  # pragma: no mutate
-            thread.name = "spool-flusher"  # pragma: no mutate
-            self._thread = thread
-            self._thread.start()
+        self._flusher.start()
 
     def _is_leader(self) -> bool:
         if self._lock_file is not None:
             return True
-        lock = self.spool.path.with_name("flusher.lock")  # pragma: no mutate
+        lock = self.spool.path.with_name("flusher.lock")
         handle = open(lock, "a")  # noqa: SIM115 - held for the process's life
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -118,38 +113,33 @@ class Outbox:
         self._lock_file = handle
         return True
 
-    def _loop(self) -> None:
-        backoff = self._backoff_min
-        while not self._stop.is_set():
-            if not self._is_leader():
-                self._stop.wait(LEADER_POLL_SECONDS)
-                continue
-            try:
-                moved = self.flush_once()
-            except Exception as exc:  # keep the flusher alive whatever happens
-                if isinstance(exc, DatabaseUnavailable | DatabaseMisconfigured):
-                    log.warning("spool flush failed; retrying", extra={  # pragma: no mutate
-                        "error": str(exc), "retry_in_seconds": backoff,  # pragma: no mutate
-                    })
-                else:
-                    log.exception("spool flush crashed; retrying")  # pragma: no mutate
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self._backoff_max)
-                continue
-            backoff = self._backoff_min
-            if not moved:
-                self._wake.wait(IDLE_POLL_SECONDS)
-                self._wake.clear()
+    def _flush_pass(self) -> None:
+        """One pass of the flusher thread: lead or wait, flush a batch, back off or idle."""
+        if not self._is_leader():
+            self._flusher.wait(LEADER_POLL_SECONDS)
+            return
+        try:
+            moved = self.flush_once()
+        except Exception as exc:  # keep the flusher alive whatever happens
+            if isinstance(exc, DatabaseUnavailable | DatabaseMisconfigured):
+                log.warning("spool flush failed; retrying", extra={
+                    "error": str(exc), "retry_in_seconds": self._backoff,
+                })
+            else:
+                log.exception("spool flush crashed; retrying")
+            self._flusher.wait(self._backoff)
+            self._backoff = min(self._backoff * 2, self._backoff_max)
+            return
+        self._backoff = self._backoff_min
+        if not moved:
+            self._flusher.idle(IDLE_POLL_SECONDS)
 
     def stop(self, drain_seconds: float) -> int:
         """Stop the thread, then flush for up to ``drain_seconds``; return events left.
 
         Whatever is left stays in the spool for the next start.
         """
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=drain_seconds)
+        self._flusher.stop(join_seconds=drain_seconds)
         deadline = time.monotonic() + drain_seconds
         while time.monotonic() < deadline and self._is_leader():
             try:

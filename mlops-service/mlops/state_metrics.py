@@ -16,6 +16,7 @@ import time
 from prometheus_client.core import GaugeMetricFamily
 
 from . import store
+from .background import start_thread
 from .db import Database, DatabaseMisconfigured, DatabaseUnavailable
 from .spool import Spool
 from .telemetry import OVERFLOW_LABEL
@@ -72,9 +73,7 @@ class StateCollector:
     def prime(self) -> None:
         """Read the gauges once now, in a background thread (gunicorn.conf.py calls it
         as a worker starts). Database trouble is reported as database_up 0, as ever."""
-        thread = threading.Thread(target=self._read, daemon=True)  # pragma: no mutate
-        thread.name = "metrics-prime"  # pragma: no mutate
-        thread.start()
+        start_thread("metrics-prime", self._read)
 
     def _stale(self) -> bool:
         if time.time() - self._read_at >= self._cache_seconds:
