@@ -393,18 +393,18 @@ def test_a_record_holds_its_id_receive_time_and_event_and_cannot_change():
 def test_a_records_price_is_the_tables_price_of_its_event_at_its_receive_time(bundled_prices):
     at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     priced = Record("e-1", at, parse_event(SUCCESS))
-    assert priced.price == prices.Price(
-        (350 * FLASH_INPUT + 62 * FLASH_OUTPUT) / 1_000_000, prices.PRICED)
+    assert priced.price.cost_usd == (350 * FLASH_INPUT + 62 * FLASH_OUTPUT) / 1_000_000
+    assert priced.price.status == prices.PRICED
     assert priced.price == prices.current().price_event(priced.event, at)
     total_only = {k: v for k, v in SUCCESS.items()
                   if k not in ("prompt_tokens", "completion_tokens")}
-    assert Record("e-2", at, parse_event(total_only)).price == prices.Price(
-        412 * FLASH_INPUT / 1_000_000, prices.ESTIMATED)
+    estimated = Record("e-2", at, parse_event(total_only)).price
+    assert (estimated.cost_usd, estimated.status) == (412 * FLASH_INPUT / 1_000_000,
+                                                      prices.ESTIMATED)
     unknown = {**SUCCESS, "model_name": "house-model-7"}
     assert Record("e-3", at, parse_event(unknown)).price == prices.Price(None, prices.UNPRICED)
     free = {**FAILURE, "tokens_used": 0}
-    assert Record("e-4", at, parse_event(free)).price == prices.Price(Decimal(0),
-                                                                     prices.ESTIMATED)
+    assert Record("e-4", at, parse_event(free)).price == prices.Price(0, prices.ESTIMATED)
 
 
 def test_a_records_price_is_computed_once_by_the_table_of_that_moment(bundled_prices):

@@ -163,7 +163,7 @@ def expected_row(r: Record) -> tuple:
             e.completion_tokens, Decimal(str(e.api_cost_usd)), e.model_name, e.intent_detected,
             e.appointment_requested, e.human_handoff_requested, e.appointment_booked,
             e.user_message_length, e.ai_response_length, e.response_type, e.model_extra or {},
-            *r.price)
+            r.price.cost_usd, r.price.status)
 
 
 def test_nothing_to_insert_is_an_empty_answer(db):
