@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -41,6 +42,21 @@ _DRAIN_POLL_SECONDS = 0.05
 
 class DrainingGeventWorker(GeventWorker):
     """``worker_class = "mlops.gunicorn_worker.DrainingGeventWorker"``."""
+
+    def init_process(self) -> None:
+        """As gunicorn's, with the stop signals handled from this method's first line.
+
+        gunicorn installs the worker's handlers (``init_signals``) only after
+        gevent has patched the process, which takes a while on a busy machine;
+        until then a SIGTERM, SIGINT or SIGQUIT reaches the handler copied from the
+        master at the fork, which queues it in the master's (copied) queue:
+        the worker never learns it should stop, boots, serves, and is
+        killed only when ``graceful_timeout`` runs out. A worker told to stop
+        while booting now stops as soon as it has booted.
+        """
+        for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(stop, self.handle_exit)
+        super().init_process()
 
     def patch(self) -> None:
         """As gunicorn's (gevent's ``patch_all``), plus psycopg2's wait callback (psycogreen).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +13,8 @@ import pytest
 import requests
 from conftest import metric_sum, metric_values
 from payloads import FAILURE, SUCCESS, money, varied
+from servers import SERVICE_DIR, Gunicorn
+from support import wait_until
 
 pytestmark = pytest.mark.system
 
@@ -118,3 +122,23 @@ def test_a_worker_answers_other_requests_while_one_waits_on_postgres(gunicorn, d
             assert held.result().status_code == 201
     finally:
         locker.close()
+
+
+def test_workers_told_to_stop_while_booting_exit_by_themselves(service_env):
+    """SIGTERM as soon as the workers are forked, before gunicorn gives them their own
+    handlers: each worker still exits by itself (logs "Worker exiting") instead of
+    booting, serving, and being killed when graceful_timeout (8 s) runs out."""
+    server = Gunicorn({**service_env, "LOG_LEVEL": "INFO"}, workers=3)  # gunicorn's lines
+    server.output.parent.mkdir(parents=True, exist_ok=True)
+    with open(server.output, "ab") as out:
+        server.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+            cwd=SERVICE_DIR, env=server.env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: server.log().count("Booting worker with pid") == 3,
+                   "three workers forked", interval=0.005)
+    finally:
+        assert server.stop() == 0
+    log = server.log()
+    assert log.count("Worker exiting") == 3, log
+    assert "SIGKILL" not in log and "graceful timeout" not in log.lower(), log
