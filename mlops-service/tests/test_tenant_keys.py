@@ -203,7 +203,8 @@ def test_per_scope_lists_and_a_key_file(gunicorn, pg, tmp_path):
 
 
 def test_an_expired_key_is_refused_and_the_log_says_why(gunicorn, pg, tmp_path):
-    soon = (datetime.now(UTC) + timedelta(seconds=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Far enough ahead for gunicorn to start and serve a request on a loaded machine.
+    soon = (datetime.now(UTC) + timedelta(seconds=8)).strftime("%Y-%m-%dT%H:%M:%SZ")
     expiring = "tenant-expiring-key-4d4d4d4d"
     path = keys_file(tmp_path, f'\n[[key]]\nname = "expiring"\nkey = "{expiring}"\n'
                                f'scopes = ["write"]\nexpires_at = {soon}\n')
