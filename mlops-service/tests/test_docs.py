@@ -15,7 +15,8 @@
   first, so an example that reads, erases or analyses it finds it.
 * Every relative link (file, and heading when it has ``#anchor``) resolves;
   README.md stays at most 150 lines and links every page under docs/; the
-  make targets table in docs/development.md names every documented target.
+  make targets table in docs/development.md names every documented target;
+  its Layout names every module of the service.
 """
 
 from __future__ import annotations
@@ -175,3 +176,14 @@ def test_the_make_targets_table_names_every_documented_target():
     targets = re.findall(r"^([a-z-]+):[^\n]*##", (ROOT / "Makefile").read_text(), re.M)
     page = (ROOT / "docs" / "development.md").read_text()
     assert targets and [t for t in targets if f"| `make {t}` |" not in page] == []
+
+
+def test_the_layout_names_every_module_of_the_service():
+    """docs/development.md's Layout lists each module of mlops/ and mlops/store/ by file
+    name, so the tree a newcomer reads is the tree there is."""
+    page = (ROOT / "docs" / "development.md").read_text()
+    layout = page[page.index("## Layout"):]
+    service = ROOT / "mlops-service" / "mlops"
+    modules = [p.name for p in (*service.glob("*.py"), *(service / "store").glob("*.py"))]
+    assert len(modules) > 40
+    assert [m for m in modules if not re.search(rf"^\s+{re.escape(m)} ", layout, re.M)] == []
