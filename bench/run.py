@@ -321,7 +321,7 @@ def _backends_cpu_seconds(db: Database) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def pricing_costs(url: str, events: list[dict], rounds: int = 12, batches: int = 10,
+def pricing_costs(url: str, events: list[dict], rounds: int = 20, batches: int = 10,
                   size: int = BATCH_SIZE) -> tuple[float, float, float]:
     """CPU per event (client + Postgres, µs) of ``store.insert_events`` of ``size`` events
     (the COPY path of a /track/batch), with the service's pricing on and off:
