@@ -30,7 +30,7 @@ def create_app(settings=None) -> Flask:
     from flask_cors import CORS
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import auth, bodies, errors, logs, prices, ratelimit, telemetry
+    from . import auth, bodies, errors, logs, price_overrides, prices, ratelimit, telemetry
     from .config import ConfigError, Settings
     from .db import Database
     from .deliver import Delivery, GroupCommit
@@ -72,7 +72,7 @@ def create_app(settings=None) -> Flask:
     try:
         prices.configure(prices.Table.from_file(settings.prices_file,
                                                 enabled=settings.prices_enabled))
-    except prices.PricesFileError as exc:  # the file changed since the settings were read
+    except price_overrides.PricesFileError as exc:  # the file changed since the settings were read
         raise ConfigError(str(exc)) from None
     db = Database(settings)
     spool = Spool(settings.spool_dir, settings.spool_max_bytes)

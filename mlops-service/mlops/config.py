@@ -39,7 +39,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, Setting
 from pydantic_settings.sources.utils import parse_env_vars
 
 from .keys import KeySpec, auth_settings
-from .prices import PricesFileError, load_overrides
+from .price_overrides import PricesFileError, load_overrides
 from .setting_types import Bytes, Flag, Number, RateLimit, Whole, WholeSeconds
 
 
@@ -319,7 +319,7 @@ class Settings(ServerSettings):
     @classmethod
     def _prices_file(cls, path: Path | None) -> Path | None:
         """Checked now: a malformed file stops the start, one line naming the entry
-        (from ``mlops.prices.load_overrides``)."""
+        (from ``mlops.price_overrides.load_overrides``)."""
         if path is not None:
             try:
                 load_overrides(path)

@@ -35,8 +35,7 @@ from typing import NamedTuple
 import genai_prices
 from genai_prices import data_snapshot, types
 
-# PricesFileError is Table.from_file's error, named here for the table's users.
-from .price_overrides import PriceOverride, PricesFileError, load_overrides  # noqa: F401
+from .price_overrides import PriceOverride, load_overrides
 
 PRICED = "priced"
 ESTIMATED = "estimated"
@@ -236,7 +235,7 @@ class Table:
     def from_file(cls, path: Path | None, *, enabled: bool = True) -> Table:
         """The table with the overrides of ``path`` (None: the bundled data only).
 
-        Raises :class:`PricesFileError`.
+        Raises :class:`mlops.price_overrides.PricesFileError`.
         """
         if path is None:
             return cls(enabled=enabled)

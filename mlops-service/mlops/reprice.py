@@ -16,7 +16,7 @@ import argparse
 import sys
 from datetime import UTC, date, datetime, time
 
-from . import prices, store
+from . import price_overrides, prices, store
 from .config import ConfigError, Settings
 from .db import Database, DatabaseMisconfigured, DatabaseUnavailable
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         table = prices.Table.from_file(settings.prices_file)
-    except (ConfigError, prices.PricesFileError) as exc:
+    except (ConfigError, price_overrides.PricesFileError) as exc:
         print(f"reprice: {exc}", file=sys.stderr)
         return 1
     db = Database(settings)

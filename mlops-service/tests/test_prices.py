@@ -25,7 +25,7 @@ from payloads import SUCCESS, varied
 from rollup_checks import assert_matches_raw
 from servers import Gunicorn
 
-from mlops import prices, store
+from mlops import price_overrides, prices, store
 from mlops.config import ConfigError, Settings
 from mlops.db import Database
 from mlops.deliver import Delivery
@@ -388,7 +388,7 @@ def test_reprice_beside_concurrent_inserts_keeps_the_rollups_exact(db, pg, datab
     """Inserts update the same rollup rows while reprice moves their price sums, back
     and forth between two tables: no deadlock, no lost update."""
     business = str(uuid.uuid4())
-    override = prices.Table([prices.PriceOverride(model="acme-*", input_per_mtok=1,
+    override = prices.Table([price_overrides.PriceOverride(model="acme-*", input_per_mtok=1,
                                                   output_per_mtok=1)], "0" * 64)
     events = [{**e, "model_name": "acme-chat-7b" if i % 2 else e["model_name"]}
               for i, e in enumerate(varied(40, [business], seed=9))]
