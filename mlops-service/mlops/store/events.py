@@ -72,7 +72,12 @@ def copy_line(record: Record) -> str:
 
 
 def _copy_text(value) -> str:
-    if isinstance(value, str):
+    """One value in COPY's text format (PostgreSQL manual, COPY, "Text Format"): ``\\N``
+    for NULL, ``t``/``f``, a number as ``str``, a string with the four characters
+    the format gives a meaning (backslash, tab, newline, carriage return) escaped."""
+    if type(value) is str:
+        if value.isprintable() and "\\" not in value:  # the common case: nothing to escape
+            return value
         return (value.replace("\\", "\\\\").replace("\t", "\\t")
                 .replace("\n", "\\n").replace("\r", "\\r"))
     if value is None:
