@@ -22,7 +22,6 @@ import os
 import pwd
 import subprocess
 import tempfile
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +31,7 @@ import pytest
 import requests
 from payloads import SUCCESS
 from pgcluster import PgCluster
+from support import wait_until
 
 from mlops.config import Settings
 from mlops.migrate import check_at_start
@@ -172,25 +172,30 @@ def test_a_full_database_spools_then_stores_every_event_once(small_tablespace, g
 
     # Space comes back: the spool drains into Postgres, each event exactly once.
     free_space(cluster, where)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def drained() -> bool:
+        assert server.proc.poll() is None, f"gunicorn exited {server.proc.returncode}"
         detailed = requests.get(f"{server.url}/health/detailed", timeout=5).json()
-        if detailed["spool"]["depth"] == 0 and len(_stored(url)) >= len(acknowledged):
-            break
-        time.sleep(0.2)
+        return detailed["spool"]["depth"] == 0 and len(_stored(url)) >= len(acknowledged)
+
+    try:
+        wait_until(drained, f"the spool to drain into Postgres ({len(acknowledged)} acknowledged)",
+                   timeout=60, interval=0.2)
+    except AssertionError as exc:
+        exc.add_note(f"{len(_stored(url))} stored; log:\n{server.log()[-3000:]}")
+        raise
     stored = _stored(url)
     assert sorted(stored) == sorted(acknowledged), (
         f"{len(stored)} stored of {len(acknowledged)} acknowledged; "
         f"log:\n{server.log()[-3000:]}")
+
     # Each worker reports room again after its next successful write.
-    deadline = time.monotonic() + 45
-    while True:
-        event_id = str(uuid.uuid4())
-        assert _send(server.url, event_id)[0] == 201
-        ready = requests.get(f"{server.url}/health/ready", timeout=5)
-        if ready.status_code == 200 or time.monotonic() > deadline:
-            break
-    assert ready.status_code == 200, ready.text
+    def ready_after_a_write() -> bool:
+        assert _send(server.url, str(uuid.uuid4()))[0] == 201
+        return requests.get(f"{server.url}/health/ready", timeout=5).status_code == 200
+
+    wait_until(ready_after_a_write, "/health/ready to answer 200 after writes", timeout=45,
+               interval=0)
 
 
 def test_start_up_on_a_full_database_says_so_in_one_line(small_tablespace):

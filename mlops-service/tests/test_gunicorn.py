@@ -109,10 +109,8 @@ def test_a_worker_answers_other_requests_while_one_waits_on_postgres(gunicorn, d
             cur.execute("LOCK TABLE mlops_events IN ACCESS EXCLUSIVE MODE")
         with ThreadPoolExecutor(max_workers=1) as pool:
             held = pool.submit(requests.post, f"{server.url}/track", json=FAILURE, timeout=10)
-            deadline = time.monotonic() + 2
-            while not _backends_waiting_on_a_lock(database_url):
-                assert time.monotonic() < deadline, "the insert never reached the lock"
-                time.sleep(0.01)
+            wait_until(lambda: _backends_waiting_on_a_lock(database_url),
+                       "the insert to reach the lock", timeout=2, interval=0.01)
             started = time.monotonic()
             health = requests.get(f"{server.url}/health", timeout=5)
             elapsed = time.monotonic() - started

@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 from pgcluster import free_port
 from servers import SERVICE_DIR
+from support import wait_until
 
 
 @pytest.fixture
@@ -58,16 +58,17 @@ def test_gunicorn_binds_the_port_and_workers_dot_env_gives(started, service_env,
     port = free_port()
     env = _environment(service_env, "SERVICE_PORT", "LOG_LEVEL")
     proc = started(f"SERVICE_PORT={port}\nWEB_CONCURRENCY=2\nLOG_LEVEL=INFO\n", env)
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, (tmp_path / "gunicorn.out").read_text()
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        assert time.monotonic() < deadline, (tmp_path / "gunicorn.out").read_text()
-        time.sleep(0.1)
+
+    def answering() -> bool:
+        assert proc.poll() is None, f"gunicorn exited {proc.returncode}"  # fails the wait now
+        return requests.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+
+    try:
+        wait_until(answering, f"gunicorn to answer /health on port {port}", timeout=30,
+                   interval=0.1, retry_on=requests.RequestException)
+    except AssertionError as exc:  # exited or never answered: its output says why
+        exc.add_note((tmp_path / "gunicorn.out").read_text())
+        raise
     starting = [line for line in _lines(tmp_path) if line["message"] == "mlops-service starting"]
     assert [line["port"] for line in starting] == [port]
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)

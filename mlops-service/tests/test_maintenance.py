@@ -12,6 +12,7 @@ import requests
 from conftest import empty_tables, metric_values, query
 from payloads import varied
 from rollup_checks import assert_matches_raw
+from support import wait_until
 
 from mlops import store
 from mlops.config import Settings
@@ -131,20 +132,18 @@ def test_workers_expire_events_and_show_the_oldest_age(gunicorn, db, pg):
     business = str(uuid.uuid4())
     seed(db, business, [60, 45, 10])
     server = gunicorn(workers=3, RETENTION_DAYS=30, MAINTENANCE_INTERVAL_SECONDS=1)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and query(
-            pg, "SELECT count(*) FROM mlops_events WHERE business_id = %s", business) != [(1,)]:
-        time.sleep(0.2)
-    assert query(pg, "SELECT count(*) FROM mlops_events WHERE business_id = %s",
-                 business) == [(1,)]
+    wait_until(lambda: query(pg, "SELECT count(*) FROM mlops_events WHERE business_id = %s",
+                             business) == [(1,)],
+               "the workers to expire the two events past 30 days", timeout=30, interval=0.2)
     requests.post(server.url + "/refresh-metrics", json={}, timeout=5)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:  # every worker reads the gauge from Postgres
+
+    def oldest_age() -> float | None:
+        """The gauge, once it shows the 10-day-old event (every worker reads it from Postgres)."""
         values = metric_values(requests.get(server.url + "/metrics", timeout=5).text)
         age = values[("mlops_events_oldest_age_seconds", ())]
-        if age < 11 * 86400:
-            break
-        time.sleep(0.2)
+        return age if age < 11 * 86400 else None
+
+    age = wait_until(oldest_age, "the oldest age to drop under 11 days", timeout=15, interval=0.2)
     assert 10 * 86400 <= age < 11 * 86400
 
 

@@ -78,7 +78,7 @@ def paced_load(url: str, events: list[dict], rate: float, path: str = "/track") 
         index, event = index_event
         delay = start + index / rate - time.monotonic()
         if delay > 0:
-            time.sleep(delay)
+            time.sleep(delay)  # the pace: event ``index`` goes at ``index / rate`` s
         sent = time.monotonic()
         try:
             status = requests.post(url + path, json=event, timeout=5).status_code

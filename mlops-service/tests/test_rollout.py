@@ -244,7 +244,7 @@ class PortWatch:
             now = time.monotonic()
             if not port_open(self.port):
                 self.closed_at.append(now)
-            time.sleep(0.002)
+            time.sleep(0.002)  # the probes' pace
 
     def __enter__(self) -> PortWatch:
         self._thread.start()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 from payloads import SUCCESS, varied
 from pgcluster import PgCluster
 from rollup_checks import assert_matches_raw, assert_totals_match_raw
+from support import wait_until
 
 from mlops import latency_histogram, migrate, store
 from mlops.config import Settings
@@ -269,18 +269,12 @@ def test_spooled_events_replayed_after_an_outage_roll_up_once(tmp_path):
                     for e in events[20:]]
         assert set(statuses) == {202}
         cluster.start()
-        deadline = time.monotonic() + 30
-        conn = None
-        while time.monotonic() < deadline:
-            try:
-                conn = conn or psycopg2.connect(url)
-                conn.autocommit = True
-                if query(conn, "SELECT count(*) FROM mlops_events") == [(120,)]:
-                    break
-            except psycopg2.OperationalError:
-                conn = None
-            time.sleep(0.2)
-        assert query(conn, "SELECT count(*) FROM mlops_events") == [(120,)]
+        conn = wait_until(lambda: psycopg2.connect(url), "the cluster to accept connections",
+                          interval=0.2, retry_on=psycopg2.OperationalError)
+        conn.autocommit = True
+        wait_until(lambda: query(conn, "SELECT count(*) FROM mlops_events") == [(120,)],
+                   "all 120 events, the 100 spooled ones too, to be stored", timeout=30,
+                   interval=0.2)
         result = requests.get(f"{server.url}/analytics/{business}", timeout=5).json()
         assert_matches_raw(conn, result, business, 30)
         assert result["metrics"]["total_messages"] == 120

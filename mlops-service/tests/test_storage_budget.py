@@ -14,13 +14,13 @@ import os
 import re
 import shutil
 import subprocess
-import time
 
 import pytest
 import requests
 from conftest import metric_values, query
 from payloads import SUCCESS
 from selenium.webdriver.common.by import By
+from support import holds_for, wait_until
 from test_dashboard import assert_clean_console, browser, open_page, page, screenshot  # noqa: F401
 
 from mlops.config import ConfigError, Settings
@@ -184,22 +184,21 @@ def test_gunicorn_serves_the_gauges_from_every_worker(gunicorn, samples):
         return query(samples, "SELECT count(*) FROM mlops_database_size_samples "
                               "WHERE sampled_at > now() - interval '100 seconds'")[0][0] == 1
 
-    end = time.monotonic() + 15
-    while not sampled():
-        assert time.monotonic() < end, "the maintenance job took no sample"
-        time.sleep(0.2)
-    time.sleep(1.5)  # both workers' later rounds in the same minute add nothing
-    assert sampled()
+    wait_until(sampled, "the maintenance job to take a sample", timeout=15, interval=0.2)
+    # Both workers' later rounds (one a second) in the same minute add nothing.
+    holds_for(sampled, "one sample in the minute", seconds=1.5, interval=0.2)
     # Whichever worker answers, it reports the same figures, read from the shared samples.
     pids = set()
-    end = time.monotonic() + 30
-    while len(pids) < 2:
-        assert time.monotonic() < end, f"only workers {pids} answered with the storage figures"
+
+    def both_workers_answered() -> bool:
         detailed = requests.get(f"{server.url}/health/detailed", timeout=5).json()
         if detailed["storage"].get("days_left"):
             pids.add(detailed["pid"])
             assert detailed["storage"]["limit_bytes"] == 1 << 30
-        time.sleep(0.1)
+        return len(pids) == 2
+
+    wait_until(both_workers_answered, "both workers to answer with the storage figures",
+               timeout=30, interval=0.1)
 
 
 # ---- The dashboard's service line, in Chromium.
@@ -210,11 +209,9 @@ def test_the_dashboard_service_line_shows_size_budget_and_days_left(
     write_history(samples, growth_per_day=MIB // 2)
     limit = int(database_size(samples) / 0.85)  # 85% used: the warning colour
     server = gunicorn(workers=2, DATABASE_SIZE_LIMIT=str(limit), MAINTENANCE_INTERVAL_SECONDS="1")
-    end = time.monotonic() + 15
-    while not query(samples, "SELECT count(*) FROM mlops_database_size_samples "
-                             "WHERE sampled_at > now() - interval '100 seconds'")[0][0]:
-        assert time.monotonic() < end, "the maintenance job took no sample"
-        time.sleep(0.2)
+    wait_until(lambda: query(samples, "SELECT count(*) FROM mlops_database_size_samples "
+                                      "WHERE sampled_at > now() - interval '100 seconds'")[0][0],
+               "the maintenance job to take a sample", timeout=15, interval=0.2)
     storage = requests.get(f"{server.url}/health/detailed", timeout=5).json()["storage"]
 
     open_page(page, server.url + "/")

@@ -220,6 +220,7 @@ def test_an_expired_key_is_refused_and_the_log_says_why(gunicorn, pg, tmp_path):
 
     # A key working until its expiry, refused from then on, without a restart.
     assert Client(server.url, expiring).post("/track", json=event(A, "s1")).status_code == 201
+    # Time passes on purpose: to just past the key's expires_at.
     time.sleep(max(0.0, (datetime.fromisoformat(soon) - datetime.now(UTC)).total_seconds())
                + 0.2)
     assert Client(server.url, expiring).post("/track", json=event(A, "s2")).status_code == 403
