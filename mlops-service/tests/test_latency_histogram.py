@@ -127,6 +127,8 @@ def test_one_bucket_gives_its_midpoint_at_every_q(histogram, q, value):
     # n = 4, rank 1.5: halfway between the 2nd (bucket 0) and the 3rd (bucket 4).
     ([(0, 2), (4, 2)], 0.5, 0.9479822884572361),
     ([(4, 2), (0, 2)], 0.5, 0.9479822884572361),  # the order of the pairs does not matter
+    ([(4, 1), (0, 3)], 0.25, 0.5),
+    ([(4, 1), (0, 3)], 1.0, 1.3959645769144722),
     ([(0, 1), (4, 1), (0, 1), (4, 1)], 0.5, 0.9479822884572361),  # nor repeated buckets
     ([(0, 1), (1, 1)], 0.5, 0.7744044240850758),
     # n = 3, rank 1.5 between midpoint(7) and midpoint(9).

@@ -79,7 +79,8 @@ def test_flag_accepts(value, expected):
     assert parsed(Flag, value) is expected
 
 
-@pytest.mark.parametrize("value", ["", "on", "off", "y", "n", "2", " true", "true "])
+@pytest.mark.parametrize("value", ["", "on", "off", "y", "n", "2",
+                                   " true", "true ", " no", "false\n"])  # no trimming
 def test_flag_refuses_naming_the_value(value):
     assert refusal(Flag, value) == f"Value error, must be true or false, got {value!r}"
 
