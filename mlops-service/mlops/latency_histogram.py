@@ -21,10 +21,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from decimal import Decimal
 
 GROWTH = 1.1
 LAST = 243
 RELATIVE_ERROR = math.sqrt(GROWTH) - 1  # 0.0488
+# ln(GROWTH) as BUCKET_SQL computes it: the ln of the numeric 1.1, then a double
+# (0.09531017980432487). math.log(GROWTH) is the ln of the double nearest 1.1,
+# one unit larger in the last digit, which puts values within about 1e-15 of
+# some bounds one bucket away from where Postgres puts them.
+_LN_GROWTH = float(Decimal(str(GROWTH)).ln())
 
 # The same mapping in SQL, used by the store when it writes rollups.
 BUCKET_SQL = (
@@ -37,7 +43,7 @@ def bucket_of(response_time_ms: float) -> int:
     """The bucket index of one value (mirror of ``BUCKET_SQL``)."""
     if response_time_ms < 1:
         return 0
-    return min(math.floor(math.log(response_time_ms) / math.log(GROWTH)) + 1, LAST)
+    return min(math.floor(math.log(response_time_ms) / _LN_GROWTH) + 1, LAST)
 
 
 def midpoint(bucket: int) -> float:

@@ -73,10 +73,6 @@ def test_python_and_sql_agree_near_every_bound(sql_buckets):
     assert set(expected) == set(range(LAST + 1))  # every bucket was reached
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUCKET_SQL divides by ln(1.1) of the numeric 1.1 (0.09531017980432487 as a double), "
-    "bucket_of by math.log(1.1) of the double 1.1 (0.09531017980432493): values within "
-    "about 1e-15 of some bounds land one bucket apart"))
 def test_python_and_sql_agree_at_every_bound_to_the_last_digit(sql_buckets):
     values = []
     for bound in LOWER_BOUNDS.values():
