@@ -296,7 +296,10 @@ def _call(span: Span, attrs: dict, resource: dict,
         body["gen_ai.usage.cache_read.input_tokens"] = cache_read
     if error_type is not None:
         body[ERROR_TYPE] = error_type
-    service = _bounded(resource.get("service", _ABSENT))
-    if service is not None:
+    # The resource's service.name is kept for reference when it fits an extra field;
+    # a longer one is left out, not a reason to reject the call (the business, when
+    # it is the service.name, is bounded by the schema's own business_id limit).
+    _, _, service = resource.get("service", _ABSENT)
+    if service is not None and len(service) <= MAX_EXTRA_TEXT and "\x00" not in service:
         body[SERVICE_NAME] = service
     return body

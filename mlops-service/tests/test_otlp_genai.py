@@ -445,9 +445,11 @@ def test_extra_texts_may_be_128_characters():
     assert mapped["intent_detected"] == "c" * 128
 
 
-def test_a_service_name_too_long_for_an_extra_rejects_the_span():
-    assert rejected(span({**CHAT, "tenant.id": "t"}), resource={"service.name": "s" * 129}) == \
-        "span eee19b7ec3c1b174: service.name must be at most 128 characters, without NUL"
+def test_a_service_name_too_long_for_an_extra_is_left_out_not_a_rejection():
+    mapped = event({**CHAT, "tenant.id": "t"}, resource={"service.name": "s" * 129})
+    assert mapped["business_id"] == "t" and "service.name" not in mapped
+    # As the business itself, service.name is bounded by business_id's own limit.
+    assert event(CHAT, resource={"service.name": "s" * 200})["business_id"] == "s" * 200
 
 
 def test_one_rejected_span_leaves_the_others_and_their_times():
