@@ -33,10 +33,12 @@ def _number(value):
 
 
 def _flag(value):
+    """true/false, 1/0, yes/no in any case, spaces around ignored (as ``int()`` ignores them)."""
     if isinstance(value, str):
-        if value.lower() in {"1", "true", "yes"}:
+        word = value.strip().lower()
+        if word in {"1", "true", "yes"}:
             return True
-        if value.lower() in {"0", "false", "no"}:
+        if word in {"0", "false", "no"}:
             return False
         raise ValueError(f"must be true or false, got {value!r}")
     return value
