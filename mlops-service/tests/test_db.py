@@ -36,6 +36,8 @@ from mlops.db import (
     copy_from,
 )
 from mlops.migrate import MigrationError, check_at_start
+from mlops.postgres import DatabaseFull
+from mlops.watchdog import Watchdog
 
 
 @pytest.fixture
@@ -126,7 +128,7 @@ def test_concurrent_calls_each_keep_their_own_deadline(proxy, make_db, dbname):
         t.start()
     for t in threads:
         t.join(10)
-    assert len(db._idle) == 3 and not db._watchdog._calls  # finished calls are not watched
+    assert db.idle_connections == 3 and not db._watchdog._calls  # finished calls are not watched
     proxy.stall()
     threading.Timer(3.0, proxy.resume).start()
     results: list[tuple[float, BaseException | None]] = []
@@ -157,8 +159,9 @@ def test_a_connection_not_ready_by_the_deadline_joins_the_pool_later(proxy, make
     assert isinstance(error, DatabaseUnavailable) and elapsed < 0.6, (elapsed, error)
     assert str(error) == "no connection within the deadline"
     proxy.resume()
-    wait_until(lambda: db._idle, "the late connection to join the pool", interval=0.02)
-    assert len(db._idle) == 1
+    wait_until(lambda: db.idle_connections, "the late connection to join the pool",
+               interval=0.02)
+    assert db.idle_connections == 1
     assert db.run(select_one, timeout_ms=200) == 1
 
 
@@ -170,7 +173,7 @@ def test_a_connection_failing_after_its_deadline_gives_its_slot_back(proxy, make
     proxy.refuse()
     wait_until(lambda: db.pool_in_use() == 0, "the failed connect to give its slot back",
                interval=0.02)
-    assert not db._idle
+    assert db.idle_connections == 0
 
 
 def test_after_a_failure_calls_that_may_skip_do_not_wait(proxy, make_db, dbname):
@@ -460,11 +463,11 @@ def test_close_abandons_the_connects_still_waiting_for_a_thread(proxy, make_db, 
         t.join(5)
     # (client, server) pairs through the proxy: connections made. Two connects
     # are under way; two wait for a connector thread.
-    wait_until(lambda: len(proxy._sockets) // 2 == 2, "the two connects under way")
+    wait_until(lambda: proxy.connections == 2, "the two connects under way")
     db.close()
     proxy.resume()
     # The two abandoned ones would connect within half a second, were they not abandoned.
-    holds_for(lambda: len(proxy._sockets) // 2 == 2, "no abandoned connect arriving", 0.5)
+    holds_for(lambda: proxy.connections == 2, "no abandoned connect arriving", 0.5)
 
 
 def test_a_full_pool_waits_for_a_connection_until_the_deadline(database_url, make_db):
@@ -665,12 +668,12 @@ def test_copy_from_runs_with_a_wait_callback_set_and_puts_it_back(database_url):
         psycopg2.extensions.set_wait_callback(None)
 
 
-def test_the_watchdog_takes_ever_sooner_deadlines_in_a_row(database_url, make_db):
-    db = make_db(database_url)
+def test_the_watchdog_takes_ever_sooner_deadlines_in_a_row(database_url):
+    watchdog = Watchdog()
     conn = psycopg2.connect(database_url)
     now = time.monotonic()
-    tokens = [db._watchdog.watch(conn, now + 100 - i) for i in range(50)]  # each one sooner
-    assert not any(db._watchdog.release(t) for t in tokens)  # none fired
+    tokens = [watchdog.watch(conn, now + 100 - i) for i in range(50)]  # each one sooner
+    assert not any(watchdog.release(t) for t in tokens)  # none fired
     conn.close()
 
 
@@ -724,3 +727,25 @@ def test_run_skips_at_once_while_the_breaker_is_open_when_asked(make_db):
     assert str(error) == "skipped: the database failed its last call"
     error = timed(lambda: db.run(select_one, timeout_ms=200))[1]
     assert str(error).startswith('connection to server at "127.0.0.1", port 1 failed')
+
+
+DISK_FULL = "could not extend file: No space left on device"
+
+
+def refused_for_lack_of_space(cur) -> None:
+    """What Postgres answers a write with when its disk is full (SQLSTATE 53100)."""
+    cur.execute(f"DO $$ BEGIN RAISE EXCEPTION '{DISK_FULL}' USING ERRCODE = 'disk_full'; "
+                "END $$")
+
+
+def test_a_write_refused_for_lack_of_space_is_reported_until_one_succeeds(database_url,
+                                                                          make_db):
+    db = make_db(database_url, breaker_seconds=60)
+    assert db.full_reason() is None
+    with pytest.raises(DatabaseFull, match=f"^{DISK_FULL}$"):
+        db.run(refused_for_lack_of_space)
+    assert db.full_reason() == DISK_FULL and db.breaker.is_open
+    assert db.run(select_one) == 1  # a read still works: still reported full
+    assert db.full_reason() == DISK_FULL
+    db.write_succeeded()
+    assert db.full_reason() is None
