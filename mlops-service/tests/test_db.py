@@ -23,6 +23,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 from conftest import ADMIN_URL, admin, with_dbname
+from psycopg2 import sql
 from psycopg2.extensions import parse_dsn
 from support import holds_for, wait_until
 
@@ -596,6 +597,8 @@ def test_a_dead_connection_is_found_by_keepalives_and_unacknowledged_data(databa
                                    "keepalives_count", "tcp_user_timeout")} == {
         "keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
         "keepalives_count": "3", "tcp_user_timeout": "3500"}
+    # A connect gives up by itself too (DB_CONNECT_TIMEOUT_SECONDS), and says whose it is.
+    assert (params["connect_timeout"], params["application_name"]) == ("2", "mlops-service")
 
 
 # A process as gevent's worker runs it (mlops/gunicorn_worker.py): patched, psycopg2
@@ -687,6 +690,17 @@ def test_run_sends_its_timeout_as_the_statement_timeout(database_url, make_db):
     assert db.run(show_timeout) == "2500ms"  # the setting, by default
     assert db.run(show_timeout, timeout_ms=1234) == "1234ms"
     assert db.run(show_timeout, timeout_ms=1234, transaction=True) == "1234ms"
+
+    def show_timeout_as(query):
+        def show(cur) -> str:
+            cur.execute(query)
+            return cur.fetchone()[0]
+        return show
+
+    # A statement composed with psycopg2.sql, or given as bytes, carries it too.
+    composed = sql.SQL("SHOW {}").format(sql.Identifier("statement_timeout"))
+    assert db.run(show_timeout_as(composed), timeout_ms=1500) == "1500ms"
+    assert db.run(show_timeout_as(b"SHOW statement_timeout"), timeout_ms=1600) == "1600ms"
     elapsed, error = timed(lambda: db.run(lambda cur: cur.execute("SELECT pg_sleep(5)"),
                                           timeout_ms=300))
     assert isinstance(error, DatabaseUnavailable) and elapsed < 1.5, (elapsed, error)
@@ -749,3 +763,34 @@ def test_a_write_refused_for_lack_of_space_is_reported_until_one_succeeds(databa
     assert db.full_reason() == DISK_FULL
     db.write_succeeded()
     assert db.full_reason() is None
+
+
+def test_a_migration_refused_for_lack_of_space_at_start_waits_for_space(fresh_database,
+                                                                          tmp_path):
+    name = fresh_database()
+    (tmp_path / "0001_grow.sql").write_text(
+        f"DO $$ BEGIN RAISE EXCEPTION '{DISK_FULL}' USING ERRCODE = 'disk_full'; END $$;\n")
+    settings = Settings.from_env({"DATABASE_URL": with_dbname(ADMIN_URL, name),
+                                  "MIGRATIONS_DIR": str(tmp_path)})
+    assert check_at_start(settings) == (
+        f"unavailable: database full, migrations wait for space: {DISK_FULL}")
+
+
+def test_only_a_connection_error_can_be_misconfigured(database_url):
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur, pytest.raises(psycopg2.ProgrammingError) as raised:
+            cur.execute("SELECT * FROM no_such_table")
+    finally:
+        conn.close()
+    assert "does not exist" in str(raised.value)  # the words of a wrong database name
+    error = classify(raised.value)
+    assert type(error) is DatabaseUnavailable and str(error).startswith(
+        'relation "no_such_table" does not exist')
+
+
+def test_a_pool_of_one_keeps_its_connection_between_calls(database_url, make_db):
+    db = make_db(database_url, DB_POOL_SIZE=1)
+    first = db.run(lambda cur: cur.connection.get_backend_pid())
+    assert db.idle_connections == 1
+    assert db.run(lambda cur: cur.connection.get_backend_pid()) == first
