@@ -794,3 +794,16 @@ def test_a_pool_of_one_keeps_its_connection_between_calls(database_url, make_db)
     first = db.run(lambda cur: cur.connection.get_backend_pid())
     assert db.idle_connections == 1
     assert db.run(lambda cur: cur.connection.get_backend_pid()) == first
+
+
+def test_the_gate_applies_a_file_its_directory_has_beyond_the_bundled_ones(fresh_database,
+                                                                           make_db, tmp_path):
+    name = fresh_database()
+    url = with_dbname(ADMIN_URL, name)
+    assert check_at_start(Settings.from_env({"DATABASE_URL": url})) == "ready"  # bundled ones
+    for _, path in migrate.pending_files():
+        (tmp_path / path.name).write_text(path.read_text())
+    (tmp_path / "9999_extra.sql").write_text("CREATE TABLE extra_table (n int);\n")
+    db = make_db(url, MIGRATIONS_DIR=tmp_path)
+    assert db.run(lambda cur: (cur.execute("SELECT to_regclass('extra_table') IS NOT NULL"),
+                               cur.fetchone()[0])[1]) is True

@@ -572,3 +572,20 @@ def test_a_group_commit_says_why_a_call_was_not_delivered(parts, pg, database_ur
     with pytest.raises(DatabaseUnavailable, match="^the service is stopping$"):
         commit(records_of(events(1)), timeout_ms=2000)
     assert stored(pg, [late[0].event_id]) == []
+
+
+def test_a_spooled_event_whose_id_another_business_holds_is_dropped_and_logged(parts, pg,
+                                                                              caplog):
+    p = parts()
+    (held,) = events(1)
+    assert p.ingestor.submit([held])[0] == "stored"
+    clash = held_by_another_business(held)
+    p.outbox.put([Record(clash.event_id, datetime.now(UTC), clash)])
+    before = scrape()
+    with caplog.at_level(logging.WARNING, logger="mlops.deliver"):
+        assert p.outbox.flush_once() == 1
+    assert p.spool.depth() == 0
+    assert metric_sum(scrape(), "mlops_events_rejected_total", reason="event_id_conflict") \
+        - metric_sum(before, "mlops_events_rejected_total", reason="event_id_conflict") == 1
+    (dropped,) = [r for r in caplog.records if r.getMessage().startswith("spooled event dropped")]
+    assert (dropped.event_id, dropped.business_id) == (clash.event_id, clash.business_id)
