@@ -33,6 +33,7 @@ from mlops.db import (
     Database,
     DatabaseMisconfigured,
     DatabaseUnavailable,
+    TransactionRolledBack,
     classify,
     copy_from,
 )
@@ -807,3 +808,30 @@ def test_the_gate_applies_a_file_its_directory_has_beyond_the_bundled_ones(fresh
     db = make_db(url, MIGRATIONS_DIR=tmp_path)
     assert db.run(lambda cur: (cur.execute("SELECT to_regclass('extra_table') IS NOT NULL"),
                                cur.fetchone()[0])[1]) is True
+
+
+def test_a_call_postgres_rolled_back_is_no_longer_watched(database_url, dbname, make_db):
+    db = make_db(database_url, DB_POOL_SIZE=1)
+    table = f"t_{uuid.uuid4().hex[:8]}"
+    psql(dbname, f"CREATE TABLE {table} (n int); INSERT INTO {table} VALUES (1)")
+
+    def update_after_another_session(cur):
+        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        cur.execute(f"SELECT n FROM {table}")  # the transaction's snapshot
+        psql(dbname, f"UPDATE {table} SET n = 2")  # another session commits meanwhile
+        cur.execute(f"UPDATE {table} SET n = 3")
+
+    try:
+        with pytest.raises(TransactionRolledBack, match="could not serialize access"):
+            db.run(update_after_another_session, timeout_ms=100, transaction=True)
+        assert not db.breaker.is_open  # the database itself is fine
+        runs = []
+
+        def slow(cur):
+            runs.append(1)
+            cur.execute("SELECT pg_sleep(0.3)")
+
+        db.run(slow, timeout_ms=2000)  # on the same connection, past the first call's deadline
+        assert len(runs) == 1  # not broken by a stale deadline, so not retried
+    finally:
+        psql(dbname, f"DROP TABLE {table}")
