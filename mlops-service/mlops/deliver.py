@@ -87,9 +87,9 @@ class Delivery:
                             extra={"error": str(exc), "events": len(records)})
 
 
-# Not mutated: what the errors say.
-_STOPPING = "the service is stopping"  # pragma: no mutate
-_TOO_LATE = "deadline passed waiting for the group commit"  # pragma: no mutate
+# What a caller's DatabaseUnavailable says when it was not delivered.
+_STOPPING = "the service is stopping"
+_TOO_LATE = "deadline passed waiting for the group commit"
 
 
 class _Waiting:
@@ -101,7 +101,7 @@ class _Waiting:
         self.records = records
         self.deadline = deadline  # time.monotonic()
         self.done = threading.Event()
-        self.inserted = store.Inserted()  # pragma: no mutate - read only once the group stored
+        self.inserted: store.Inserted  # set by the committer before ``done``
         self.error: BaseException | None = None
 
 
@@ -131,7 +131,7 @@ class GroupCommit:
         self._lock = threading.Condition()
         self._waiting: deque[_Waiting] = deque()
         self._thread: threading.Thread | None = None
-        self._stopped = False  # pragma: no mutate - None is as false
+        self._stopped = False
 
     def __call__(self, records: Sequence[Record], *, timeout_ms: int) -> store.Inserted:
         """Deliver ``records`` within ``timeout_ms`` (in all); return the event ids newly stored,
@@ -144,18 +144,13 @@ class GroupCommit:
         """
         if len(records) > self._max_records:
             return self._deliver(records, timeout_ms=timeout_ms, skip_if_down=True)
-        # Not mutated, here and in _commit_forever: the millisecond arithmetic,
-        # where a mutant moves a deadline by 0.1% or 1 ms.
-        me = _Waiting(records, time.monotonic() + timeout_ms / 1000)  # pragma: no mutate
+        me = _Waiting(records, time.monotonic() + timeout_ms / 1000)
         with self._lock:
             if self._stopped:
                 raise DatabaseUnavailable(_STOPPING)
             if self._thread is None:  # started here, so each forked worker has its own
-                # Not mutated: the thread's name and daemon flag (stop() ends it).
-                run = self._commit_forever
-                thread = threading.Thread(target=run, daemon=True)  # pragma: no mutate
-                thread.name = "group-commit"  # pragma: no mutate
-                self._thread = thread
+                self._thread = threading.Thread(target=self._commit_forever,
+                                                name="group-commit", daemon=True)
                 self._thread.start()
             self._waiting.append(me)
             self._lock.notify()
@@ -168,6 +163,13 @@ class GroupCommit:
         if me.error is not None:
             raise me.error
         return me.inserted
+
+    @property
+    def running(self) -> bool:
+        """True while the committer thread runs: from the first call that joins a
+        group until :meth:`stop` ends it."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
     def waiting(self) -> int:
         """Callers queued for the next group (the one in flight not counted)."""
@@ -202,11 +204,11 @@ class GroupCommit:
         while group := self._take():
             records = [r for waiting in group for r in waiting.records]
             first_deadline = min(w.deadline for w in group)
-            timeout_ms = (first_deadline - time.monotonic()) * 1000  # pragma: no mutate
+            timeout_ms = (first_deadline - time.monotonic()) * 1000
             try:
-                if timeout_ms <= 0:  # pragma: no mutate
+                if timeout_ms <= 0:
                     raise DatabaseUnavailable(_TOO_LATE)
-                timeout_ms = max(1, int(timeout_ms))  # pragma: no mutate
+                timeout_ms = max(1, int(timeout_ms))
                 inserted = self._deliver(records, timeout_ms=timeout_ms, skip_if_down=True)
             except BaseException as exc:  # each caller raises it in its own thread
                 for waiting in group:

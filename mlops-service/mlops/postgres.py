@@ -115,12 +115,12 @@ def transaction(cur: psycopg2.extensions.cursor) -> Iterator[None]:
     An error in the block (or in ``COMMIT``) sends ``ROLLBACK`` when the
     connection is still open and propagates unchanged.
     """
-    cur.execute("BEGIN")  # pragma: no mutate
+    cur.execute("BEGIN")
     try:
         yield
-        cur.execute("COMMIT")  # pragma: no mutate
+        cur.execute("COMMIT")
     except BaseException:
         if not cur.connection.closed:
             with contextlib.suppress(psycopg2.Error):  # keep the original error
-                cur.execute("ROLLBACK")  # pragma: no mutate
+                cur.execute("ROLLBACK")
         raise

@@ -29,15 +29,15 @@ CREATE TABLE IF NOT EXISTS spooled_events (
     received_at REAL NOT NULL,  -- Unix time, seconds
     payload     TEXT NOT NULL   -- the validated event as JSON
 )"""
-# Statements (SQL text: a change of case or spacing is no change, hence no mutation).
-_INSERT = ("INSERT INTO spooled_events (event_id, received_at, payload) "  # pragma: no mutate
-           "VALUES (?, ?, ?)")  # pragma: no mutate
-_COLUMNS = "seq, event_id, received_at, payload"  # pragma: no mutate
-_PEEK = f"SELECT {_COLUMNS} FROM spooled_events ORDER BY seq LIMIT ?"  # pragma: no mutate
-_DELETE = "DELETE FROM spooled_events WHERE seq = ?"  # pragma: no mutate
-_COUNT = "SELECT count(*) FROM spooled_events"  # pragma: no mutate
-_OLDEST = "SELECT received_at FROM spooled_events ORDER BY seq LIMIT 1"  # pragma: no mutate
-_DISCARD = "DELETE FROM spooled_events WHERE json_extract(payload, ?) = ?"  # pragma: no mutate
+# Statements.
+_INSERT = ("INSERT INTO spooled_events (event_id, received_at, payload) "
+           "VALUES (?, ?, ?)")
+_COLUMNS = "seq, event_id, received_at, payload"
+_PEEK = f"SELECT {_COLUMNS} FROM spooled_events ORDER BY seq LIMIT ?"
+_DELETE = "DELETE FROM spooled_events WHERE seq = ?"
+_COUNT = "SELECT count(*) FROM spooled_events"
+_OLDEST = "SELECT received_at FROM spooled_events ORDER BY seq LIMIT 1"
+_DISCARD = "DELETE FROM spooled_events WHERE json_extract(payload, ?) = ?"
 
 
 def _enable_wal(conn: sqlite3.Connection, timeout_seconds: float = 5.0) -> None:
@@ -50,7 +50,7 @@ def _enable_wal(conn: sqlite3.Connection, timeout_seconds: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_seconds
     while True:
         try:
-            conn.execute("PRAGMA journal_mode=WAL")  # pragma: no mutate
+            conn.execute("PRAGMA journal_mode=WAL")
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -89,12 +89,11 @@ class Spool:
     def _connect(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            # Not mutated: 5 s is sqlite3's default busy timeout, and every write
-            # opens its transaction itself, so isolation_level=None changes nothing.
-            conn = sqlite3.connect(self.path, timeout=5.0,  # pragma: no mutate
+            # Every write opens its transaction itself (isolation_level=None).
+            conn = sqlite3.connect(self.path, timeout=5.0,
                                    isolation_level=None)
             _enable_wal(conn)
-            conn.execute("PRAGMA synchronous=FULL")  # pragma: no mutate
+            conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA secure_delete=ON")
             self._local.conn = conn
         return conn
@@ -109,7 +108,7 @@ class Spool:
         if self.size_bytes() >= self.max_bytes:
             raise SpoolFull(f"spool holds {self.size_bytes()} bytes, cap {self.max_bytes}")
         with conn:  # BEGIN ... COMMIT, fsynced (synchronous=FULL)
-            conn.execute("BEGIN IMMEDIATE")  # pragma: no mutate
+            conn.execute("BEGIN IMMEDIATE")
             conn.executemany(_INSERT, list(events))
 
     def peek(self, limit: int) -> list[SpooledEvent]:
@@ -124,7 +123,7 @@ class Spool:
         """Delete the given events (after Postgres committed them)."""
         conn = self._connect()
         with conn:
-            conn.execute("BEGIN IMMEDIATE")  # pragma: no mutate
+            conn.execute("BEGIN IMMEDIATE")
             conn.executemany(_DELETE, [(s,) for s in seqs])
 
     def discard(self, field: str, value: str) -> int:
@@ -139,7 +138,7 @@ class Spool:
         """
         conn = self._connect()
         with conn:
-            conn.execute("BEGIN IMMEDIATE")  # pragma: no mutate
+            conn.execute("BEGIN IMMEDIATE")
             cursor = conn.execute(_DISCARD, (f"$.{field}", value))
         busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
@@ -160,9 +159,9 @@ class Spool:
     def size_bytes(self) -> int:
         """Bytes in use by live pages of the database file (free pages excluded)."""
         conn = self._connect()
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]  # pragma: no mutate
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]  # pragma: no mutate
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]  # pragma: no mutate
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         return (pages - free) * page_size
 
     def close(self) -> None:

@@ -30,6 +30,12 @@ class StallingProxy:
         """A libpq URL through the proxy, as user ``postgres``."""
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
 
+    @property
+    def connections(self) -> int:
+        """Connections forwarded since the last :meth:`refuse` (client-upstream pairs)."""
+        with self._lock:
+            return len(self._sockets) // 2
+
     def stall(self) -> None:
         """Stop forwarding; connections stay open and new ones are accepted."""
         self._flowing.clear()

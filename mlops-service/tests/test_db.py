@@ -23,6 +23,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 from conftest import ADMIN_URL, admin, with_dbname
+from psycopg2 import sql
 from psycopg2.extensions import parse_dsn
 from support import holds_for, wait_until
 
@@ -32,10 +33,13 @@ from mlops.db import (
     Database,
     DatabaseMisconfigured,
     DatabaseUnavailable,
+    TransactionRolledBack,
     classify,
     copy_from,
 )
 from mlops.migrate import MigrationError, check_at_start
+from mlops.postgres import DatabaseFull
+from mlops.watchdog import Watchdog
 
 
 @pytest.fixture
@@ -126,7 +130,7 @@ def test_concurrent_calls_each_keep_their_own_deadline(proxy, make_db, dbname):
         t.start()
     for t in threads:
         t.join(10)
-    assert len(db._idle) == 3 and not db._watchdog._calls  # finished calls are not watched
+    assert db.idle_connections == 3 and not db._watchdog._calls  # finished calls are not watched
     proxy.stall()
     threading.Timer(3.0, proxy.resume).start()
     results: list[tuple[float, BaseException | None]] = []
@@ -157,8 +161,9 @@ def test_a_connection_not_ready_by_the_deadline_joins_the_pool_later(proxy, make
     assert isinstance(error, DatabaseUnavailable) and elapsed < 0.6, (elapsed, error)
     assert str(error) == "no connection within the deadline"
     proxy.resume()
-    wait_until(lambda: db._idle, "the late connection to join the pool", interval=0.02)
-    assert len(db._idle) == 1
+    wait_until(lambda: db.idle_connections, "the late connection to join the pool",
+               interval=0.02)
+    assert db.idle_connections == 1
     assert db.run(select_one, timeout_ms=200) == 1
 
 
@@ -170,7 +175,7 @@ def test_a_connection_failing_after_its_deadline_gives_its_slot_back(proxy, make
     proxy.refuse()
     wait_until(lambda: db.pool_in_use() == 0, "the failed connect to give its slot back",
                interval=0.02)
-    assert not db._idle
+    assert db.idle_connections == 0
 
 
 def test_after_a_failure_calls_that_may_skip_do_not_wait(proxy, make_db, dbname):
@@ -460,11 +465,11 @@ def test_close_abandons_the_connects_still_waiting_for_a_thread(proxy, make_db, 
         t.join(5)
     # (client, server) pairs through the proxy: connections made. Two connects
     # are under way; two wait for a connector thread.
-    wait_until(lambda: len(proxy._sockets) // 2 == 2, "the two connects under way")
+    wait_until(lambda: proxy.connections == 2, "the two connects under way")
     db.close()
     proxy.resume()
     # The two abandoned ones would connect within half a second, were they not abandoned.
-    holds_for(lambda: len(proxy._sockets) // 2 == 2, "no abandoned connect arriving", 0.5)
+    holds_for(lambda: proxy.connections == 2, "no abandoned connect arriving", 0.5)
 
 
 def test_a_full_pool_waits_for_a_connection_until_the_deadline(database_url, make_db):
@@ -593,6 +598,8 @@ def test_a_dead_connection_is_found_by_keepalives_and_unacknowledged_data(databa
                                    "keepalives_count", "tcp_user_timeout")} == {
         "keepalives": "1", "keepalives_idle": "30", "keepalives_interval": "10",
         "keepalives_count": "3", "tcp_user_timeout": "3500"}
+    # A connect gives up by itself too (DB_CONNECT_TIMEOUT_SECONDS), and says whose it is.
+    assert (params["connect_timeout"], params["application_name"]) == ("2", "mlops-service")
 
 
 # A process as gevent's worker runs it (mlops/gunicorn_worker.py): patched, psycopg2
@@ -665,12 +672,12 @@ def test_copy_from_runs_with_a_wait_callback_set_and_puts_it_back(database_url):
         psycopg2.extensions.set_wait_callback(None)
 
 
-def test_the_watchdog_takes_ever_sooner_deadlines_in_a_row(database_url, make_db):
-    db = make_db(database_url)
+def test_the_watchdog_takes_ever_sooner_deadlines_in_a_row(database_url):
+    watchdog = Watchdog()
     conn = psycopg2.connect(database_url)
     now = time.monotonic()
-    tokens = [db._watchdog.watch(conn, now + 100 - i) for i in range(50)]  # each one sooner
-    assert not any(db._watchdog.release(t) for t in tokens)  # none fired
+    tokens = [watchdog.watch(conn, now + 100 - i) for i in range(50)]  # each one sooner
+    assert not any(watchdog.release(t) for t in tokens)  # none fired
     conn.close()
 
 
@@ -684,6 +691,17 @@ def test_run_sends_its_timeout_as_the_statement_timeout(database_url, make_db):
     assert db.run(show_timeout) == "2500ms"  # the setting, by default
     assert db.run(show_timeout, timeout_ms=1234) == "1234ms"
     assert db.run(show_timeout, timeout_ms=1234, transaction=True) == "1234ms"
+
+    def show_timeout_as(query):
+        def show(cur) -> str:
+            cur.execute(query)
+            return cur.fetchone()[0]
+        return show
+
+    # A statement composed with psycopg2.sql, or given as bytes, carries it too.
+    composed = sql.SQL("SHOW {}").format(sql.Identifier("statement_timeout"))
+    assert db.run(show_timeout_as(composed), timeout_ms=1500) == "1500ms"
+    assert db.run(show_timeout_as(b"SHOW statement_timeout"), timeout_ms=1600) == "1600ms"
     elapsed, error = timed(lambda: db.run(lambda cur: cur.execute("SELECT pg_sleep(5)"),
                                           timeout_ms=300))
     assert isinstance(error, DatabaseUnavailable) and elapsed < 1.5, (elapsed, error)
@@ -724,3 +742,96 @@ def test_run_skips_at_once_while_the_breaker_is_open_when_asked(make_db):
     assert str(error) == "skipped: the database failed its last call"
     error = timed(lambda: db.run(select_one, timeout_ms=200))[1]
     assert str(error).startswith('connection to server at "127.0.0.1", port 1 failed')
+
+
+DISK_FULL = "could not extend file: No space left on device"
+
+
+def refused_for_lack_of_space(cur) -> None:
+    """What Postgres answers a write with when its disk is full (SQLSTATE 53100)."""
+    cur.execute(f"DO $$ BEGIN RAISE EXCEPTION '{DISK_FULL}' USING ERRCODE = 'disk_full'; "
+                "END $$")
+
+
+def test_a_write_refused_for_lack_of_space_is_reported_until_one_succeeds(database_url,
+                                                                          make_db):
+    db = make_db(database_url, breaker_seconds=60)
+    assert db.full_reason() is None
+    with pytest.raises(DatabaseFull, match=f"^{DISK_FULL}$"):
+        db.run(refused_for_lack_of_space)
+    assert db.full_reason() == DISK_FULL and db.breaker.is_open
+    assert db.run(select_one) == 1  # a read still works: still reported full
+    assert db.full_reason() == DISK_FULL
+    db.write_succeeded()
+    assert db.full_reason() is None
+
+
+def test_a_migration_refused_for_lack_of_space_at_start_waits_for_space(fresh_database,
+                                                                          tmp_path):
+    name = fresh_database()
+    (tmp_path / "0001_grow.sql").write_text(
+        f"DO $$ BEGIN RAISE EXCEPTION '{DISK_FULL}' USING ERRCODE = 'disk_full'; END $$;\n")
+    settings = Settings.from_env({"DATABASE_URL": with_dbname(ADMIN_URL, name),
+                                  "MIGRATIONS_DIR": str(tmp_path)})
+    assert check_at_start(settings) == (
+        f"unavailable: database full, migrations wait for space: {DISK_FULL}")
+
+
+def test_only_a_connection_error_can_be_misconfigured(database_url):
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur, pytest.raises(psycopg2.ProgrammingError) as raised:
+            cur.execute("SELECT * FROM no_such_table")
+    finally:
+        conn.close()
+    assert "does not exist" in str(raised.value)  # the words of a wrong database name
+    error = classify(raised.value)
+    assert type(error) is DatabaseUnavailable and str(error).startswith(
+        'relation "no_such_table" does not exist')
+
+
+def test_a_pool_of_one_keeps_its_connection_between_calls(database_url, make_db):
+    db = make_db(database_url, DB_POOL_SIZE=1)
+    first = db.run(lambda cur: cur.connection.get_backend_pid())
+    assert db.idle_connections == 1
+    assert db.run(lambda cur: cur.connection.get_backend_pid()) == first
+
+
+def test_the_gate_applies_a_file_its_directory_has_beyond_the_bundled_ones(fresh_database,
+                                                                           make_db, tmp_path):
+    name = fresh_database()
+    url = with_dbname(ADMIN_URL, name)
+    assert check_at_start(Settings.from_env({"DATABASE_URL": url})) == "ready"  # bundled ones
+    for _, path in migrate.pending_files():
+        (tmp_path / path.name).write_text(path.read_text())
+    (tmp_path / "9999_extra.sql").write_text("CREATE TABLE extra_table (n int);\n")
+    db = make_db(url, MIGRATIONS_DIR=tmp_path)
+    assert db.run(lambda cur: (cur.execute("SELECT to_regclass('extra_table') IS NOT NULL"),
+                               cur.fetchone()[0])[1]) is True
+
+
+def test_a_call_postgres_rolled_back_is_no_longer_watched(database_url, dbname, make_db):
+    db = make_db(database_url, DB_POOL_SIZE=1)
+    table = f"t_{uuid.uuid4().hex[:8]}"
+    psql(dbname, f"CREATE TABLE {table} (n int); INSERT INTO {table} VALUES (1)")
+
+    def update_after_another_session(cur):
+        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        cur.execute(f"SELECT n FROM {table}")  # the transaction's snapshot
+        psql(dbname, f"UPDATE {table} SET n = 2")  # another session commits meanwhile
+        cur.execute(f"UPDATE {table} SET n = 3")
+
+    try:
+        with pytest.raises(TransactionRolledBack, match="could not serialize access"):
+            db.run(update_after_another_session, timeout_ms=100, transaction=True)
+        assert not db.breaker.is_open  # the database itself is fine
+        runs = []
+
+        def slow(cur):
+            runs.append(1)
+            cur.execute("SELECT pg_sleep(0.3)")
+
+        db.run(slow, timeout_ms=2000)  # on the same connection, past the first call's deadline
+        assert len(runs) == 1  # not broken by a stale deadline, so not retried
+    finally:
+        psql(dbname, f"DROP TABLE {table}")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -20,6 +22,7 @@ from conftest import empty_tables, metric_sum, metric_values, query
 from payloads import SUCCESS, varied
 from prometheus_client import REGISTRY, generate_latest
 from psycopg2.extensions import parse_dsn
+from support import wait_until
 from tcpproxy import StallingProxy
 
 from mlops import store
@@ -38,9 +41,10 @@ class Parts:
 
     def __init__(self, url: str, spool_dir, *, max_series: int = 100,
                  spool_max_bytes: int = 1 << 20,
-                 backoff_seconds: tuple[float, float] = (0.5, 10.0)) -> None:
+                 backoff_seconds: tuple[float, float] = (0.5, 10.0),
+                 breaker_seconds: float = 0.2) -> None:
         settings = Settings.from_env({"DATABASE_URL": url, "DB_CONNECT_TIMEOUT_SECONDS": "1"})
-        self.db = Database(settings, breaker_seconds=0.2)
+        self.db = Database(settings, breaker_seconds=breaker_seconds)
         self.spool = Spool(spool_dir, spool_max_bytes)
         self.telemetry = Telemetry(max_series=max_series)
         self.deliver = Delivery(self.db, self.telemetry)
@@ -284,8 +288,8 @@ def test_the_flusher_delivers_while_requests_skip_the_database(parts, database_u
     """The breaker stops requests from waiting; it must not stop the flusher."""
     proxy = StallingProxy(int(parse_dsn(database_url).get("port", 5432)))
     try:
-        p = parts(proxy.url(parse_dsn(database_url)["dbname"]))
-        p.db._breaker_seconds = 60  # the probe stays out of the way
+        # The probe (every 60 s) stays out of the way.
+        p = parts(proxy.url(parse_dsn(database_url)["dbname"]), breaker_seconds=60)
         proxy.refuse()
         assert p.ingestor.submit(events(3))[0] == "queued"
         proxy.resume()
@@ -315,16 +319,22 @@ def test_a_follower_takes_over_when_the_leader_stops(parts, pg):
 
 
 def test_the_spool_is_a_wal_file_whose_size_counts_live_pages_only(tmp_path):
+    import sqlite3
+
     spool = Spool(tmp_path, 1 << 20)
-    assert spool._connect().execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    other = sqlite3.connect(spool.path)  # WAL mode is a property of the file
+    assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    other.close()
     empty = spool.size_bytes()
     spool.put([(str(i), 0.0, "x" * 1000) for i in range(200)])
     full = spool.size_bytes()
     assert full > empty + 200 * 1000
     spool.remove(item.seq for item in spool.peek(200))
     assert spool.size_bytes() < full / 4 and spool.depth() == 0
+    wal = spool.path.with_name(spool.path.name + "-wal")
+    assert wal.exists()
     spool.close()
-    assert spool._local.conn is None
+    assert not wal.exists()  # the last connection to the file closed: SQLite removes its WAL
     spool.close()  # idempotent
 
 
@@ -332,7 +342,19 @@ def test_the_spool_file_keeps_its_name_and_one_connection_per_thread(tmp_path):
     folder = tmp_path / "a" / "b"
     spool = Spool(folder, 1 << 20)
     assert spool.path == folder / "spool.sqlite3" and spool.path.exists()  # across upgrades
-    assert spool._connect() is spool._connect()
+
+    def connections() -> int:  # this process's open descriptors of the spool file
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir()
+                   if os.path.realpath(fd) == str(spool.path.resolve()))
+
+    for _ in range(3):
+        spool.depth()
+    assert connections() == 1
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(spool.depth).result()
+        assert connections() == 2  # the other thread's own
+        pool.submit(spool.close).result()
     spool.close()
 
 
@@ -462,8 +484,7 @@ def test_after_stop_every_request_goes_to_the_outbox(parts):
     p.ingestor.stop()
     assert p.ingestor.submit(events(1))[0] == "queued"
     assert p.spool.depth() == 1
-    p.commit._thread.join(2)
-    assert not p.commit._thread.is_alive()  # the committer thread ends too
+    wait_until(lambda: not p.commit.running, "the committer thread to end too", timeout=2)
 
 
 def test_stop_fails_the_callers_still_queued_at_once(parts, pg, database_url):
@@ -490,8 +511,81 @@ def test_a_batch_larger_than_a_group_is_delivered_in_the_callers_thread(parts, p
     records = records_of(events(5))
     assert commit(records, timeout_ms=2000) == {r.event_id for r in records}
     assert commits_holding(pg, [r.event_id for r in records]) == 1
-    assert commit.waiting() == 0 and commit._thread is None  # no committer was needed
+    assert commit.waiting() == 0 and not commit.running  # no committer was needed
     records = records_of(events(4))  # as many as a group takes: through the committer
     assert commit(records, timeout_ms=2000) == {r.event_id for r in records}
-    assert commit._thread is not None
+    assert commit.running
     commit.stop()
+
+
+def held_by_another_business(event):
+    """An event of a new business that reuses ``event``'s ``event_id``."""
+    (other,) = events(1)
+    return parse_event({**other.model_dump(), "event_id": event.event_id})
+
+
+def test_a_conflict_is_told_to_its_own_caller_and_counted_once(parts, pg):
+    p = parts()
+    (held,) = events(1)
+    assert p.ingestor.submit([held])[0] == "stored"
+    fresh, clash = events(1)[0], held_by_another_business(held)
+    before = scrape()
+    storage, records, conflicts = p.ingestor.submit([fresh, clash])
+    assert storage == "stored" and conflicts == {1}  # positions in the request
+    assert stored(pg, [fresh.event_id]) == [fresh.event_id]
+    after = scrape()
+    assert metric_sum(after, "mlops_events_rejected_total", reason="event_id_conflict") \
+        - metric_sum(before, "mlops_events_rejected_total", reason="event_id_conflict") == 1
+    assert metric_sum(after, "mlops_events_stored_total") - metric_sum(
+        before, "mlops_events_stored_total") == 1
+
+
+def test_an_id_given_twice_in_one_delivery_is_stored_and_counted_once(parts, pg):
+    p = parts()
+    (record,) = records_of(events(1))
+    before = scrape()
+    assert p.deliver([record, record], timeout_ms=2000) == {record.event_id}
+    assert metric_sum(scrape(), "mlops_events_stored_total") - metric_sum(
+        before, "mlops_events_stored_total") == 1
+    assert stored(pg, [record.event_id]) == [record.event_id]
+
+
+def test_a_request_whose_times_do_not_match_its_events_is_refused(parts):
+    p = parts()
+    with pytest.raises(ValueError, match="zip"):
+        p.ingestor.submit(events(2), times=[datetime.now(UTC)])
+    assert p.spool.depth() == 0
+
+
+def test_a_group_commit_says_why_a_call_was_not_delivered(parts, pg, database_url):
+    p = parts()
+    commit = GroupCommit(p.deliver)
+    with ThreadPoolExecutor(1) as pool, rollups_locked(database_url):
+        running = pool.submit(commit, records_of(events(1)), timeout_ms=10_000)
+        await_(lambda: inserts_waiting_on_a_lock(pg) == 1)
+        late = records_of(events(1))
+        with pytest.raises(DatabaseUnavailable,
+                           match="^deadline passed waiting for the group commit$"):
+            commit(late, timeout_ms=100)
+    assert len(running.result()) == 1
+    commit.stop()
+    with pytest.raises(DatabaseUnavailable, match="^the service is stopping$"):
+        commit(records_of(events(1)), timeout_ms=2000)
+    assert stored(pg, [late[0].event_id]) == []
+
+
+def test_a_spooled_event_whose_id_another_business_holds_is_dropped_and_logged(parts, pg,
+                                                                              caplog):
+    p = parts()
+    (held,) = events(1)
+    assert p.ingestor.submit([held])[0] == "stored"
+    clash = held_by_another_business(held)
+    p.outbox.put([Record(clash.event_id, datetime.now(UTC), clash)])
+    before = scrape()
+    with caplog.at_level(logging.WARNING, logger="mlops.deliver"):
+        assert p.outbox.flush_once() == 1
+    assert p.spool.depth() == 0
+    assert metric_sum(scrape(), "mlops_events_rejected_total", reason="event_id_conflict") \
+        - metric_sum(before, "mlops_events_rejected_total", reason="event_id_conflict") == 1
+    (dropped,) = [r for r in caplog.records if r.getMessage().startswith("spooled event dropped")]
+    assert (dropped.event_id, dropped.business_id) == (clash.event_id, clash.business_id)
