@@ -141,6 +141,12 @@ class Database:
             return self._open - len(self._idle)
 
     @property
+    def watched_calls(self) -> int:
+        """Calls the deadline watchdog still holds (:attr:`mlops.watchdog.Watchdog.pending`):
+        0 when no call is running."""
+        return self._watchdog.pending
+
+    @property
     def idle_connections(self) -> int:
         """Connections open and idle in the pool, ready for the next call."""
         with self._lock:

@@ -100,7 +100,14 @@ class Outbox:
         """Start the flusher thread (idempotent). Call in the serving process, after fork."""
         self._flusher.start()
 
-    def _is_leader(self) -> bool:
+    @property
+    def leads(self) -> bool:
+        """True while this outbox holds the flusher lock (the one flusher of its spool)."""
+        return self._lock_file is not None
+
+    def try_lead(self) -> bool:
+        """Take the flusher lock (``flusher.lock`` beside the spool, ``flock``) unless another
+        process holds it; True if this outbox holds it now. Held until :meth:`stop`."""
         if self._lock_file is not None:
             return True
         lock = self.spool.path.with_name("flusher.lock")
@@ -115,7 +122,7 @@ class Outbox:
 
     def _flush_pass(self) -> None:
         """One pass of the flusher thread: lead or wait, flush a batch, back off or idle."""
-        if not self._is_leader():
+        if not self.try_lead():
             self._flusher.wait(LEADER_POLL_SECONDS)
             return
         try:
@@ -141,7 +148,7 @@ class Outbox:
         """
         self._flusher.stop(join_seconds=drain_seconds)
         deadline = time.monotonic() + drain_seconds
-        while time.monotonic() < deadline and self._is_leader():
+        while time.monotonic() < deadline and self.try_lead():
             try:
                 if not self.flush_once():
                     break

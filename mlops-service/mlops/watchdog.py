@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import _socket
 import contextlib
+import itertools
 import os
 import time
 
@@ -43,7 +44,7 @@ class Watchdog:
         self._wake.acquire()
         self._calls: dict[int, tuple[float, psycopg2.extensions.connection]] = {}
         self._fired: set[int] = set()
-        self._next = 0  # pragma: no mutate - any start keeps tokens unique
+        self._tokens = itertools.count()
         self._wake_at = _NEVER
         self._started = False
 
@@ -53,16 +54,22 @@ class Watchdog:
             if not self._started:
                 self._started = True
                 _start_thread(self._loop, ())
-            self._next += 1  # pragma: no mutate - any other step keeps tokens unique
-            self._calls[self._next] = (deadline, conn)
-            sooner = deadline < self._wake_at  # pragma: no mutate - <= only adds a spare wake-up
+            token = next(self._tokens)
+            self._calls[token] = (deadline, conn)
+            sooner = deadline < self._wake_at
             if sooner:
                 self._wake_at = deadline
-            token = self._next
         if sooner:
             with contextlib.suppress(RuntimeError):  # already woken
                 self._wake.release()
         return token
+
+    @property
+    def pending(self) -> int:
+        """Calls watched, plus calls whose deadline fired and whose token is not released
+        yet: 0 once every call has ended."""
+        with self._lock:
+            return len(self._calls) + len(self._fired)
 
     def release(self, token: int) -> bool:
         """Stop watching; True if the deadline passed and the socket was shut down."""
@@ -78,7 +85,7 @@ class Watchdog:
             with self._lock:
                 now = time.monotonic()
                 for token, (deadline, conn) in list(self._calls.items()):
-                    if deadline <= now:  # pragma: no mutate - with <, the next pass fires it
+                    if deadline <= now:
                         del self._calls[token]
                         self._fired.add(token)
                         shut_down(conn)

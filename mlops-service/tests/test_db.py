@@ -114,7 +114,7 @@ def test_a_silent_server_cannot_hold_a_call_past_its_deadline(proxy, make_db, db
     assert str(error) == "no answer within the deadline (server closed the connection unexpectedly)"
     assert 0.15 < elapsed < 0.6, elapsed
     assert db.pool_in_use() == 0
-    assert not db._watchdog._calls and not db._watchdog._fired  # nothing left behind
+    assert db.watched_calls == 0  # nothing left behind
 
 
 def test_concurrent_calls_each_keep_their_own_deadline(proxy, make_db, dbname):
@@ -130,7 +130,7 @@ def test_concurrent_calls_each_keep_their_own_deadline(proxy, make_db, dbname):
         t.start()
     for t in threads:
         t.join(10)
-    assert db.idle_connections == 3 and not db._watchdog._calls  # finished calls are not watched
+    assert db.idle_connections == 3 and db.watched_calls == 0  # finished calls are not watched
     proxy.stall()
     threading.Timer(3.0, proxy.resume).start()
     results: list[tuple[float, BaseException | None]] = []

@@ -199,12 +199,12 @@ def test_only_one_process_leads_the_flush_and_stop_drains(parts, pg):
     first, second = parts(), parts()
     second.spool.close()
     second.spool = second.outbox.spool = first.spool  # one spool file, two outboxes
-    assert first.outbox._is_leader() and not second.outbox._is_leader()
+    assert first.outbox.try_lead() and not second.outbox.try_lead()
     batch = events(4)
     first.outbox.put([Record(e.event_id, datetime.now(UTC), e) for e in batch])
     assert first.outbox.stop(drain_seconds=5) == 0
     assert len(stored(pg, [e.event_id for e in batch])) == 4
-    assert second.outbox._is_leader()  # the lock is free once the leader stops
+    assert second.outbox.try_lead()  # the lock is free once the leader stops
 
 
 def test_the_flusher_backs_off_exponentially_while_the_database_is_away(parts):
@@ -304,9 +304,8 @@ def test_a_follower_takes_over_when_the_leader_stops(parts, pg):
     second.spool.close()
     second.spool = second.outbox.spool = first.spool
     first.outbox.start()
-    deadline = time.monotonic() + 5
-    while first.outbox._lock_file is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: first.outbox.leads, "the first flusher to take the lead", timeout=5,
+               interval=0.01)
     second.outbox.start()
     time.sleep(0.2)  # the follower's first bid for the lock (nothing to observe) fails
     first.outbox.stop(0)
