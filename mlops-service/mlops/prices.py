@@ -27,6 +27,7 @@ import dataclasses
 import fnmatch
 import functools
 import re
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, time
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -302,24 +303,34 @@ class Table:
                cache_read_tokens) -> Price:
         """:meth:`price` with positional arguments (the per-event path)."""
         day = at.date() if at.tzinfo is UTC else at.astimezone(UTC).date()
-        rates = self.rates(provider, model, day)
-        if rates is None:
-            return _UNPRICED
-        if type(rates) is _TimeOfDay:
-            rates = Rates.from_model_price(rates.model.get_prices(at), rates.source)
-        if input_tokens is None or output_tokens is None:
-            input_tokens, output_tokens, cache_read_tokens, status = total_tokens, 0, 0, ESTIMATED
-        else:
-            cache_read_tokens = min(cache_read_tokens, input_tokens) if cache_read_tokens else 0
-            status = PRICED
-        fast = rates._fast  # Rates.picodollars's integer path, inlined (the per-event path)
-        if fast is not None and input_tokens <= fast[0]:
-            _, rate_in, rate_out, rate_cached, per_request = fast
-            return _new_price(Price, (rate_in * (input_tokens - cache_read_tokens)
-                                      + rate_cached * cache_read_tokens
-                                      + rate_out * output_tokens + per_request, status))
-        return _new_price(Price, (rates.picodollars(input_tokens, output_tokens,
-                                                    cache_read_tokens), status))
+        return _charge(self.rates(provider, model, day), at, input_tokens, output_tokens,
+                       total_tokens, cache_read_tokens)
+
+    def price_events(self, events: Sequence, times: Sequence[datetime]) -> list[Price]:
+        """:meth:`price_event` of each ``MetricsEvent`` at its time, in order: the same
+        prices, with each distinct time's UTC day and each (provider, model, day)'s
+        rates looked up once per call rather than once per event."""
+        if not self.enabled:
+            return [_NOT_PRICED] * len(events)
+        days: dict[datetime, date] = {}
+        rates_of: dict[tuple, Rates | _TimeOfDay | None] = {}
+        prices = []
+        for event, at in zip(events, times, strict=True):
+            provider = cache_read_tokens = None
+            extra = event.model_extra
+            if extra:
+                provider, cache_read_tokens = _extra_inputs(extra)
+            day = days.get(at)
+            if day is None:
+                day = days[at] = at.date() if at.tzinfo is UTC else at.astimezone(UTC).date()
+            key = (provider, event.model_name, day)
+            try:
+                rates = rates_of[key]
+            except KeyError:
+                rates = rates_of[key] = self.rates(*key)
+            prices.append(_charge(rates, at, event.prompt_tokens, event.completion_tokens,
+                                  event.tokens_used, cache_read_tokens))
+        return prices
 
     def price_event(self, event, received_at: datetime) -> Price:
         """The price of a ``MetricsEvent`` received at ``received_at`` (its call's time).
@@ -333,11 +344,7 @@ class Table:
         extra = event.model_extra
         provider = cache_read_tokens = None
         if extra:
-            provider, cache_read_tokens = extra.get(PROVIDER_KEY), extra.get(CACHE_READ_KEY)
-            if type(provider) is not str:
-                provider = None
-            if type(cache_read_tokens) is not int or cache_read_tokens < 0:
-                cache_read_tokens = None
+            provider, cache_read_tokens = _extra_inputs(extra)
         return self._price(event.model_name, received_at, provider, event.prompt_tokens,
                            event.completion_tokens, event.tokens_used, cache_read_tokens)
 
@@ -353,6 +360,39 @@ class Table:
             cache_read_tokens = None
         return self._price(model, at, provider if type(provider) is str else None,
                            prompt_tokens, completion_tokens, tokens_used, cache_read_tokens)
+
+
+def _extra_inputs(extra: dict) -> tuple[str | None, int | None]:
+    """The provider and cached-input token count among an event's extra fields, each
+    None unless a string and a whole number >= 0."""
+    provider, cache_read_tokens = extra.get(PROVIDER_KEY), extra.get(CACHE_READ_KEY)
+    if type(provider) is not str:
+        provider = None
+    if type(cache_read_tokens) is not int or cache_read_tokens < 0:
+        cache_read_tokens = None
+    return provider, cache_read_tokens
+
+
+def _charge(rates: Rates | _TimeOfDay | None, at: datetime, input_tokens: int | None,
+            output_tokens: int | None, total_tokens: int, cache_read_tokens: int | None) -> Price:
+    """The price of one call at ``rates`` (None: unpriced); see :meth:`Table.price`."""
+    if rates is None:
+        return _UNPRICED
+    if type(rates) is _TimeOfDay:
+        rates = Rates.from_model_price(rates.model.get_prices(at), rates.source)
+    if input_tokens is None or output_tokens is None:
+        input_tokens, output_tokens, cache_read_tokens, status = total_tokens, 0, 0, ESTIMATED
+    else:
+        cache_read_tokens = min(cache_read_tokens, input_tokens) if cache_read_tokens else 0
+        status = PRICED
+    fast = rates._fast  # Rates.picodollars's integer path, inlined (the per-event path)
+    if fast is not None and input_tokens <= fast[0]:
+        _, rate_in, rate_out, rate_cached, per_request = fast
+        return _new_price(Price, (rate_in * (input_tokens - cache_read_tokens)
+                                  + rate_cached * cache_read_tokens
+                                  + rate_out * output_tokens + per_request, status))
+    return _new_price(Price, (rates.picodollars(input_tokens, output_tokens, cache_read_tokens),
+                              status))
 
 
 _current = Table()

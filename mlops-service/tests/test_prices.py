@@ -21,7 +21,7 @@ from conftest import empty_tables, metric_sum, metric_values, query
 from genai_prices import Usage, data_snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from payloads import SUCCESS, varied
+from payloads import FAILURE, SUCCESS, varied
 from rollup_checks import assert_matches_raw
 from servers import Gunicorn
 
@@ -470,3 +470,26 @@ def test_a_price_is_a_non_negative_number_or_unpriced(calls):
         assert cost is None or cost >= 0
         assert status == (prices.UNPRICED if cost is None else
                           prices.PRICED if split else prices.ESTIMATED)
+
+
+def test_a_batch_is_priced_as_its_events_one_by_one():
+    """Table.price_events (what the store prices a batch with) gives each event the price
+    price_event gives it: known and unknown models, total-only, provider and cached
+    tokens, two days."""
+    from mlops.schemas import parse_event
+
+    table = prices.Table()
+    bodies = [SUCCESS, FAILURE, {**SUCCESS, "prompt_tokens": None, "completion_tokens": None},
+              {**SUCCESS, "model_name": "gpt-4o-mini", "gen_ai.provider.name": "openai",
+               "gen_ai.usage.cache_read.input_tokens": 100},
+              {**SUCCESS, "model_name": "acme-chat-7b"},
+              # Its long prompts cost less from 2026-03-13 (test_prices_follow_the_calls_date).
+              {**SUCCESS, "model_name": "claude-opus-4-6", "gen_ai.provider.name": "anthropic",
+               "prompt_tokens": 300_000, "completion_tokens": 0, "tokens_used": 300_000}]
+    events = [parse_event(json.dumps(b).encode()) for b in bodies] * 2
+    times = [datetime(2026, 1, 1, tzinfo=UTC)] * 6 + [datetime(2026, 3, 13, tzinfo=UTC)] * 6
+    expected = [table.price_event(e, t) for e, t in zip(events, times, strict=True)]
+    assert table.price_events(events, times) == expected
+    assert {p.status for p in expected} == {prices.PRICED, prices.ESTIMATED, prices.UNPRICED}
+    assert expected[5] != expected[11]  # the same call, priced by its day
+    assert prices.Table(enabled=False).price_events(events, times) == [(None, None)] * 12

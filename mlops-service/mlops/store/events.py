@@ -18,7 +18,7 @@ import random
 from psycopg2.extras import Json
 
 from ..db import Database, copy_from
-from ..schemas import Record
+from ..schemas import Record, price_all
 from .rollup_sql import ROLLED_COLUMNS, SHARDS, rollup_ctes
 
 # The contract's fields, in column order (see migrations/0001_events.sql).
@@ -283,6 +283,7 @@ def insert_events(db: Database, records: list[Record], timeout_ms: int, *,
         return Inserted()
     shard = random.randrange(SHARDS)
     rows = _first_of_each_id(records)
+    price_all(rows)
     if len(rows) < COPY_THRESHOLD:
         columns = [list(values) for values in zip(*(stored_row(r) for r in rows), strict=True)]
 
