@@ -25,7 +25,7 @@ from payloads import FAILURE, SUCCESS, varied
 from rollup_checks import assert_matches_raw
 from servers import Gunicorn
 
-from mlops import price_overrides, prices, store
+from mlops import price_overrides, price_rates, prices, store
 from mlops.config import ConfigError, Settings
 from mlops.db import Database
 from mlops.deliver import Delivery
@@ -173,7 +173,7 @@ def test_businesses_and_the_gauges_show_both_costs(client):
 
 
 def test_rates_agree_with_genai_prices_for_every_model_of_the_table():
-    """The cached rate arithmetic (prices.Rates) equals genai-prices' own calc_price,
+    """The cached rate arithmetic (price_rates.Rates) equals genai-prices' own calc_price,
     tiers, cache and per-request prices included, for every model it lists."""
     at = datetime.now(UTC)
     checked = 0
@@ -187,7 +187,7 @@ def test_rates_agree_with_genai_prices_for_every_model_of_the_table():
                         genai_request_timestamp=at).total_price
                 except Exception:  # prices needing other units (audio, images ...)
                     continue
-                rates = prices.Rates.from_model_price(model.get_prices(at), "test")
+                rates = price_rates.Rates.from_model_price(model.get_prices(at), "test")
                 assert rates.cost(*usage) == expected, (provider.id, model.id, usage)
                 assert Decimal(rates.picodollars(*usage)).scaleb(-12) == expected.quantize(
                     Decimal('1e-12'), rounding=ROUND_HALF_UP), (provider.id, model.id, usage)
@@ -198,13 +198,13 @@ def test_rates_agree_with_genai_prices_for_every_model_of_the_table():
 def test_rates_finer_than_a_picodollar_per_token_are_priced_exactly():
     """Rates that are not whole picodollars per token take the Decimal path: exact, then
     rounded to the picodollar (the stored scale)."""
-    fine = prices.Rates(Decimal("0.0000001"), Decimal("0.3333333"), None, None, "test")
+    fine = price_rates.Rates(Decimal("0.0000001"), Decimal("0.3333333"), None, None, "test")
     assert fine.cost(350, 62, 100) == (350 * Decimal("0.0000001")
                                        + 62 * Decimal("0.3333333")) / 1_000_000
     # In whole picodollars, rounded half away from zero as numeric(24, 12) stores it.
     assert fine.picodollars(350, 62, 100) == 20_666_700
     assert fine.picodollars(0, 3, 0) == 1_000_000
-    whole = prices.Rates(Decimal("0.075"), Decimal("0.3"), Decimal("0.01875"), Decimal(5), "t")
+    whole = price_rates.Rates(Decimal("0.075"), Decimal("0.3"), Decimal("0.01875"), Decimal(5), "t")
     assert whole.cost(350, 62, 100) == (250 * Decimal("0.075") + 100 * Decimal("0.01875")
                                         + 62 * Decimal("0.3")) / 1_000_000 + Decimal("0.005")
 
