@@ -14,12 +14,11 @@ is priced as if every token were input and marked ``estimated``.
 
 :class:`Table` looks each (provider, model, UTC day) up once and keeps the
 resulting rates (:class:`mlops.price_rates.Rates`) in a bounded LRU cache, so
-pricing an event costs a few
-integer multiplications (in picodollars, :class:`Price`). The process-wide
-table (:func:`current`) is set by the app factory from the settings
-(:func:`configure`); rows get their price from it where records become rows
-(``mlops.schemas.Record``), so events delivered later from the spool are
-priced by the same table.
+pricing an event costs a few integer multiplications (in picodollars,
+:class:`Price`). The process-wide table (:func:`current`) is set by the app
+factory from the settings (:func:`configure`); rows get their price from it
+where records become rows (``mlops.schemas.Record``), so events delivered
+later from the spool are priced by the same table.
 """
 
 from __future__ import annotations
