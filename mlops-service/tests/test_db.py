@@ -103,6 +103,19 @@ def timed(call) -> tuple[float, BaseException | None]:
     return time.monotonic() - started, None
 
 
+def assert_no_stale_deadline(db) -> None:
+    """A 0.3 s call on the same connection, past an earlier call's deadline, runs once:
+    the earlier call's watch did not outlive it (no socket shut down, no retry)."""
+    runs = []
+
+    def slow(cur):
+        runs.append(1)
+        cur.execute("SELECT pg_sleep(0.3)")
+
+    db.run(slow, timeout_ms=2000)
+    assert len(runs) == 1
+
+
 def test_a_silent_server_cannot_hold_a_call_past_its_deadline(proxy, make_db, dbname):
     db = make_db(proxy.url(dbname))
     assert db.run(select_one, timeout_ms=100) == 1  # a warm connection in the pool
@@ -507,14 +520,7 @@ def test_a_call_that_raises_is_no_longer_watched(database_url, make_db):
 
     with pytest.raises(ValueError):
         db.run(bug, timeout_ms=100)
-    runs = []
-
-    def slow(cur):
-        runs.append(1)
-        cur.execute("SELECT pg_sleep(0.3)")
-
-    db.run(slow, timeout_ms=2000)  # on the same connection, past the first call's deadline
-    assert len(runs) == 1  # not broken by a stale deadline, so not retried
+    assert_no_stale_deadline(db)
 
 
 def test_a_call_without_a_timeout_ends_by_the_default_one(proxy, make_db, dbname):
@@ -825,13 +831,6 @@ def test_a_call_postgres_rolled_back_is_no_longer_watched(database_url, dbname, 
         with pytest.raises(TransactionRolledBack, match="could not serialize access"):
             db.run(update_after_another_session, timeout_ms=100, transaction=True)
         assert not db.breaker.is_open  # the database itself is fine
-        runs = []
-
-        def slow(cur):
-            runs.append(1)
-            cur.execute("SELECT pg_sleep(0.3)")
-
-        db.run(slow, timeout_ms=2000)  # on the same connection, past the first call's deadline
-        assert len(runs) == 1  # not broken by a stale deadline, so not retried
+        assert_no_stale_deadline(db)
     finally:
         psql(dbname, f"DROP TABLE {table}")
