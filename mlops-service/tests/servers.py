@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -55,9 +56,16 @@ class Gunicorn:
         return [int(p) for p in out.stdout.split()]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        """Send ``sig`` to the master and wait; return its exit code."""
+        """Send ``sig`` to the master and wait; return its exit code.
+
+        First the test process lets go of the connections it no longer uses:
+        a finished ``requests`` response can sit in a reference cycle with its
+        kept-alive socket open, and a gevent worker stopping gracefully waits on
+        an idle kept-alive connection for gunicorn's ``keepalive`` (5 s).
+        """
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
+        gc.collect()
         self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout=timeout)
