@@ -242,6 +242,7 @@ def test_openai_calls_land_in_analytics_and_metrics_exactly(gunicorn, instrument
         assert reply.usage.completion_tokens == max_tokens
     assert tracer_provider.force_flush(10_000)
     instrumentor.uninstrument()
+    tracer_provider.shutdown()  # as an app stopping does: the exporter closes its session
 
     spans = memory.get_finished_spans()
     assert len(spans) == len(asks)
