@@ -121,10 +121,25 @@ def browser(tmp_path_factory):
 
 @pytest.fixture
 def page(browser):
-    """The browser on a blank tab with an empty sessionStorage; console checked after."""
+    """The browser on a blank tab with an empty sessionStorage; console checked after.
+
+    Afterwards the browser closes its idle connections, so that a server stopped
+    after the test does not wait on them (see ``close_idle_connections``).
+    """
     browser.get("about:blank")
     browser.get_log("browser")  # drop what earlier tests left
     yield browser
+    close_idle_connections(browser)
+
+
+def close_idle_connections(driver) -> None:
+    """Close the browser's idle kept-alive connections, with chrome://net-internals' button.
+
+    A gevent worker stopping gracefully waits on an idle kept-alive connection until
+    gunicorn's ``keepalive`` (5 s) runs out; Chromium keeps its connections for minutes.
+    """
+    driver.get("chrome://net-internals/#sockets")
+    driver.find_element(By.ID, "sockets-view-close-idle-button").click()
 
 
 # ---- Helpers.
