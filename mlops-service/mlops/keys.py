@@ -241,7 +241,9 @@ def parse_keys(text: str, folder: Path) -> tuple[KeySpec, ...]:
         raise KeysFileError(f"holds {len(tables)} keys, more than {MAX_KEYS}")
     specs, seen = [], set()
     for number, table in enumerate(tables, start=1):
-        name = table.get("name") if isinstance(table, dict) else None
+        if not isinstance(table, dict):
+            raise KeysFileError(f"key {number}: is not a table; write each key as [[key]]")
+        name = table.get("name")
         label = f"key {number}" + (f" ({name})" if isinstance(name, str) and name else "")
         try:
             entry = _Entry.model_validate(table)
