@@ -237,14 +237,7 @@ class Table:
         ``tokens_used`` and, from the extra fields, ``gen_ai.provider.name``
         and ``gen_ai.usage.cache_read.input_tokens`` (see :meth:`price_stored`).
         """
-        if not self.enabled:
-            return _NOT_PRICED
-        extra = event.model_extra
-        provider = cache_read_tokens = None
-        if extra:
-            provider, cache_read_tokens = _extra_inputs(extra)
-        return self._price(event.model_name, received_at, provider, event.prompt_tokens,
-                           event.completion_tokens, event.tokens_used, cache_read_tokens)
+        return self.price_events([event], [received_at])[0]
 
     def price_stored(self, model: str, at: datetime, prompt_tokens: int | None,
                      completion_tokens: int | None, tokens_used: int, provider: object = None,
@@ -254,16 +247,20 @@ class Table:
         used when they are a string and a whole number >= 0 (else ignored)."""
         if not self.enabled:
             return _NOT_PRICED
-        if type(cache_read_tokens) is not int or cache_read_tokens < 0:
-            cache_read_tokens = None
-        return self._price(model, at, provider if type(provider) is str else None,
-                           prompt_tokens, completion_tokens, tokens_used, cache_read_tokens)
+        provider, cache_read_tokens = _valid_inputs(provider, cache_read_tokens)
+        return self._price(model, at, provider, prompt_tokens, completion_tokens, tokens_used,
+                           cache_read_tokens)
 
 
 def _extra_inputs(extra: dict) -> tuple[str | None, int | None]:
-    """The provider and cached-input token count among an event's extra fields, each
-    None unless a string and a whole number >= 0."""
-    provider, cache_read_tokens = extra.get(PROVIDER_KEY), extra.get(CACHE_READ_KEY)
+    """The provider and cached-input token count among an event's extra fields
+    (see :func:`_valid_inputs`)."""
+    return _valid_inputs(extra.get(PROVIDER_KEY), extra.get(CACHE_READ_KEY))
+
+
+def _valid_inputs(provider: object, cache_read_tokens: object) -> tuple[str | None, int | None]:
+    """``provider`` and ``cache_read_tokens`` as parsed from JSON, each None unless a
+    string and a whole number >= 0."""
     if type(provider) is not str:
         provider = None
     if type(cache_read_tokens) is not int or cache_read_tokens < 0:

@@ -119,7 +119,6 @@ class Record:
         return price
 
 
-
 def price_all(records: Sequence[Record]) -> None:
     """Give each of ``records`` not priced yet its :attr:`Record.price`, by one call of the
     process's table (``prices.Table.price_events``): the same prices as one by one, for
@@ -130,6 +129,7 @@ def price_all(records: Sequence[Record]) -> None:
                                                [r.received_at for r in todo])
         for record, price in zip(todo, found, strict=True):
             record.__dict__["_price"] = price
+
 
 def _jsonb_problem(value: Any) -> str | None:
     """Why ``value`` (parsed JSON) cannot be stored in a jsonb column, or None."""

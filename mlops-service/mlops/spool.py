@@ -29,9 +29,8 @@ CREATE TABLE IF NOT EXISTS spooled_events (
     received_at REAL NOT NULL,  -- Unix time, seconds
     payload     TEXT NOT NULL   -- the validated event as JSON
 )"""
-# Statements.
-_INSERT = ("INSERT INTO spooled_events (event_id, received_at, payload) "
-           "VALUES (?, ?, ?)")
+# The statements the spool runs.
+_INSERT = "INSERT INTO spooled_events (event_id, received_at, payload) VALUES (?, ?, ?)"
 _COLUMNS = "seq, event_id, received_at, payload"
 _PEEK = f"SELECT {_COLUMNS} FROM spooled_events ORDER BY seq LIMIT ?"
 _DELETE = "DELETE FROM spooled_events WHERE seq = ?"
@@ -90,8 +89,7 @@ class Spool:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             # Every write opens its transaction itself (isolation_level=None).
-            conn = sqlite3.connect(self.path, timeout=5.0,
-                                   isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
             _enable_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA secure_delete=ON")
